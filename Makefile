@@ -1,0 +1,32 @@
+# transinv: every target sets up .venv itself (editable install), so a fresh clone needs only make.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DATA ?= ../shared/data/imagenet-sample
+WEIGHTS ?= none
+
+.PHONY: setup demo test test-all bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $(STAMP)
+
+## demo: resnet18 on the built-in images, layer by layer, shifts 0..16 (WEIGHTS=DEFAULT if cached)
+demo: $(STAMP)
+	$(BIN)/transinv measure resnet18 --weights $(WEIGHTS) --shift 0..16 --format table
+
+## test: the whole suite except tests marked slow
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not slow"
+
+## test-all: every test, the slow ones included
+test-all: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info

@@ -1,0 +1,207 @@
+"""The ``transinv`` command: parse flags, call the library, render or write the result.
+
+Results go to stdout (a rich table on a terminal, CSV or JSON otherwise); progress, warnings
+and errors go to stderr. Bad input ends with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from contextlib import contextmanager
+from enum import Enum
+from pathlib import Path
+from typing import Annotated, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from . import api
+from .errors import UserError
+from .render import print_result
+from .results import Result
+from .shifts import DIRECTIONS, MODES
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+app = typer.Typer(
+    help="Measure how far convolutional networks are from translation equivariance and invariance.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+err = Console(stderr=True)
+
+
+class Format(str, Enum):
+    table = "table"
+    csv = "csv"
+    json = "json"
+
+
+def _floats(text: str | None, flag: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.replace(" ", "").split(",")]
+    except ValueError:
+        raise UserError(f"{flag} takes comma-separated numbers, e.g. 0.485,0.456,0.406") from None
+
+
+@contextmanager
+def _errors(debug: bool) -> Iterator[None]:
+    """Turn failures into one line on stderr and an exit code; ``--debug`` shows the traceback."""
+    try:
+        yield
+    except UserError as exc:
+        if debug:
+            traceback.print_exc()
+        err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        raise typer.Exit(EXIT_USAGE) from None
+    except (typer.Exit, typer.Abort):
+        raise
+    except Exception as exc:  # anything unforeseen: still one line unless --debug
+        if debug:
+            traceback.print_exc()
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        err.print(f"[bold red]error:[/] {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
+                  highlight=False, soft_wrap=True)
+        raise typer.Exit(1) from None
+
+
+def _progress_factory(enabled: bool):
+    """A rich progress bar on stderr with images/s, or nothing when disabled."""
+    if not enabled:
+        return None, None
+    progress = Progress(
+        TextColumn("[progress.description]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]} img/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=False,
+    )
+
+    def start(total: int, done: int):
+        task = progress.add_task("measuring", total=total, completed=done, rate="-")
+
+        def advance(images: int) -> None:
+            progress.advance(task, images)
+            speed = progress.tasks[task].speed
+            progress.update(task, rate=f"{speed:.1f}" if speed else "-")
+
+        return advance
+
+    return progress, start
+
+
+def _emit(result: Result, fmt: Format | None, output: Optional[Path]) -> None:
+    """Write the result where and how the user asked; a terminal gets a table, a pipe CSV."""
+    if output is not None:
+        file_fmt = fmt if fmt not in (None, Format.table) else (Format.json if output.suffix == ".json" else Format.csv)
+        (result.to_json if file_fmt == Format.json else result.to_csv)(output)
+        err.print(f"wrote {output}", highlight=False)
+        if fmt in (Format.csv, Format.json) or not sys.stdout.isatty():
+            return
+        fmt = Format.table
+    if fmt is None:
+        fmt = Format.table if sys.stdout.isatty() else Format.csv
+    if fmt == Format.table:
+        print_result(result, Console())
+    elif fmt == Format.csv:
+        sys.stdout.write(result.to_csv())
+    else:
+        sys.stdout.write(result.to_json())
+    sys.stdout.flush()
+
+
+@app.command()
+def measure(
+    model: Annotated[str, typer.Argument(help="torchvision model name, FILE.py:FACTORY, package.module:FACTORY, or a TorchScript file.")],
+    weights: Annotated[str, typer.Option(help="DEFAULT, a weights name (IMAGENET1K_V1), none (seeded random init), or a checkpoint path.")] = "DEFAULT",
+    data: Annotated[Optional[list[str]], typer.Option(help="Image folder, ImageFolder tree or file; repeat for several. Default: the built-in images.")] = None,
+    shift: Annotated[str, typer.Option(help="Shifts in pixels: 0..16, -8..8, 0..32:4, 0,1,2,4,8 or 5. Shift 0 is always the reference.")] = "0..16",
+    direction: Annotated[str, typer.Option(help=f"Shift direction: {'|'.join(DIRECTIONS)} (grid = every (dx, dy) pair).")] = "x",
+    mode: Annotated[str, typer.Option(help=f"How views are shifted: {'|'.join(MODES)} (see README).")] = "crop",
+    fill: Annotated[float, typer.Option(help="Fill value for --mode pad, in normalised units (0 = the mean colour).")] = 0.0,
+    layers: Annotated[str, typer.Option(help="Layers to measure: default, all, none, or names and globs (layer3.*), comma-separated.")] = "default",
+    size: Annotated[Optional[int], typer.Option(help="View size in pixels (default: the weights' crop size, else 224).")] = None,
+    resize: Annotated[Optional[int], typer.Option(help="Shorter side after resizing, before cropping (default: the weights', else 256).")] = None,
+    mean: Annotated[Optional[str], typer.Option(help="Normalisation mean R,G,B (default: the weights', else ImageNet).")] = None,
+    std: Annotated[Optional[str], typer.Option(help="Normalisation std R,G,B (default: the weights', else ImageNet).")] = None,
+    num_images: Annotated[Optional[int], typer.Option(help="Measure a seeded random subset of this many images.")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    seed: Annotated[int, typer.Option(help="Seed for random weights and image sampling.")] = 0,
+    workers: Annotated[int, typer.Option(help="DataLoader worker processes decoding images.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "cpu",
+    fmt: Annotated[Optional[Format], typer.Option("--format", "-f", help="table, csv or json (default: table on a terminal, CSV otherwise).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write CSV or JSON to this file (by extension unless --format says).")] = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """Measure output invariance and per-layer equivariance of MODEL over a range of shifts."""
+    with _errors(debug):
+        bar, start = _progress_factory(progress and err.is_terminal)
+        kwargs = dict(
+            weights=weights, data=data, shift=shift, direction=direction, mode=mode, fill=fill, layers=layers,
+            size=size, resize=resize, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
+            num_images=num_images, batch_size=batch_size, seed=seed, workers=workers, device=device,
+            progress=start,
+        )
+        if bar is not None:
+            with bar:
+                result = api.measure(model, **kwargs)
+        else:
+            result = api.measure(model, **kwargs)
+        _emit(result, fmt, output)
+        if result.partial:
+            err.print(f"interrupted: wrote the {result.summary['images']} images finished so far (partial)")
+            raise typer.Exit(EXIT_INTERRUPTED)
+
+
+@app.command()
+def layers(
+    model: Annotated[str, typer.Argument(help="torchvision model name, FILE.py:FACTORY, package.module:FACTORY, or a TorchScript file.")],
+    weights: Annotated[str, typer.Option(help="none (default here: shapes do not depend on weights), DEFAULT, a weights name or a checkpoint.")] = "none",
+    size: Annotated[Optional[int], typer.Option(help="Input size the shapes and strides are measured at (default 224).")] = None,
+    fmt: Annotated[Optional[Format], typer.Option("--format", "-f", help="table, csv or json.")] = None,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """List MODEL's measurable layers in forward order: output shape, cumulative stride, default selection."""
+    with _errors(debug):
+        frame = api.list_layers(model, weights=weights, size=size)
+        if fmt is None:
+            fmt = Format.table if sys.stdout.isatty() else Format.csv
+        if fmt == Format.csv:
+            sys.stdout.write(frame.to_csv(index=False))
+        elif fmt == Format.json:
+            sys.stdout.write(frame.to_json(orient="records", indent=2) + "\n")
+        else:
+            table = Table(title=f"{model}: layers with a spatial map", title_justify="left")
+            for column in frame.columns:
+                table.add_column(column, justify="right" if column == "stride" else "left")
+            for row in frame.itertuples(index=False):
+                table.add_row(*["yes" if v is True else "" if v is False else str(v) for v in row])
+            Console().print(table)
+
+
+def main() -> None:
+    """Console-script entry: usage errors become one line on stderr with exit code 2."""
+    try:
+        app(standalone_mode=False)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except typer.Abort:
+        err.print("aborted")
+        sys.exit(EXIT_INTERRUPTED)
+    except Exception as exc:
+        message = getattr(exc, "format_message", None)
+        if message is None:
+            raise
+        err.print(f"[bold red]error:[/] {message()} (see transinv --help)", highlight=False, soft_wrap=True)
+        sys.exit(getattr(exc, "exit_code", EXIT_USAGE))

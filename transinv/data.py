@@ -1,0 +1,176 @@
+"""Images in, canvases out: finding image files, their labels, and decoding each once.
+
+Each image is decoded and resized once into a square, normalised canvas; every shifted view is
+then made from that tensor (see ``shifts.py``), never by decoding again.
+"""
+
+from __future__ import annotations
+
+import csv
+import random
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from .errors import UserError
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+BUILTIN = "builtin"
+_WNID = re.compile(r"^(n\d{8})_")
+
+
+@lru_cache(maxsize=1)
+def imagenet_classes() -> tuple[list[str], list[str]]:
+    """ImageNet wnids and class names in torchvision's class order (the shipped table)."""
+    table = resources.files("transinv") / "data" / "imagenet-classes.tsv"
+    with table.open() as handle:
+        rows = list(csv.DictReader(handle, delimiter="\t"))
+    return [r["wnid"] for r in rows], [r["name"] for r in rows]
+
+
+def builtin_images_dir() -> Path:
+    """Folder of the photographs shipped inside the package (see its LICENSE.md)."""
+    return Path(str(resources.files("transinv") / "data" / "images"))
+
+
+@dataclass(frozen=True)
+class ImageItem:
+    """One image file and its label (-1 when unknown)."""
+
+    path: Path
+    label: int = -1
+
+
+def _is_image(path: Path) -> bool:
+    return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def _wnid_label(path: Path) -> int:
+    match = _WNID.match(path.name)
+    if not match:
+        return -1
+    wnids, _ = imagenet_classes()
+    try:
+        return wnids.index(match.group(1))
+    except ValueError:
+        return -1
+
+
+def _folder_items(root: Path) -> list[ImageItem]:
+    """A folder: an ImageFolder tree when every image sits in a class sub-folder, else a plain tree."""
+    files = sorted(p for p in root.rglob("*") if _is_image(p))
+    if not files:
+        raise UserError(f"no images found in {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
+    if classes and all(len(p.relative_to(root).parts) > 1 for p in files):
+        wnids, _ = imagenet_classes()
+        if all(c in wnids for c in classes):
+            index = {c: wnids.index(c) for c in classes}
+        else:
+            index = {c: i for i, c in enumerate(classes)}
+        return [ImageItem(p, index[p.relative_to(root).parts[0]]) for p in files]
+    return [ImageItem(p, _wnid_label(p)) for p in files]
+
+
+def find_images(data: Sequence[str] | str | None = None) -> list[ImageItem]:
+    """Resolve ``--data``: the built-in images, folders (recursive or ImageFolder) and/or files.
+
+    Labels come from class sub-folders (ImageNet order when they are wnids, sorted order otherwise)
+    or from ImageNet-style names ``<wnid>_*.JPEG``.
+    """
+    if data is None or isinstance(data, str):
+        data = [data or BUILTIN]
+    items: list[ImageItem] = []
+    for entry in data:
+        path = builtin_images_dir() if entry == BUILTIN else Path(entry).expanduser()
+        if path.is_dir():
+            items.extend(_folder_items(path))
+        elif path.is_file():
+            items.append(ImageItem(path, _wnid_label(path)))
+        else:
+            raise UserError(f"--data {entry}: no such file or folder")
+    return list(dict.fromkeys(items))
+
+
+def select_images(items: list[ImageItem], num_images: int | None, seed: int) -> list[ImageItem]:
+    """A seeded random subset of ``num_images`` (all of them when None), kept in file order."""
+    if num_images is not None and num_images < 1:
+        raise UserError("--num-images must be at least 1")
+    if num_images is None or num_images >= len(items):
+        return items
+    keep = set(random.Random(seed).sample(range(len(items)), num_images))
+    return [item for i, item in enumerate(items) if i in keep]
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    """How a file becomes a canvas: resize the shorter side, centre-crop, normalise."""
+
+    resize: int
+    size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    interpolation: InterpolationMode = InterpolationMode.BILINEAR
+
+
+def load_canvas(path: Path, pre: Preprocess, canvas: int) -> torch.Tensor:
+    """Decode one image to RGB (grey, CMYK and alpha converted) and make its ``canvas``-px square."""
+    image = decode_image(str(path), mode=ImageReadMode.RGB)
+    image = TF.resize(image, [pre.resize], interpolation=pre.interpolation, antialias=True)
+    image = TF.center_crop(image, [canvas, canvas])
+    image = TF.to_dtype(image, torch.float32, scale=True)
+    return TF.normalize(image, list(pre.mean), list(pre.std))
+
+
+class CanvasDataset(Dataset):
+    """Canvases for a list of images; an unreadable file yields ``None`` so the batch skips it."""
+
+    def __init__(self, items: list[ImageItem], pre: Preprocess, canvas: int) -> None:
+        self.items, self.pre, self.canvas = items, pre, canvas
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, int, str]:
+        item = self.items[index]
+        try:
+            return index, load_canvas(item.path, self.pre, self.canvas), item.label, ""
+        except (RuntimeError, OSError, ValueError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            return index, None, item.label, f"{item.path}: {reason}"
+
+
+@dataclass
+class Batch:
+    """Canvases of the readable images of one batch, with labels, dataset indices and skipped files."""
+
+    canvases: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor
+    skipped: list[str]
+
+
+def collate(samples: list[tuple[int, torch.Tensor | None, int, str]]) -> Batch:
+    """Stack the readable canvases; report the unreadable ones instead of failing the run."""
+    good = [s for s in samples if s[1] is not None]
+    skipped = [s[3] for s in samples if s[1] is None]
+    if good:
+        canvases = torch.stack([s[1] for s in good])
+    else:
+        canvases = torch.empty(0)
+    return Batch(
+        canvases=canvases,
+        labels=torch.tensor([s[2] for s in good], dtype=torch.long),
+        indices=torch.tensor([s[0] for s in good], dtype=torch.long),
+        skipped=skipped,
+    )
+

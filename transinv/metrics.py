@@ -1,0 +1,149 @@
+"""Metric definitions (per-image numbers) and their additive state (sums and counts).
+
+Every metric is reduced to one float64 number per image as soon as its inputs exist; those
+numbers are added into ``MetricState`` (sum, sum of squares, count per key), which merges by
+addition across batches, shards and processes. Means exist only in ``MetricState.rows``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+
+TOP1_AGREEMENT = "top1_agreement"
+KL_DIVERGENCE = "kl_divergence"
+PROB_CHANGE = "prob_change"
+ACCURACY = "accuracy"
+WORST_CASE_ACCURACY = "worst_case_accuracy"
+EQUIVARIANCE_ERROR = "equivariance_error"
+POOLED_INVARIANCE_ERROR = "pooled_invariance_error"
+
+OUTPUT_METRICS = (TOP1_AGREEMENT, KL_DIVERGENCE, PROB_CHANGE, ACCURACY)
+LAYER_METRICS = (EQUIVARIANCE_ERROR, POOLED_INVARIANCE_ERROR)
+OUTPUT_LAYER = "output"
+
+Shift = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class OutputComparison:
+    """Per-image output metrics of shifted logits against the reference logits."""
+
+    agreement: torch.Tensor
+    kl: torch.Tensor
+    prob_change: torch.Tensor
+    prediction: torch.Tensor
+
+
+def compare_outputs(reference: torch.Tensor, shifted: torch.Tensor) -> OutputComparison:
+    """top-1 agreement, KL(p(x) || p(T_d x)) in nats, and the change of p at the reference class."""
+    log_p = torch.log_softmax(reference.double(), dim=1)
+    log_q = torch.log_softmax(shifted.double(), dim=1)
+    ref_class = reference.argmax(dim=1)
+    prediction = shifted.argmax(dim=1)
+    p = log_p.exp()
+    kl = (p * (log_p - log_q)).sum(dim=1).clamp_min(0.0)
+    index = ref_class[:, None]
+    prob_change = (log_q.gather(1, index).exp() - p.gather(1, index)).abs()[:, 0]
+    return OutputComparison((prediction == ref_class).double(), kl, prob_change, prediction)
+
+
+def _per_image_norm(x: torch.Tensor) -> torch.Tensor:
+    return torch.linalg.vector_norm(x.flatten(1).double(), dim=1)
+
+
+def _overlap(length: int, k: int) -> tuple[slice, slice]:
+    """Slices of (shifted, reference) along one axis that hold the same content after a shift ``k``."""
+    if k >= 0:
+        return slice(k, length), slice(0, length - k)
+    return slice(0, length + k), slice(-k, length)
+
+
+def equivariance_error(reference: torch.Tensor, shifted: torch.Tensor, k: Shift, circular: bool) -> torch.Tensor:
+    """Per image ``||f(T_d x) - T_k f(x)|| / ||f(x)||`` over the region defined in both maps.
+
+    ``k = (kx, ky)`` is the feature-map shift. circular: whole maps, ``T_k`` a roll; otherwise
+    only positions present in both maps after shifting by ``k`` (the overlap). Images whose
+    reference norm is 0 on the region give NaN and are not counted.
+    """
+    kx, ky = k
+    if circular:
+        ref = torch.roll(reference, shifts=(ky, kx), dims=(-2, -1)) if (kx or ky) else reference
+        cur = shifted
+    else:
+        h, w = reference.shape[-2:]
+        if abs(ky) >= h or abs(kx) >= w:
+            return torch.full((reference.shape[0],), float("nan"), dtype=torch.float64, device=reference.device)
+        (sy, ry), (sx, rx) = _overlap(h, ky), _overlap(w, kx)
+        ref, cur = reference[..., ry, rx], shifted[..., sy, sx]
+    return _ratio(_per_image_norm(cur.double() - ref.double()), _per_image_norm(ref))
+
+
+def pooled_invariance_error(reference: torch.Tensor, shifted: torch.Tensor) -> torch.Tensor:
+    """Per image ``||g(T_d x) - g(x)|| / ||g(x)||`` with ``g`` the global average over positions."""
+    g_ref = reference.double().mean(dim=(-2, -1))
+    g_cur = shifted.double().mean(dim=(-2, -1))
+    return _ratio(_per_image_norm(g_cur - g_ref), _per_image_norm(g_ref))
+
+
+def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
+    return torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float64).tiny), float("nan"))
+
+
+Key = tuple[str, Shift | None, str]  # (layer, shift or None for whole-set metrics, metric)
+
+
+class MetricState:
+    """Float64 sum, sum of squares and count for each (layer, shift, metric) key.
+
+    The key list is fixed at creation, so the state is one ``(K, 3)`` tensor that merges by
+    addition and crosses processes with a single ``all_reduce``.
+    """
+
+    def __init__(self, keys: Iterable[Key], device: torch.device | str = "cpu") -> None:
+        self.keys: list[Key] = list(dict.fromkeys(keys))
+        self.index = {key: i for i, key in enumerate(self.keys)}
+        self.data = torch.zeros(len(self.keys), 3, dtype=torch.float64, device=device)
+
+    def add(self, key: Key, values: torch.Tensor) -> None:
+        """Add per-image values; NaN entries (undefined for that image) are not counted.
+
+        Stays on the values' device without a host sync, so it is cheap inside the loop.
+        """
+        values = values.detach().to(torch.float64).flatten()
+        defined = ~torch.isnan(values)
+        values = torch.where(defined, values, 0.0)
+        self.data[self.index[key]] += torch.stack([values.sum(), (values * values).sum(), defined.sum().double()])
+
+    def empty_like(self) -> "MetricState":
+        return MetricState(self.keys, self.data.device)
+
+    def merge(self, other: "MetricState") -> None:
+        """Add another state with the same keys (another batch, shard or process)."""
+        if other.keys != self.keys:
+            raise ValueError("cannot merge metric states with different keys")
+        self.data += other.data
+
+    def rows(self) -> list[dict]:
+        """One dict per key that received values: mean as ``value``, count as ``n``, and ``std``."""
+        out = []
+        for key, (total, squares, count) in zip(self.keys, self.data.cpu().tolist()):
+            if count == 0:
+                continue
+            layer, shift, metric = key
+            mean = total / count
+            var = max(squares / count - mean * mean, 0.0) * count / (count - 1) if count > 1 else 0.0
+            out.append(
+                {
+                    "layer": layer,
+                    "shift_x": None if shift is None else shift[0],
+                    "shift_y": None if shift is None else shift[1],
+                    "metric": metric,
+                    "value": mean,
+                    "n": int(count),
+                    "std": var**0.5,
+                }
+            )
+        return out

@@ -1,0 +1,144 @@
+"""Rows and files: the tidy result table, its CSV and JSON forms, and atomic writes."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+import torchvision
+
+from . import metrics as M
+
+COLUMNS = [
+    "model",
+    "weights",
+    "mode",
+    "layer",
+    "stride",
+    "aligned",
+    "shift_x",
+    "shift_y",
+    "metric",
+    "value",
+    "n",
+    "std",
+    "partial",
+]
+
+
+def versions() -> dict[str, str]:
+    """Versions that decide the numbers, recorded with every JSON result."""
+    from . import __version__
+
+    return {
+        "transinv": __version__,
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def born_at(rows: pd.DataFrame) -> list[dict[str, Any]]:
+    """For each non-zero shift, the layer where ``pooled_invariance_error`` grows most.
+
+    Growth is the error at a layer minus the error at the previous measured layer (forward
+    order; the first layer is compared with 0, the unshifted input's own error).
+    """
+    pooled = rows[rows["metric"] == M.POOLED_INVARIANCE_ERROR]
+    found = []
+    for (model, sx, sy), group in pooled.groupby(["model", "shift_x", "shift_y"], sort=False):
+        if sx == 0 and sy == 0:
+            continue
+        values = group["value"].to_numpy()
+        growth = values - pd.Series(values).shift(1, fill_value=0.0).to_numpy()
+        best = int(growth.argmax())
+        found.append(
+            {
+                "model": model,
+                "shift_x": int(sx),
+                "shift_y": int(sy),
+                "layer": group["layer"].iloc[best],
+                "growth": float(growth[best]),
+                "value": float(values[best]),
+            }
+        )
+    return found
+
+
+@dataclass
+class Result:
+    """A finished (or interrupted) measurement: tidy rows plus the settings that produced them."""
+
+    rows: pd.DataFrame
+    settings: dict[str, Any]
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.summary.get("partial", False))
+
+    def output(self) -> pd.DataFrame:
+        """Only the output rows (``layer == 'output'``)."""
+        return self.rows[self.rows["layer"] == M.OUTPUT_LAYER]
+
+    def to_csv(self, path: str | Path | None = None) -> str:
+        """The rows as CSV text (written atomically to ``path`` when given)."""
+        text = self.rows.to_csv(index=False)
+        if path is not None:
+            write_atomic(path, text)
+        return text
+
+    def to_dict(self) -> dict[str, Any]:
+        records = self.rows.astype(object).where(self.rows.notna(), None).to_dict(orient="records")
+        return {"settings": self.settings, "summary": self.summary, "versions": versions(), "rows": records}
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        """Rows, settings, summary and versions as JSON (written atomically to ``path`` when given)."""
+        text = json.dumps(_finite(self.to_dict()), indent=2) + "\n"
+        if path is not None:
+            write_atomic(path, text)
+        return text
+
+
+def _finite(obj: Any) -> Any:
+    """JSON has no NaN: write null instead."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    if isinstance(obj, dict):
+        return {k: _finite(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_finite(v) for v in obj]
+    return obj
+
+
+def make_rows(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """A tidy frame with the documented columns and dtypes (nullable ints for empty cells)."""
+    frame = pd.DataFrame.from_records(records, columns=COLUMNS)
+    for column in ("stride", "shift_x", "shift_y", "n"):
+        frame[column] = frame[column].astype("Int64")
+    frame["aligned"] = frame["aligned"].astype("boolean")
+    frame["partial"] = frame["partial"].astype(bool)
+    return frame
+
+
+def write_atomic(path: str | Path, text: str) -> None:
+    """Write to a temporary file beside ``path`` and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
