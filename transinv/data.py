@@ -17,7 +17,7 @@ from typing import Sequence
 
 import torch
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
+from PIL import Image
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
@@ -124,7 +124,8 @@ class Preprocess:
 
 def load_canvas(path: Path, pre: Preprocess, canvas: int) -> torch.Tensor:
     """Decode one image to RGB (grey, CMYK and alpha converted) and make its ``canvas``-px square."""
-    image = decode_image(str(path), mode=ImageReadMode.RGB)
+    with Image.open(path) as opened:
+        image = TF.pil_to_tensor(opened.convert("RGB"))
     image = TF.resize(image, [pre.resize], interpolation=pre.interpolation, antialias=True)
     image = TF.center_crop(image, [canvas, canvas])
     image = TF.to_dtype(image, torch.float32, scale=True)
@@ -144,7 +145,7 @@ class CanvasDataset(Dataset):
         item = self.items[index]
         try:
             return index, load_canvas(item.path, self.pre, self.canvas), item.label, ""
-        except (RuntimeError, OSError, ValueError) as exc:
+        except (OSError, ValueError, Image.DecompressionBombError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             return index, None, item.label, f"{item.path}: {reason}"
 

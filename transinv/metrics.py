@@ -51,40 +51,51 @@ def compare_outputs(reference: torch.Tensor, shifted: torch.Tensor) -> OutputCom
 
 
 def _per_image_norm(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x.flatten(1).double(), dim=1)
+    """L2 norm over all but the batch dim, returned in float64 (computed in the input's dtype)."""
+    return torch.linalg.vector_norm(x.flatten(1), dim=1).double()
 
 
-def _overlap(length: int, k: int) -> tuple[slice, slice]:
-    """Slices of (shifted, reference) along one axis that hold the same content after a shift ``k``."""
+def _pieces(length: int, k: int, circular: bool) -> list[tuple[slice, slice]]:
+    """Slice pairs (shifted, reference) along one axis holding the same content after a shift ``k``.
+
+    Not circular: the overlap only. Circular: the overlap plus the part that wrapped around, so
+    the pairs cover the whole axis without materialising a rolled copy.
+    """
+    if circular:
+        k %= length
+        pairs = [(slice(k, length), slice(0, length - k))]
+        return pairs + [(slice(0, k), slice(length - k, length))] if k else pairs
+    if abs(k) >= length:
+        return []
     if k >= 0:
-        return slice(k, length), slice(0, length - k)
-    return slice(0, length + k), slice(-k, length)
+        return [(slice(k, length), slice(0, length - k))]
+    return [(slice(0, length + k), slice(-k, length))]
 
 
 def equivariance_error(reference: torch.Tensor, shifted: torch.Tensor, k: Shift, circular: bool) -> torch.Tensor:
     """Per image ``||f(T_d x) - T_k f(x)|| / ||f(x)||`` over the region defined in both maps.
 
     ``k = (kx, ky)`` is the feature-map shift. circular: whole maps, ``T_k`` a roll; otherwise
-    only positions present in both maps after shifting by ``k`` (the overlap). Images whose
-    reference norm is 0 on the region give NaN and are not counted.
+    only positions present in both maps after shifting by ``k`` (the overlap), with both norms on
+    that region. Images whose reference norm is 0 on the region give NaN and are not counted.
     """
     kx, ky = k
-    if circular:
-        ref = torch.roll(reference, shifts=(ky, kx), dims=(-2, -1)) if (kx or ky) else reference
-        cur = shifted
-    else:
-        h, w = reference.shape[-2:]
-        if abs(ky) >= h or abs(kx) >= w:
-            return torch.full((reference.shape[0],), float("nan"), dtype=torch.float64, device=reference.device)
-        (sy, ry), (sx, rx) = _overlap(h, ky), _overlap(w, kx)
-        ref, cur = reference[..., ry, rx], shifted[..., sy, sx]
-    return _ratio(_per_image_norm(cur.double() - ref.double()), _per_image_norm(ref))
+    h, w = reference.shape[-2:]
+    num = torch.zeros(reference.shape[0], dtype=torch.float64, device=reference.device)
+    den = _per_image_norm(reference) ** 2 if circular else torch.zeros_like(num)
+    for sy, ry in _pieces(h, ky, circular):
+        for sx, rx in _pieces(w, kx, circular):
+            ref = reference[..., ry, rx]
+            num += _per_image_norm(shifted[..., sy, sx] - ref) ** 2
+            if not circular:
+                den += _per_image_norm(ref) ** 2
+    return _ratio(num.sqrt(), den.sqrt())
 
 
 def pooled_invariance_error(reference: torch.Tensor, shifted: torch.Tensor) -> torch.Tensor:
     """Per image ``||g(T_d x) - g(x)|| / ||g(x)||`` with ``g`` the global average over positions."""
-    g_ref = reference.double().mean(dim=(-2, -1))
-    g_cur = shifted.double().mean(dim=(-2, -1))
+    g_ref = reference.mean(dim=(-2, -1)).double()
+    g_cur = shifted.mean(dim=(-2, -1)).double()
     return _ratio(_per_image_norm(g_cur - g_ref), _per_image_norm(g_ref))
 
 

@@ -10,6 +10,7 @@ import importlib
 import importlib.util
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_SIZE = 224
 DEFAULT_RESIZE = 256
 OFFLINE_ENV = "TRANSINV_OFFLINE"
+EXAMPLE_PREFIX = "example:"
 
 
 def torchvision_models() -> list[str]:
@@ -165,6 +167,15 @@ def _import_factory(spec: str) -> nn.Module:
     return model
 
 
+def _example(name: str) -> nn.Module:
+    """A constructed network from ``transinv.examples`` by name."""
+    from .examples import EXAMPLES
+
+    if name not in EXAMPLES:
+        raise UserError(f"unknown example {name!r}{_suggest(name, list(EXAMPLES))}: use one of {', '.join(EXAMPLES)}")
+    return EXAMPLES[name]()
+
+
 def _is_torchscript(path: Path) -> bool:
     import zipfile
 
@@ -174,6 +185,18 @@ def _is_torchscript(path: Path) -> bool:
         return any(name.endswith("constants.pkl") or "/code/" in name for name in archive.namelist())
 
 
+def _checkpoint_path(weights: str) -> Path | None:
+    """The checkpoint file ``--weights`` names, or None when it names pretrained weights or none."""
+    if weights.lower() in ("none", "default"):
+        return None
+    path = Path(weights).expanduser()
+    if path.is_file():
+        return path
+    if "/" in weights or path.suffix:
+        raise UserError(f"--weights {weights}: no such checkpoint file")
+    return None
+
+
 def load_model(spec: str, weights: str = "DEFAULT", seed: int = 0) -> LoadedModel:
     """Resolve a model spec and weights choice into an eval-mode module and its preprocessing.
 
@@ -181,25 +204,24 @@ def load_model(spec: str, weights: str = "DEFAULT", seed: int = 0) -> LoadedMode
     initialisation) or a checkpoint path (loaded with ``weights_only=True``).
     """
     torch.manual_seed(seed)
-    checkpoint = Path(weights).expanduser() if weights.lower() not in ("none", "default") else None
-    if checkpoint is not None and not checkpoint.exists() and ("/" in weights or checkpoint.suffix):
-        raise UserError(f"--weights {weights}: no such checkpoint file")
-    if checkpoint is not None and not checkpoint.exists():
-        checkpoint = None
+    checkpoint = _checkpoint_path(weights)
     preprocess = default_preprocess()
     scripted = False
-    if ":" in spec:
+    if spec.startswith(EXAMPLE_PREFIX):
+        module = _example(spec.removeprefix(EXAMPLE_PREFIX))
+    elif ":" in spec:
         module = _import_factory(spec)
-        if checkpoint is None and weights.lower() != "none" and weights != "DEFAULT":
-            raise UserError(f"--weights {weights}: a user model takes none or a checkpoint path")
     elif Path(spec).is_file():
         if not _is_torchscript(Path(spec)):
             raise UserError(
                 f"{spec} is not a TorchScript archive: for a Python model pass FILE.py:FACTORY, "
                 "for a state dict pass the architecture as MODEL and the file as --weights"
             )
-        module = torch.jit.load(spec, map_location="cpu")
+        with warnings.catch_warnings():  # TorchScript is deprecated upstream but still what users have
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torch.jit.load(spec, map_location="cpu")
         scripted = True
+        weights = "scripted"
     else:
         names = torchvision_models()
         if spec not in names:
@@ -209,16 +231,20 @@ def load_model(spec: str, weights: str = "DEFAULT", seed: int = 0) -> LoadedMode
                 "package.module:FACTORY or a TorchScript file"
             )
         entry = None if (checkpoint is not None or weights.lower() == "none") else _pretrained(spec, weights)
-        module = torchvision.models.get_model(spec, weights=None)
+        with warnings.catch_warnings():  # inception/googlenet warn about a future init change
+            warnings.simplefilter("ignore", FutureWarning)
+            module = torchvision.models.get_model(spec, weights=None)
         if entry is not None:
             module.load_state_dict(_load_pretrained_state(spec, entry))
             preprocess = _preprocess_from_entry(entry)
             weights = str(entry).split(".")[-1] if weights == "DEFAULT" else weights
+    if ":" in spec and checkpoint is None:
+        if weights.lower() not in ("none", "default"):
+            raise UserError(f"--weights {weights}: a model from a factory takes DEFAULT (as built), none or a checkpoint path")
+        weights = "as-built"
     if checkpoint is not None:
         if scripted:
             raise UserError("a TorchScript model carries its own weights: drop --weights")
         load_checkpoint(module, checkpoint)
-    elif ":" in spec and weights == "DEFAULT":
-        weights = "none"
     module.eval()
     return LoadedModel(name=spec, weights=weights, module=module, preprocess=preprocess, scripted=scripted)
