@@ -34,7 +34,8 @@ class Overrides:
     mean: Sequence[float] | None = None
     std: Sequence[float] | None = None
 
-    def apply(self, pre: Preprocess) -> Preprocess:
+    def check(self) -> None:
+        """Reject impossible values before any model is built."""
         for name, value in (("mean", self.mean), ("std", self.std)):
             if value is not None and len(value) != 3:
                 raise UserError(f"--{name} takes three numbers (R,G,B), got {len(value)}")
@@ -43,6 +44,9 @@ class Overrides:
         for name, value in (("size", self.size), ("resize", self.resize)):
             if value is not None and value < 1:
                 raise UserError(f"--{name} must be a positive number of pixels")
+
+    def apply(self, pre: Preprocess) -> Preprocess:
+        self.check()
         size = self.size or pre.size
         resize = self.resize or (max(pre.resize, size) if self.size else pre.resize)
         return replace(
@@ -130,7 +134,9 @@ def measure(
     callback that receives the number of images just finished.
     """
     shifts = make_shifts(parse_shift_values(shift), direction)
-    loaded = prepare_model(model, weights, seed, Overrides(size, resize, mean, std))
+    overrides = Overrides(size, resize, mean, std)
+    overrides.check()
+    loaded = prepare_model(model, weights, seed, overrides)
     pre = loaded.preprocess
     check_shifts(shifts, pre.size, mode, pre.resize)
     plan = ShiftPlan(shifts, pre.size, mode, fill)

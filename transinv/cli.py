@@ -193,7 +193,9 @@ def layers(
 def main() -> None:
     """Console-script entry: usage errors become one line on stderr with exit code 2."""
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # returns the exit code of a typer.Exit
+        if isinstance(code, int):
+            sys.exit(code)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except typer.Abort:

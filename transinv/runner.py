@@ -42,7 +42,7 @@ def resolve_device(device: str) -> torch.device:
         if torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if device == "cuda" and not torch.cuda.is_available():
+    if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
     if device == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: MPS is not available here (use --device cpu or auto)")
