@@ -64,3 +64,25 @@ def test_hooks_are_removed_and_in_place_ops_do_not_corrupt_captures() -> None:
 def test_too_small_input_is_a_clear_error() -> None:
     with pytest.raises(UserError, match="--size"):
         transinv.list_layers("inception_v3", size=32)
+
+
+def test_strides_are_measured_from_two_sizes_not_guessed() -> None:
+    """Unpadded layers (inception at 299 px) and adaptive pooling must not skew strides."""
+    inception = {layer.name: layer for layer in probe_layers(load_model("inception_v3", "none").module, 299).layers}
+    assert [inception[n].stride[0] for n in ("Conv2d_1a_3x3", "maxpool1", "maxpool2", "Mixed_6a", "Mixed_7c")] == [
+        2, 4, 8, 16, 32]
+    vgg = {layer.name: layer for layer in probe_layers(load_model("vgg11_bn", "none").module, 64).layers}
+    assert vgg["avgpool"].fixed and not vgg["avgpool"].default and not vgg["avgpool"].aligned((32, 0))
+
+
+def test_every_stage_of_a_sequential_network_is_in_the_default() -> None:
+    for name in ("densenet121", "convnext_tiny", "mobilenet_v3_small"):
+        default = [layer for layer in probe_layers(load_model(name, "none").module, 64).layers if layer.default]
+        assert {layer.stride[0] for layer in default} >= {4, 8, 16, 32}, name
+        assert not any(layer.height == 1 for layer in default), name  # squeeze-excitation vectors are not maps
+
+
+def test_channels_last_is_found_even_when_channels_equal_height() -> None:
+    probe = probe_layers(load_model("swin_t", "none").module, 384)  # stage 1 is (N, 96, 96, 96)
+    stage = {layer.name: layer for layer in probe.layers}["features.1"]
+    assert stage.channels_last and stage.stride == (4, 4)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable
@@ -32,10 +33,16 @@ class LayerInfo:
     stride: tuple[int, int]  # (sy, sx): input pixels per feature pixel
     channels_last: bool
     default: bool
+    fixed: bool = False  # the map's size does not follow the input's (adaptive or global pooling)
 
     def aligned(self, shift: tuple[int, int]) -> bool:
-        """True when the stride divides the shift, so it maps to a whole feature-pixel shift."""
+        """True when the stride divides the shift, so it maps to a whole feature-pixel shift.
+
+        A fixed-size map has no feature-pixel shift matching an input shift, except shift 0.
+        """
         dx, dy = shift
+        if self.fixed:
+            return dx == 0 and dy == 0
         return dx % self.stride[1] == 0 and dy % self.stride[0] == 0
 
     def feature_shift(self, shift: tuple[int, int]) -> tuple[int, int]:
@@ -47,17 +54,40 @@ def _call_key(name: str, call: int) -> str:
     return name if call == 1 else f"{name}#{call}"
 
 
-def _spatial(shape: torch.Size, size: int) -> tuple[int, int, int, bool] | None:
-    """(C, h, w, channels_last) of a 4-D map from a square ``size`` input; None if not spatial.
+PROBE_STEP = 32  # the second probe is this many pixels larger: every common stride divides it
 
-    A square input gives a square map, so the equal pair of axes is spatial: NCHW is preferred,
-    NHWC (swin, maxvit blocks) is recognised when only dims 1 and 2 are equal.
+
+def _snap(ratio: float) -> int:
+    """A measured stride, snapped to the nearest power of two when within 15% of it.
+
+    Unpadded layers and odd sizes make size ratios inexact (299 px -> 35 px at stride 8).
+    """
+    if ratio <= 1.15:
+        return 1
+    power = 2 ** round(math.log2(ratio))
+    return power if abs(ratio - power) <= 0.15 * power else max(1, round(ratio))
+
+
+def _geometry(shape: torch.Size, larger: torch.Size | None, size: int) -> tuple[int, int, int, bool, bool] | None:
+    """(C, h, w, channels_last, fixed) of a 4-D map, or None when it has no spatial axes.
+
+    The spatial axes are those that grow when the input grows (``larger``: the same layer's
+    shape at ``size + PROBE_STEP``). Without a second probe (fixed-size models), a square input
+    is assumed to give a square map: NCHW when dims 2 and 3 are equal, else NHWC.
     """
     _, a, b, c = shape
+    if larger is not None and len(larger) == 4:
+        changed = [d for d in (1, 2, 3) if larger[d] != shape[d]]
+        if changed == [2, 3]:
+            return a, b, c, False, False
+        if changed == [1, 2]:
+            return c, a, b, True, False
+        if changed:
+            return None
     if b == c and b <= size:
-        return a, b, c, False
+        return a, b, c, False, larger is not None or b == 1
     if a == b and a <= size:
-        return c, a, b, True
+        return c, a, b, True, larger is not None or a == 1
     return None
 
 
@@ -107,49 +137,62 @@ class Probe:
     token_layers: list[str]  # 3-D outputs: sequences of tokens with no spatial map
 
 
-def probe_layers(model: nn.Module, size: int, device: torch.device | str = "cpu") -> Probe:
-    """Run one forward pass on a blank ``size`` x ``size`` image and describe every 4-D output.
-
-    Default selection: the outputs of top-level children plus the first layer at each new
-    cumulative stride; a layer whose output tensor is later returned by an enclosing module
-    (a ``Sequential``'s last child, a ReLU applied in place) is left to that module.
-    """
-    if isinstance(model, torch.jit.ScriptModule):
-        return Probe(layers=[], token_layers=[])
-    seen: list[tuple[str, torch.Tensor]] = []
+def _record(model: nn.Module, size: int, device: torch.device | str) -> tuple[list[tuple[str, torch.Tensor]], list[str]]:
+    """Every 4-D output (by call key) and every 3-D (token) output of one blank forward pass."""
+    maps: list[tuple[str, torch.Tensor]] = []
     tokens: list[str] = []
 
     def record(key: str, output: torch.Tensor) -> None:
         if output.dim() == 4:
-            seen.append((key, output))
+            maps.append((key, output))
         elif output.dim() == 3:
             tokens.append(key)
 
     with FeatureTap(model, None, record), torch.inference_mode():
         try:
             model(torch.zeros(1, 3, size, size, device=device))
-        except (RuntimeError, ValueError, AssertionError) as exc:
+        except (RuntimeError, ValueError, AssertionError, IndexError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise UserError(
-                f"the model fails on a {size}x{size} input ({first}): it may need a larger --size"
-            ) from exc
-    last_of: dict[int, int] = {}
-    for i, (_, out) in enumerate(seen):
-        last_of[id(out)] = i
+            raise UserError(f"the model fails on a {size}x{size} input ({first}): it may need a larger --size") from exc
+    return maps, tokens
+
+
+def probe_layers(model: nn.Module, size: int, device: torch.device | str = "cpu") -> Probe:
+    """Describe every 4-D output from blank forward passes at ``size`` and ``size + PROBE_STEP``.
+
+    Stride = input growth / map growth between the two passes (one pass and size / map size for
+    models that take only one size). Default selection: outputs of top-level children plus the
+    first layer at each new stride; a layer whose output tensor is returned again by a later
+    module (a ``Sequential``'s last child, a ReLU applied in place) is left to that module, and
+    fixed-size maps (adaptive or global pooling) are left out.
+    """
+    if isinstance(model, torch.jit.ScriptModule):
+        return Probe(layers=[], token_layers=[])
+    maps, tokens = _record(model, size, device)
+    try:
+        larger = {key: out.shape for key, out in _record(model, size + PROBE_STEP, device)[0]}
+    except UserError:
+        larger = {}
+    last_of = {id(out): i for i, (_, out) in enumerate(maps)}
     layers: list[LayerInfo] = []
     strides_seen: set[tuple[int, int]] = set()
-    for i, (key, out) in enumerate(seen):
-        spatial = _spatial(out.shape, size)
-        if spatial is None:
+    for i, (key, out) in enumerate(maps):
+        geometry = _geometry(out.shape, larger.get(key) if larger else None, size)
+        if geometry is None:
             continue
-        channels, h, w, channels_last = spatial
-        stride = (max(1, round(size / h)), max(1, round(size / w)))
-        superseded = last_of[id(out)] != i
+        channels, h, w, channels_last, fixed = geometry
+        if larger and not fixed:
+            grown = larger[key]
+            gh, gw = (grown[1], grown[2]) if channels_last else (grown[2], grown[3])
+            stride = (_snap(PROBE_STEP / (gh - h)), _snap(PROBE_STEP / (gw - w)))
+        else:
+            stride = (_snap(size / h), _snap(size / w))
+        candidate = last_of[id(out)] == i and not fixed
         top = "." not in key.split("#")[0]
-        new_stride = stride not in strides_seen
-        strides_seen.add(stride)
-        default = (top or new_stride) and not superseded
-        layers.append(LayerInfo(key, channels, h, w, stride, channels_last, default))
+        default = candidate and (top or stride not in strides_seen)
+        if candidate:
+            strides_seen.add(stride)
+        layers.append(LayerInfo(key, channels, h, w, stride, channels_last, default, fixed))
     return Probe(layers=layers, token_layers=tokens)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 from rich.console import Console, Group
+from rich import box
 from rich.table import Table
 from rich.text import Text
 
@@ -46,34 +47,53 @@ def output_table(rows: pd.DataFrame) -> Table:
     return table
 
 
-def layer_table(rows: pd.DataFrame, metric: str) -> Table | None:
-    """One per-layer metric: layers as rows in forward order, shifts as columns ('.' = not aligned)."""
+def layer_tables(rows: pd.DataFrame, metric: str, width: int) -> list[Table]:
+    """One per-layer metric: layers as rows in forward order, shifts as columns ('.' = not aligned).
+
+    Shifts are split over several tables when they would not fit ``width`` columns of terminal.
+    """
     part = rows[rows["metric"] == metric]
     if part.empty:
-        return None
-    layers = list(dict.fromkeys(rows.loc[rows["metric"] == M.POOLED_INVARIANCE_ERROR, "layer"]))
-    shifts = list(dict.fromkeys(zip(rows.loc[rows["metric"] == M.POOLED_INVARIANCE_ERROR, "shift_x"],
-                                    rows.loc[rows["metric"] == M.POOLED_INVARIANCE_ERROR, "shift_y"])))
-    strides = rows.drop_duplicates("layer").set_index("layer")["stride"]
+        return []
+    pooled = rows[rows["metric"] == M.POOLED_INVARIANCE_ERROR]
+    layers = list(dict.fromkeys(pooled["layer"]))
+    shifts = list(dict.fromkeys(zip(pooled["shift_x"], pooled["shift_y"])))
+    strides = pooled.drop_duplicates("layer").set_index("layer")["stride"]
     cells = {(r.layer, r.shift_x, r.shift_y): r.value for r in part.itertuples()}
-    table = Table(title=f"{metric} by layer (rows) and shift (columns)", title_justify="left")
-    table.add_column("layer")
-    table.add_column("stride", justify="right")
-    for sx, sy in shifts:
-        table.add_column(_shift_label(sx, sy), justify="right")
-    for layer in layers:
-        values = [cells.get((layer, sx, sy)) for sx, sy in shifts]
-        table.add_row(layer, str(strides[layer]), *["." if v is None else f"{v:.3f}" for v in values])
-    return table
+    if metric == M.EQUIVARIANCE_ERROR:  # columns where no layer is aligned hold nothing
+        shifts = [s for s in shifts if any((layer, *s) in cells for layer in layers)]
+    name_width = max(len(layer) for layer in layers) + 8
+    per_table = max(1, (width - name_width) // 6)
+    tables = []
+    for start in range(0, len(shifts), per_table):
+        chunk = shifts[start : start + per_table]
+        last = start + per_table >= len(shifts)
+        caption = "'.' = shift not a multiple of the layer's stride (not aligned)" if last and metric == M.EQUIVARIANCE_ERROR else None
+        table = Table(title=f"{metric} by layer (rows) and shift in px (columns)" if start == 0 else None,
+                      title_justify="left", caption=caption, caption_justify="left", box=box.SIMPLE_HEAD,
+                      padding=(0, 1), pad_edge=False, collapse_padding=True)
+        table.add_column("layer", no_wrap=True)
+        table.add_column("stride", justify="right", no_wrap=True)
+        for sx, sy in chunk:
+            table.add_column(_shift_label(sx, sy), justify="right", no_wrap=True, min_width=4)
+        for layer in layers:
+            values = [cells.get((layer, sx, sy)) for sx, sy in chunk]
+            table.add_row(layer, str(strides[layer]), *["." if v is None else _compact(v) for v in values])
+        tables.append(table)
+    return tables
 
 
-def render(result: Result) -> Group:
-    """Everything a terminal shows for one result: header, worst case, layer tables, born-at."""
+def _compact(value: float) -> str:
+    """Three decimals without the leading zero, so a row of 17 shifts fits a terminal."""
+    text = f"{value:.3f}"
+    return text[1:] if text.startswith("0.") else text
+
+
+def render(result: Result, width: int = 120) -> Group:
+    """Everything a terminal shows for one result: header, layer tables, output table, born-at."""
     parts: list = [_header(result)]
     for metric in (M.EQUIVARIANCE_ERROR, M.POOLED_INVARIANCE_ERROR):
-        table = layer_table(result.rows, metric)
-        if table is not None:
-            parts.append(table)
+        parts.extend(layer_tables(result.rows, metric, width))
     parts.append(output_table(result.rows))
     worst = result.rows[result.rows["metric"] == M.WORST_CASE_ACCURACY]
     for row in worst.itertuples():
@@ -86,4 +106,4 @@ def render(result: Result) -> Group:
 
 
 def print_result(result: Result, console: Console) -> None:
-    console.print(render(result))
+    console.print(render(result, console.width))

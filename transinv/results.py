@@ -50,24 +50,25 @@ def versions() -> dict[str, str]:
 def born_at(rows: pd.DataFrame) -> list[dict[str, Any]]:
     """For each non-zero shift, the layer where ``pooled_invariance_error`` grows most.
 
-    Growth is the error at a layer minus the error at the previous measured layer (forward
-    order; the first layer is compared with 0, the unshifted input's own error).
+    Growth is a layer's error minus the previous measured layer's (forward order). The first
+    measured layer is not a candidate: its error mostly reflects what the shift did to the image
+    content itself (in crop mode, new content entering the view), not what the network added.
     """
     pooled = rows[rows["metric"] == M.POOLED_INVARIANCE_ERROR]
     found = []
     for (model, sx, sy), group in pooled.groupby(["model", "shift_x", "shift_y"], sort=False):
-        if sx == 0 and sy == 0:
+        if (sx == 0 and sy == 0) or len(group) < 2:
             continue
         values = group["value"].to_numpy()
-        growth = values - pd.Series(values).shift(1, fill_value=0.0).to_numpy()
-        best = int(growth.argmax())
+        growth = values[1:] - values[:-1]
+        best = int(growth.argmax()) + 1
         found.append(
             {
                 "model": model,
                 "shift_x": int(sx),
                 "shift_y": int(sy),
                 "layer": group["layer"].iloc[best],
-                "growth": float(growth[best]),
+                "growth": float(growth[best - 1]),
                 "value": float(values[best]),
             }
         )
