@@ -62,8 +62,8 @@ def layer_tables(rows: pd.DataFrame, metric: str, width: int) -> list[Table]:
     cells = {(r.layer, r.shift_x, r.shift_y): r.value for r in part.itertuples()}
     if metric == M.EQUIVARIANCE_ERROR:  # columns where no layer is aligned hold nothing
         shifts = [s for s in shifts if any((layer, *s) in cells for layer in layers)]
-    name_width = max(len(layer) for layer in layers) + 8
-    per_table = max(1, (width - name_width) // 6)
+    fixed_width = max(len(layer) for layer in layers) + 10  # layer and stride columns
+    per_table = max(1, (width - fixed_width) // 6)
     tables = []
     for start in range(0, len(shifts), per_table):
         chunk = shifts[start : start + per_table]
@@ -100,9 +100,20 @@ def render(result: Result, width: int = 120) -> Group:
         parts.append(Text(f"worst_case_accuracy (correct under every shift of the set): {row.value:.4f} (n={row.n})"))
     born = result.summary.get("born_at") or []
     if born:
-        line = ", ".join(f"{_shift_label(b['shift_x'], b['shift_y'])}: {b['layer']}" for b in born)
-        parts.append(Text(f"born at (layer where pooled_invariance_error grows most, per shift): {line}"))
+        parts.append(Text(f"born at (layer where pooled_invariance_error grows most): {_born_line(born)}"))
     return Group(*parts)
+
+
+def _born_line(born: list[dict]) -> str:
+    """Runs of consecutive shifts with the same layer, e.g. '1..3: conv1, 4..16: layer4'."""
+    runs: list[tuple[str, str, str]] = []
+    for entry in born:
+        label = _shift_label(entry["shift_x"], entry["shift_y"])
+        if runs and runs[-1][2] == entry["layer"]:
+            runs[-1] = (runs[-1][0], label, entry["layer"])
+        else:
+            runs.append((label, label, entry["layer"]))
+    return ", ".join(f"{a}: {layer}" if a == b else f"{a}..{b}: {layer}" for a, b, layer in runs)
 
 
 def print_result(result: Result, console: Console) -> None:
