@@ -1,0 +1,386 @@
+"""Figures of transinv results: output metrics against shift, per-layer heatmaps, (dx, dy) maps.
+
+Everything is drawn on a bare ``matplotlib.figure.Figure`` with the Agg canvas, so no display is
+needed and pyplot's global state is never touched (safe inside a CLI, a server or a notebook).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure, SubFigure
+from matplotlib.ticker import MaxNLocator
+
+from . import metrics as M
+from .results import COLUMNS
+
+NEEDED = ["model", "mode", "layer", "shift_x", "shift_y", "metric", "value"]
+TEXT_COLUMNS = ["model", "weights", "mode", "layer", "metric", "variant"]
+NUMBER_COLUMNS = ["shift_x", "shift_y", "value", "ci_low", "ci_high"]
+# One line / heatmap / map per distinct combination; a column joins its label only where a model
+# has several values of it (so "resnet18/blur", but not "resnet18/none" beside "vgg11/DEFAULT").
+SERIES_COLUMNS = ["model", "weights", "mode", "variant"]
+FRACTIONS = {M.TOP1_AGREEMENT, M.ACCURACY, M.WORST_CASE_ACCURACY}  # drawn on a fixed 0..1 scale
+XLABEL = {"x": "shift (px)", "y": "shift (px), along y", "diagonal": "shift (px), dx = dy"}
+CMAP = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
+DPI = 110
+
+
+@dataclass(frozen=True)
+class Section:
+    """One horizontal band of the figure (a row of panels of one kind) and the size it needs."""
+
+    description: str
+    width: float
+    height: float
+    draw: Callable[[SubFigure], None]
+
+
+def load_results(paths: Sequence[str | Path]) -> pd.DataFrame:
+    """Read transinv CSV or JSON (``{"rows": [...]}``) result files into one frame, in the given order."""
+    if not paths:
+        raise ValueError("no result files given")
+    return pd.concat([_read_result(Path(p)) for p in paths], ignore_index=True)
+
+
+def _read_result(path: Path) -> pd.DataFrame:
+    """One result file; every failure becomes a one-line ``ValueError`` naming the file."""
+    try:
+        if path.suffix.lower() == ".json":
+            doc = json.loads(path.read_text())
+            if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
+                raise ValueError(f"{path}: not a transinv result (a JSON result holds a 'rows' list)")
+            frame = pd.DataFrame.from_records(doc["rows"])
+        else:
+            frame = pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS})
+    except OSError as error:
+        raise ValueError(f"{path}: {error.strerror or error}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise ValueError(f"{path}: not a transinv result ({reason})") from None
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: not a transinv result (missing columns: {', '.join(missing)})")
+    return frame
+
+
+def plot_results(
+    rows: pd.DataFrame, path: str | Path, metric: str | None = None, layer: str | None = None
+) -> list[str]:
+    """Draw the result rows into one figure saved at ``path`` (format from its suffix).
+
+    Non-grid shifts: output metrics against shift (one panel per metric) and per-layer heatmaps
+    (layers x shifts, one per model). Grid shifts: (dx, dy) maps of one output metric replace the
+    line panels. ``metric`` keeps only that metric; ``layer`` draws that layer's metrics against
+    shift (a map in grid mode) instead of the heatmaps. Returns one description per band drawn.
+    Raises ``ValueError`` (one line) when the rows hold nothing to draw for the request.
+    """
+    data = _prepare(rows)
+    sections = _sections(data, metric, layer)
+    width = max(s.width for s in sections)
+    fig = Figure(figsize=(width, sum(s.height for s in sections)), layout="constrained")
+    FigureCanvasAgg(fig)
+    bands = fig.subfigures(len(sections), 1, height_ratios=[s.height for s in sections], squeeze=False)[:, 0]
+    for section, band in zip(sections, bands):
+        if section.width < width - 0.5:  # keep a narrower band at its own width, on the left
+            band = band.subfigures(1, 2, width_ratios=[section.width, width - section.width])[0]
+        section.draw(band)
+    if "partial" in data and data["partial"].astype(str).str.lower().eq("true").any():
+        fig.suptitle("partial results: the run was interrupted", color="firebrick")
+    _save(fig, Path(path))
+    return [s.description for s in sections]
+
+
+def _prepare(rows: pd.DataFrame) -> pd.DataFrame:
+    """A copy with float shifts and values, text labels, a ``series`` label and a ``position`` on the shift axis."""
+    missing = [c for c in NEEDED if c not in rows.columns]
+    if missing:
+        raise ValueError(f"not transinv result rows (missing columns: {', '.join(missing)})")
+    if rows.empty:
+        raise ValueError("no result rows to plot")
+    data = rows.copy()
+    for column in NUMBER_COLUMNS:
+        if column in data:
+            data[column] = pd.to_numeric(data[column], errors="coerce").astype(float)
+    for column in TEXT_COLUMNS:
+        if column in data:
+            data[column] = data[column].astype(object).where(data[column].notna(), "").astype(str)
+    data["series"] = data["model"]
+    for column in SERIES_COLUMNS[1:]:
+        if column in data and data.groupby("model")[column].nunique().max() > 1:
+            data["series"] = data["series"] + np.where(data[column] != "", "/" + data[column], "")
+    data["position"] = data["shift_y"] if _direction(data) == "y" else data["shift_x"]
+    colours = {name: f"C{i % 10}" for i, name in enumerate(pd.unique(data["series"]))}
+    data["colour"] = data["series"].map(colours)  # one colour per series in every panel
+    return data
+
+
+def _direction(data: pd.DataFrame) -> str:
+    """x, y, diagonal or grid, read off the shifts present (grid: any other mix of dx and dy)."""
+    shifts = data[["shift_x", "shift_y"]].dropna()
+    if (shifts["shift_y"] == 0).all():
+        return "x"
+    if (shifts["shift_x"] == 0).all():
+        return "y"
+    if (shifts["shift_x"] == shifts["shift_y"]).all():
+        return "diagonal"
+    return "grid"
+
+
+def _sections(data: pd.DataFrame, metric: str | None, layer: str | None) -> list[Section]:
+    """Decide which bands to draw for the request, checking that it names something present."""
+    if metric is not None and metric not in set(data["metric"]):
+        raise ValueError(f"no {metric!r} rows to plot; available metrics: {', '.join(pd.unique(data['metric']))}")
+    if layer is not None and layer not in set(data["layer"]):
+        raise ValueError(f"no layer {layer!r} in the rows; available layers: {', '.join(pd.unique(data['layer']))}")
+    if metric == M.WORST_CASE_ACCURACY and layer in (None, M.OUTPUT_LAYER):
+        return [_bar_section(data, metric)]
+    direction = _direction(data)
+    grid = direction == "grid"
+    if layer is not None:
+        at = data[data["layer"] == layer]
+        shown = [m for m in _shifted_metrics(at) if metric in (None, m)]
+        if not shown:
+            wanted = f"{metric!r} rows" if metric else "rows"
+            present = ", ".join(pd.unique(at["metric"]))
+            raise ValueError(f"layer {layer!r} has no {wanted} against shift; its metrics: {present}")
+        if grid:
+            return [_map_section(data, layer, _map_default(shown))]
+        return [_line_section(data, layer, shown, direction)]
+    output = _shifted_metrics(data[data["layer"] == M.OUTPUT_LAYER])
+    inner = _shifted_metrics(data[data["layer"] != M.OUTPUT_LAYER])
+    if metric is not None:
+        output, inner = [m for m in output if m == metric], [m for m in inner if m == metric]
+    sections = []
+    if output:
+        sections.append(
+            _map_section(data, M.OUTPUT_LAYER, _map_default(output))
+            if grid
+            else _line_section(data, M.OUTPUT_LAYER, output, direction)
+        )
+    if inner:
+        sections.append(_heatmap_section(data, inner, direction))
+    if not sections:
+        raise ValueError(f"nothing to plot against shift; metrics present: {', '.join(pd.unique(data['metric']))}")
+    return sections
+
+
+def _shifted_metrics(rows: pd.DataFrame) -> list[str]:
+    """Metrics with rows at some shift, in order of appearance (worst_case_accuracy has none)."""
+    return list(pd.unique(rows.loc[rows["shift_x"].notna(), "metric"]))
+
+
+def _map_default(metrics: list[str]) -> str:
+    """The metric a (dx, dy) map shows when none is named: agreement at the output, pooled error inside."""
+    return next((m for m in (M.TOP1_AGREEMENT, M.POOLED_INVARIANCE_ERROR) if m in metrics), metrics[0])
+
+
+def _line_section(data: pd.DataFrame, layer: str, metrics: list[str], direction: str) -> Section:
+    """One panel per metric of ``layer`` against shift, one line per series (with a CI band if present)."""
+    at = data[data["layer"] == layer]
+    ncols = 2 if len(metrics) == 4 else min(len(metrics), 3)
+    nrows = math.ceil(len(metrics) / ncols)
+    bands = [c for c in ("ci_low", "ci_high") if c in at]
+    span = (data["position"].min() - 0.5, data["position"].max() + 0.5)  # every panel spans every shift
+
+    def draw(band: SubFigure) -> None:
+        axes = band.subplots(nrows, ncols, squeeze=False).ravel()
+        for ax, metric in zip(axes, metrics):
+            rows = at[at["metric"] == metric]
+            for series, group in rows.groupby("series", sort=False):
+                curve = group.groupby("position")[["value", *bands]].mean()
+                colour = group["colour"].iloc[0]
+                label = series + _worst_case(at, series, metric)
+                ax.plot(curve.index, curve["value"], marker="o", color=colour, label=label)
+                if len(bands) == 2:
+                    low, high = curve["ci_low"], curve["ci_high"]
+                    ax.fill_between(curve.index, low, high, color=colour, alpha=0.2, linewidth=0)
+            where = "" if layer == M.OUTPUT_LAYER else f" at {layer}"
+            ax.set_title(f"{metric}{where} ({_modes(rows)})")
+            ax.set_xlabel(XLABEL[direction])
+            ax.set_xlim(*span)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+            if metric in FRACTIONS:
+                ax.set_ylim(-0.05, 1.05)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize="small")
+        for ax in axes[len(metrics):]:
+            ax.set_axis_off()
+
+    return Section(
+        f"{', '.join(metrics)} at {layer} against shift, one line per model: {', '.join(pd.unique(at['series']))}",
+        4.6 * ncols, 3.4 * nrows, draw,
+    )
+
+
+def _worst_case(rows: pd.DataFrame, series: str, metric: str) -> str:
+    """A legend suffix giving the series' worst-case accuracy on the accuracy panel."""
+    if metric != M.ACCURACY:
+        return ""
+    worst = rows.loc[(rows["metric"] == M.WORST_CASE_ACCURACY) & (rows["series"] == series), "value"]
+    return f" (worst case = {worst.mean():.2f})" if len(worst) else ""
+
+
+def _heatmap_section(data: pd.DataFrame, metrics: list[str], direction: str) -> Section:
+    """Layers (forward order) x shifts images, a row per metric and a column per series.
+
+    A lone series puts its metrics side by side instead, unless it is a grid run, whose wide
+    images (one column per (dx, dy) pair) stay stacked. Missing cells (equivariance at shifts not
+    aligned with a layer's stride) stay grey.
+    """
+    inner = data[(data["layer"] != M.OUTPUT_LAYER) & data["shift_x"].notna() & data["metric"].isin(metrics)]
+    series = list(pd.unique(inner["series"]))
+    grid = direction == "grid"
+    side_by_side = len(series) == 1 and not grid
+    shape = (1, len(metrics)) if side_by_side else (len(metrics), len(series))
+    keys = ["shift_x", "shift_y"] if grid else "position"
+    tables = {}
+    for name in series:
+        own = inner[inner["series"] == name]
+        layers = list(pd.unique(own["layer"]))
+        if grid:
+            shifts = sorted(set(zip(own["shift_x"], own["shift_y"])), key=lambda s: (s[1], s[0]))
+            labels = [f"{dx:g},{dy:g}" for dx, dy in shifts]
+        else:
+            shifts = sorted(own["position"].unique())
+            labels = [f"{s:g}" for s in shifts]
+        for metric in metrics:
+            rows = own[own["metric"] == metric]
+            if len(rows):
+                table = rows.pivot_table(index="layer", columns=keys, values="value", aggfunc="mean")
+                tables[metric, name] = (table.reindex(index=layers, columns=shifts).to_numpy(float), layers, labels)
+    most_layers = max(len(t[1]) for t in tables.values())
+    most_shifts = max(len(t[2]) for t in tables.values())
+    has_gaps = any(np.isnan(t[0]).any() for t in tables.values())
+
+    def draw(band: SubFigure) -> None:
+        axes = band.subplots(*shape, squeeze=False)
+        for i, metric in enumerate(metrics):
+            norm = _norm(metric, inner.loc[inner["metric"] == metric, "value"])
+            row = [axes[0, i]] if side_by_side else list(axes[i])
+            for ax, name in zip(row, series):
+                if (metric, name) not in tables:
+                    ax.set_axis_off()
+                    ax.set_title(f"{metric}: {name} (no rows)")
+                    continue
+                table, layers, labels = tables[metric, name]
+                ax.imshow(np.ma.masked_invalid(table), aspect="auto", cmap=CMAP, norm=norm, interpolation="nearest")
+                _label_ticks(ax.set_yticks, layers, most=80, fontsize=9 if len(layers) <= 25 else 7)
+                if grid:
+                    _label_ticks(ax.set_xticks, labels, most=48, rotation=90, fontsize=7)
+                else:
+                    _label_ticks(ax.set_xticks, labels)
+                ax.set_ylabel("layer")
+                ax.set_xlabel("shift (px): dx,dy" if grid else XLABEL[direction])
+                ax.set_title(f"{metric}: {name} ({_modes(inner[inner['series'] == name])})")
+            band.colorbar(ScalarMappable(norm, CMAP), ax=row, label=metric, shrink=0.9)
+        if has_gaps:
+            note = "grey: not measured (equivariance_error exists only at shifts aligned with the layer's stride)"
+            band.supxlabel(note, fontsize="small", color="dimgrey")
+
+    cell_width = min(max(2.5 + 0.32 * most_shifts, 4.5), 10.0)
+    cell_height = min(max(1.6 + 0.2 * most_layers, 3.0), 15.0)
+    colorbars = len(metrics) if side_by_side else 1  # per row of heatmaps
+    return Section(
+        f"{', '.join(metrics)} heatmap(s), layers x shifts, one per model: {', '.join(series)}",
+        cell_width * shape[1] + 1.2 * colorbars, cell_height * shape[0] + 0.4 * has_gaps, draw,
+    )
+
+
+def _map_section(data: pd.DataFrame, layer: str, metric: str) -> Section:
+    """(dx, dy) maps of one metric at one layer, one per series on a shared colour scale.
+
+    dx runs along the x axis and dy up the y axis (positive dy moves image content down).
+    """
+    rows = data[(data["layer"] == layer) & (data["metric"] == metric) & data["shift_x"].notna()]
+    xs, ys = sorted(rows["shift_x"].unique()), sorted(rows["shift_y"].unique())
+    series = list(pd.unique(rows["series"]))
+    ncols = min(len(series), 3)
+    nrows = math.ceil(len(series) / ncols)
+
+    def draw(band: SubFigure) -> None:
+        axes = band.subplots(nrows, ncols, squeeze=False).ravel()
+        norm = _norm(metric, rows["value"])
+        for ax, name in zip(axes, series):
+            own = rows[rows["series"] == name]
+            table = own.pivot_table(index="shift_y", columns="shift_x", values="value", aggfunc="mean")
+            table = table.reindex(index=ys, columns=xs).to_numpy(float)
+            ax.imshow(np.ma.masked_invalid(table), origin="lower", cmap=CMAP, norm=norm, interpolation="nearest")
+            _label_ticks(ax.set_xticks, [f"{x:g}" for x in xs])
+            _label_ticks(ax.set_yticks, [f"{y:g}" for y in ys])
+            ax.set_xlabel("dx shift (px)")
+            ax.set_ylabel("dy shift (px)")
+            where = "" if layer == M.OUTPUT_LAYER else f" at {layer}"
+            ax.set_title(f"{metric}{where}: {name} ({_modes(own)})")
+        for ax in axes[len(series):]:
+            ax.set_axis_off()
+        band.colorbar(ScalarMappable(norm, CMAP), ax=list(axes[: len(series)]), label=metric, shrink=0.9)
+
+    return Section(
+        f"{metric} at {layer} over (dx, dy), one map per model: {', '.join(series)}",
+        4.4 * ncols + 1.2, 4.0 * nrows, draw,
+    )
+
+
+def _bar_section(data: pd.DataFrame, metric: str) -> Section:
+    """One bar per series for a metric with no shift (worst_case_accuracy)."""
+    rows = data[data["metric"] == metric]
+    values = rows.groupby("series", sort=False)["value"].mean()
+    colours = rows.groupby("series", sort=False)["colour"].first()
+
+    def draw(band: SubFigure) -> None:
+        ax = band.subplots()
+        bars = ax.bar(range(len(values)), values.to_numpy(), color=colours.to_numpy())
+        ax.bar_label(bars, fmt="%.2f")
+        tilt = {"rotation": 30, "ha": "right"} if len(values) > 3 else {}
+        ax.set_xticks(range(len(values)), values.index, **tilt)
+        ax.set_ylim(0, 1.05)
+        ax.set_title(f"{metric} ({_modes(rows)})")
+        ax.grid(axis="y", alpha=0.3)
+
+    return Section(f"{metric} per model: {', '.join(values.index)}", max(4.6, 1.0 * len(values)), 3.6, draw)
+
+
+def _norm(metric: str, values: pd.Series) -> Normalize:
+    """A colour scale shared by all images of one metric: 0..1 for fractions, else the data's range."""
+    if metric in FRACTIONS:
+        return Normalize(0.0, 1.0)
+    finite = values[np.isfinite(values)]
+    low, high = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)
+    return Normalize(low, high if high > low else low + 1.0)
+
+
+def _label_ticks(set_ticks: Callable[..., object], labels: list[str], most: int = 16, **text: object) -> None:
+    """Tick and label at most ``most`` evenly spaced cells so the labels never overlap."""
+    positions = range(0, len(labels), math.ceil(len(labels) / most))
+    set_ticks(positions, [labels[i] for i in positions], **text)
+
+
+def _modes(rows: pd.DataFrame) -> str:
+    """The shift mode(s) of the rows, for titles."""
+    return ", ".join(m for m in pd.unique(rows["mode"]) if m) or "mode unknown"
+
+
+def _save(fig: Figure, path: Path) -> None:
+    """Render into a temporary file beside ``path`` and rename it into place (no half-written images)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format=path.suffix[1:].lower() or "png", dpi=DPI)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
