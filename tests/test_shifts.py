@@ -75,6 +75,6 @@ def test_views_move_content_right_and_down(dx: int, dy: int) -> None:
 
 
 def test_crop_canvas_has_margin_of_largest_shift() -> None:
-    plan = ShiftPlan([(0, 0), (-5, 0), (3, 0)], 10, "crop")
+    plan = ShiftPlan(((0, 0), (-5, 0), (3, 0)), 10, "crop")
     assert plan.canvas == 20
-    assert ShiftPlan([(0, 0), (5, 0)], 10, "circular").canvas == 10
+    assert ShiftPlan(((0, 0), (5, 0)), 10, "circular").canvas == 10

@@ -7,15 +7,18 @@ from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Sequence
 
 import pandas as pd
+import torch
 from torch import nn
 
 from . import metrics as M
 from .data import Preprocess, find_images, select_images
 from .errors import UserError
-from .layers import Probe, probe_layers, select_layers
+from . import distributed
+from .fixes import apply_variant, parse_variant
+from .layers import LayerInfo, Probe, probe_layers, select_layers
 from .models import LoadedModel, default_preprocess, load_model
 from .results import Result, born_at, make_rows
-from .runner import Measurement, RunState, make_loader, resolve_device
+from .runner import Measurement, RunState, make_loader, resolve_device, run_batches
 from .shifts import ShiftPlan, check_shifts, make_shifts, parse_shift_values
 
 Warn = Callable[[str], None]
@@ -105,8 +108,32 @@ def _explain_probe(loaded: LoadedModel, probe: Probe, layer_spec: str, warn: War
         )
 
 
+@dataclass
+class _Job:
+    """One (model, variant) to measure, with its rows' identity and its metric state."""
+
+    loaded: LoadedModel
+    variant: str
+    layers: list[LayerInfo]
+    measurement: Measurement
+    state: M.MetricState
+
+
+def variant_specs(variants: Sequence[str] | str | None, antialias: str | None, aps: bool, padding: str | None) -> list[str]:
+    """The variants to measure: ``--variants`` (default ``base``), each with the fix flags added."""
+    names = [v.strip() for v in (variants.split(",") if isinstance(variants, str) else variants or ["base"]) if v.strip()]
+    extra = [part for part in (antialias, "aps" if aps else None, f"padding:{padding}" if padding else None) if part]
+    specs = []
+    for name in names or ["base"]:
+        parts = [p for p in name.split("+") if p != "base"] + [p for p in extra if p not in name.split("+")]
+        spec = "+".join(parts) or "base"
+        parse_variant(spec)
+        specs.append(spec)
+    return list(dict.fromkeys(specs))
+
+
 def measure(
-    model: str | nn.Module = "resnet18",
+    model: str | nn.Module | Sequence[str | nn.Module] = "resnet18",
     *,
     weights: str = "DEFAULT",
     data: Sequence[str] | str | None = None,
@@ -115,6 +142,10 @@ def measure(
     mode: str = "crop",
     fill: float = 0.0,
     layers: str = "default",
+    variants: Sequence[str] | str | None = None,
+    antialias: str | None = None,
+    aps: bool = False,
+    padding: str | None = None,
     size: int | None = None,
     resize: int | None = None,
     mean: Sequence[float] | None = None,
@@ -124,41 +155,73 @@ def measure(
     seed: int = 0,
     workers: int = 0,
     device: str = "cpu",
+    precision: str = "fp32",
+    channels_last: bool = False,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
     warn: Warn = _stderr_warn,
 ) -> Result:
-    """Measure how a model's layers and output respond to shifting its input images.
+    """Measure how models' layers and outputs respond to shifting their input images.
 
-    Returns a ``Result`` whose ``rows`` are tidy (one row per layer, shift and metric); see the
-    README for every metric's definition. ``progress(total, start)`` may return a per-batch
-    callback that receives the number of images just finished.
+    ``model`` is one model or several (a list); ``variants`` (e.g. ``"base,blurpool,aps"``) and the
+    fix flags transform each (see ``transinv.fixes``). All are measured on the same images and
+    shifts. Returns a ``Result`` whose ``rows`` are tidy (one row per model, variant, layer, shift
+    and metric); the README defines every metric. Under torchrun, each process measures its share
+    of the images and every process returns the combined result. ``progress(total, start)`` may
+    return a per-batch callback that receives the number of images just finished.
     """
+    specs = [model] if isinstance(model, (str, nn.Module)) else list(model)
+    if not specs:
+        raise UserError("name at least one model")
     shifts = make_shifts(parse_shift_values(shift), direction)
     overrides = Overrides(size, resize, mean, std)
     overrides.check()
-    loaded = prepare_model(model, weights, seed, overrides)
-    pre = loaded.preprocess
-    check_shifts(shifts, pre.size, mode, pre.resize)
-    plan = ShiftPlan(shifts, pre.size, mode, fill)
-    items = select_images(find_images(data), num_images, seed)
-    dev = resolve_device(device)
-    module = loaded.module.to(dev)
-    probe = probe_layers(module, pre.size, dev)
-    _explain_probe(loaded, probe, layers, warn)
-    chosen = select_layers(probe, layers)
-    labelled = any(item.label >= 0 for item in items)
-    measurement = Measurement(module, plan, chosen, labelled, dev)
-    run = RunState(M.MetricState(measurement.keys, dev))
-    loader = make_loader(items, pre, plan.canvas, batch_size, workers)
-    advance = progress(len(items), 0) if progress is not None else None
-    measurement.run(iter(loader), run, advance)
+    chosen_variants = variant_specs(variants, antialias, aps, padding)
+    context = distributed.from_env()
+    dev = resolve_device(device, context.local_rank if context.active else None)
+    distributed.init(context, dev)
+    all_items = select_images(find_images(data), num_images, seed)
+    labelled = any(item.label >= 0 for item in all_items)
+    items = context.shard(all_items)
+    groups: dict[tuple[Preprocess, ShiftPlan], list[_Job]] = {}
+    for spec in specs:
+        loaded = prepare_model(spec, weights, seed, overrides)
+        pre = loaded.preprocess
+        check_shifts(shifts, pre.size, mode, pre.resize)
+        plan = ShiftPlan(tuple(shifts), pre.size, mode, fill)
+        for variant in chosen_variants:
+            module = loaded.module if variant == "base" else apply_variant(loaded.module, variant)
+            module = module.to(dev).eval()
+            probe = probe_layers(module, pre.size, dev)
+            _explain_probe(loaded, probe, layers, warn)
+            chosen = select_layers(probe, layers)
+            job = Measurement(module, plan, chosen, labelled, dev, batch_size, precision, channels_last)
+            groups.setdefault((pre, plan), []).append(
+                _Job(loaded, variant, chosen, job, M.MetricState(job.keys, dev))
+            )
+    run = RunState()
+    advance = progress(len(items) * len(groups), 0) if progress is not None and context.is_main else None
+    for (pre, plan), jobs in groups.items():
+        loader = make_loader(items, pre, plan.canvas, batch_size, workers)
+        group_run = RunState()
+        run_batches([j.measurement for j in jobs], [j.state for j in jobs], iter(loader), group_run, advance)
+        run.images = group_run.images
+        run.skipped = group_run.skipped
+        run.partial = run.partial or group_run.partial
+        if run.partial:
+            break
     for message in run.skipped:
         warn(f"skipped unreadable image {message}")
-    if run.images == 0 and not run.partial:
+    counts = context.sum(torch.tensor([run.images, len(run.skipped), int(run.partial)], dtype=torch.float64, device=dev))
+    for jobs in groups.values():
+        for job in jobs:
+            context.sum(job.state.data)
+    images, skipped, partial = (int(v) for v in counts.tolist())
+    if images == 0 and not partial:
         raise UserError("no readable images: every file was skipped (see the warnings above)")
     settings = {
-        "model": loaded.name,
-        "weights": loaded.weights,
+        "models": [spec if isinstance(spec, str) else type(spec).__name__ for spec in specs],
+        "weights": weights,
+        "variants": chosen_variants,
         "data": [str(d) for d in ([data] if isinstance(data, str) else (data or ["builtin"]))],
         "shift": shift,
         "direction": direction,
@@ -168,34 +231,39 @@ def measure(
         "num_images": num_images,
         "batch_size": batch_size,
         "seed": seed,
+        "workers": workers,
         "device": str(dev),
-        "preprocess": {**asdict(pre), "interpolation": str(pre.interpolation.value)},
+        "precision": precision,
+        "channels_last": channels_last,
+        "processes": context.world,
+        "preprocess": {
+            job.loaded.name: {**asdict(pre), "interpolation": str(pre.interpolation.value)}
+            for (pre, _), jobs in groups.items() for job in jobs
+        },
     }
-    return _result(run, chosen, loaded, settings)
+    records = [row for jobs in groups.values() for job in jobs for row in _records(job, mode, partial > 0)]
+    rows = make_rows(records)
+    summary = {"images": images, "skipped": skipped, "partial": partial > 0, "born_at": born_at(rows)}
+    return Result(rows=rows, settings=settings, summary=summary)
 
 
-def _result(run: RunState, chosen: list, loaded: LoadedModel, settings: dict[str, Any]) -> Result:
-    strides = {layer.name: layer for layer in chosen}
+def _records(job: _Job, mode: str, partial: bool) -> list[dict[str, Any]]:
+    """The job's state as row dicts, with model, variant, stride and alignment filled in."""
+    by_name = {layer.name: layer for layer in job.layers}
     records = []
-    for row in run.state.rows():
-        layer = strides.get(row["layer"])
+    for row in job.state.rows():
+        layer = by_name.get(row["layer"])
         shift = (row["shift_x"], row["shift_y"])
         records.append(
             {
-                "model": loaded.name,
-                "weights": loaded.weights,
-                "mode": settings["mode"],
+                "model": job.loaded.name,
+                "variant": job.variant,
+                "weights": job.loaded.weights,
+                "mode": mode,
                 "stride": None if layer is None else layer.stride[1],
                 "aligned": None if layer is None else layer.aligned(shift),
-                "partial": run.partial,
+                "partial": partial,
                 **row,
             }
         )
-    rows = make_rows(records)
-    summary = {
-        "images": run.images,
-        "skipped": len(run.skipped),
-        "partial": run.partial,
-        "born_at": born_at(rows),
-    }
-    return Result(rows=rows, settings=settings, summary=summary)
+    return records

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from enum import Enum
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
@@ -18,8 +18,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import api
+from . import api, distributed
 from .errors import UserError
+from .plots import load_results, plot_results
 from .render import print_result
 from .results import Result
 from .shifts import DIRECTIONS, MODES
@@ -120,9 +121,12 @@ def _emit(result: Result, fmt: Format | None, output: Optional[Path]) -> None:
     sys.stdout.flush()
 
 
+MODEL_HELP = "torchvision model name, FILE.py:FACTORY, package.module:FACTORY, a TorchScript file or example:NAME."
+
+
 @app.command()
 def measure(
-    model: Annotated[str, typer.Argument(help="torchvision model name, FILE.py:FACTORY, package.module:FACTORY, or a TorchScript file.")],
+    models: Annotated[list[str], typer.Argument(metavar="MODEL...", help=f"One or more models: {MODEL_HELP}")],
     weights: Annotated[str, typer.Option(help="DEFAULT, a weights name (IMAGENET1K_V1), none (seeded random init), or a checkpoint path.")] = "DEFAULT",
     data: Annotated[Optional[list[str]], typer.Option(help="Image folder, ImageFolder tree or file; repeat for several. Default: the built-in images.")] = None,
     shift: Annotated[str, typer.Option(help="Shifts in pixels: 0..16, -8..8, 0..32:4, 0,1,2,4,8 or 5. Shift 0 is always the reference.")] = "0..16",
@@ -130,43 +134,82 @@ def measure(
     mode: Annotated[str, typer.Option(help=f"How views are shifted: {'|'.join(MODES)} (see README).")] = "crop",
     fill: Annotated[float, typer.Option(help="Fill value for --mode pad, in normalised units (0 = the mean colour).")] = 0.0,
     layers: Annotated[str, typer.Option(help="Layers to measure: default, all, none, or names and globs (layer3.*), comma-separated.")] = "default",
+    variants: Annotated[Optional[str], typer.Option(help="Variants measured side by side, comma-separated: base, blurpool[:K], aps, padding:MODE, joined by '+'.")] = None,
+    antialias: Annotated[Optional[str], typer.Option(help="Anti-aliased downsampling: blurpool or blurpool:K (K = 2..7).")] = None,
+    aps: Annotated[bool, typer.Option("--aps", help="Adaptive polyphase sampling at every stride-2 downsampling.")] = False,
+    padding: Annotated[Optional[str], typer.Option(help="Padding of every convolution and pool: zeros, circular, reflect or replicate.")] = None,
     size: Annotated[Optional[int], typer.Option(help="View size in pixels (default: the weights' crop size, else 224).")] = None,
     resize: Annotated[Optional[int], typer.Option(help="Shorter side after resizing, before cropping (default: the weights', else 256).")] = None,
     mean: Annotated[Optional[str], typer.Option(help="Normalisation mean R,G,B (default: the weights', else ImageNet).")] = None,
     std: Annotated[Optional[str], typer.Option(help="Normalisation std R,G,B (default: the weights', else ImageNet).")] = None,
     num_images: Annotated[Optional[int], typer.Option(help="Measure a seeded random subset of this many images.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Images per batch, and views per forward pass.")] = 32,
     seed: Annotated[int, typer.Option(help="Seed for random weights and image sampling.")] = 0,
     workers: Annotated[int, typer.Option(help="DataLoader worker processes decoding images.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda or mps.")] = "cpu",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
+    precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16 (autocast; see README for the error floor).")] = "fp32",
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="Run model and views in channels-last memory format.")] = False,
     fmt: Annotated[Optional[Format], typer.Option("--format", "-f", help="table, csv or json (default: table on a terminal, CSV otherwise).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write CSV or JSON to this file (by extension unless --format says).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Also draw the results to this image file (PNG, PDF, SVG).")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
-    """Measure output invariance and per-layer equivariance of MODEL over a range of shifts."""
+    """Measure output invariance and per-layer equivariance of one or more MODELs over a range of shifts."""
     with _errors(debug):
-        bar, start = _progress_factory(progress and err.is_terminal)
+        context = distributed.from_env()
+        bar, start = _progress_factory(progress and err.is_terminal and context.is_main)
         kwargs = dict(
             weights=weights, data=data, shift=shift, direction=direction, mode=mode, fill=fill, layers=layers,
+            variants=variants, antialias=antialias, aps=aps, padding=padding,
             size=size, resize=resize, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
             num_images=num_images, batch_size=batch_size, seed=seed, workers=workers, device=device,
-            progress=start,
+            precision=precision, channels_last=channels_last, progress=start,
         )
-        if bar is not None:
-            with bar:
-                result = api.measure(model, **kwargs)
-        else:
-            result = api.measure(model, **kwargs)
-        _emit(result, fmt, output)
+        try:
+            with bar if bar is not None else nullcontext():
+                result = api.measure(models, **kwargs)
+            if context.is_main:
+                _emit(result, fmt, output)
+                if plot is not None:
+                    _plot(result.rows, plot)
+        finally:
+            distributed.shutdown()
         if result.partial:
-            err.print(f"interrupted: wrote the {result.summary['images']} images finished so far (partial)")
+            if context.is_main:
+                err.print(f"interrupted: wrote the {result.summary['images']} images finished so far (partial)")
             raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _plot(rows, path: Path, metric: Optional[str] = None, layer: Optional[str] = None) -> None:
+    """Draw rows to ``path``; a bad metric or layer name is a one-line error."""
+    try:
+        panels = plot_results(rows, path, metric=metric, layer=layer)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
+    err.print(f"wrote {path}: {'; '.join(panels)}", highlight=False, soft_wrap=True)
+
+
+@app.command("plot")
+def plot_command(
+    results: Annotated[list[Path], typer.Argument(metavar="RESULTS...", help="CSV or JSON files written by transinv measure.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Image file to write (PNG, PDF, SVG).")],
+    metric: Annotated[Optional[str], typer.Option(help="Only this metric.")] = None,
+    layer: Annotated[Optional[str], typer.Option(help="Only this layer, drawn against shift.")] = None,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """Draw saved results: output metrics against shift, layer-by-shift heatmaps, (dx, dy) maps."""
+    with _errors(debug):
+        try:
+            rows = load_results(results)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        _plot(rows, output, metric, layer)
 
 
 @app.command()
 def layers(
-    model: Annotated[str, typer.Argument(help="torchvision model name, FILE.py:FACTORY, package.module:FACTORY, or a TorchScript file.")],
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
     weights: Annotated[str, typer.Option(help="none (default here: shapes do not depend on weights), DEFAULT, a weights name or a checkpoint.")] = "none",
     size: Annotated[Optional[int], typer.Option(help="Input size the shapes and strides are measured at (default 224).")] = None,
     fmt: Annotated[Optional[Format], typer.Option("--format", "-f", help="table, csv or json.")] = None,

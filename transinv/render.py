@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pandas as pd
 from rich.console import Console, Group
+from rich.markup import escape
 from rich import box
 from rich.table import Table
 from rich.text import Text
@@ -18,11 +19,18 @@ def _shift_label(sx: object, sy: object) -> str:
     return f"{sx}" if sy == 0 else f"({sx},{sy})" if sx != 0 else f"y{sy}"
 
 
+def _series_label(model: str, variant: str) -> str:
+    return model if variant == "base" else f"{model} [{variant}]"
+
+
 def _header(result: Result) -> Text:
     s, summary = result.settings, result.summary
+    rows = result.rows
+    series = rows.drop_duplicates(["model", "variant"])
     text = Text()
-    text.append(f"{s['model']}", style="bold")
-    text.append(f"  weights={s['weights']}  mode={s['mode']}  direction={s['direction']}  ")
+    text.append(", ".join(_series_label(r.model, r.variant) for r in series.itertuples()), style="bold")
+    weights = ",".join(dict.fromkeys(rows["weights"].astype(str))) or s["weights"]
+    text.append(f"  weights={weights}  mode={s['mode']}  direction={s['direction']}  ")
     text.append(f"images={summary['images']}")
     if summary.get("skipped"):
         text.append(f"  skipped={summary['skipped']}", style="yellow")
@@ -31,20 +39,29 @@ def _header(result: Result) -> Text:
     return text
 
 
-def output_table(rows: pd.DataFrame) -> Table:
-    """Output metrics: one row per shift, one column per metric."""
+def output_tables(rows: pd.DataFrame) -> list[Table]:
+    """Output metrics by shift: one table with a column per metric for one model, or, to compare
+    several models and variants side by side, one table per metric with a column per series."""
     out = rows[(rows["layer"] == M.OUTPUT_LAYER) & rows["shift_x"].notna()]
     metrics = [m for m in _OUTPUT_ORDER if m in set(out["metric"])]
-    table = Table(title="output", title_justify="left")
-    table.add_column("shift", justify="right")
-    for metric in metrics:
-        table.add_column(metric, justify="right")
-    table.add_column("n", justify="right")
-    wide = out.pivot_table(index=["shift_x", "shift_y"], columns="metric", values="value", sort=False)
+    series = list(dict.fromkeys(zip(out["model"], out["variant"])))
+    wide = out.pivot_table(index=["shift_x", "shift_y"], columns=["model", "variant", "metric"], values="value", sort=False)
     counts = out.groupby(["shift_x", "shift_y"], sort=False)["n"].max()
-    for (sx, sy), values in wide.iterrows():
-        table.add_row(_shift_label(sx, sy), *[f"{values[m]:.4f}" for m in metrics], str(counts[(sx, sy)]))
-    return table
+    layouts = [("output", [(s, m) for s in series for m in metrics], metrics)] if len(series) == 1 else [
+        (f"output {metric}", [(s, metric) for s in series], [_series_label(*s) for s in series]) for metric in metrics
+    ]
+    tables = []
+    for title, cells, headers in layouts:
+        table = Table(title=title, title_justify="left")
+        table.add_column("shift", justify="right")
+        for header in headers:
+            table.add_column(escape(header), justify="right")
+        table.add_column("n", justify="right")
+        for (sx, sy), values in wide.iterrows():
+            row = [f"{values[(m, v, metric)]:.4f}" for (m, v), metric in cells]
+            table.add_row(_shift_label(sx, sy), *row, str(counts[(sx, sy)]))
+        tables.append(table)
+    return tables
 
 
 def layer_tables(rows: pd.DataFrame, metric: str, width: int) -> list[Table]:
@@ -90,17 +107,23 @@ def _compact(value: float) -> str:
 
 
 def render(result: Result, width: int = 120) -> Group:
-    """Everything a terminal shows for one result: header, layer tables, output table, born-at."""
+    """Everything a terminal shows: header, layer tables per model/variant, outputs side by side."""
     parts: list = [_header(result)]
-    for metric in (M.EQUIVARIANCE_ERROR, M.POOLED_INVARIANCE_ERROR):
-        parts.extend(layer_tables(result.rows, metric, width))
-    parts.append(output_table(result.rows))
-    worst = result.rows[result.rows["metric"] == M.WORST_CASE_ACCURACY]
-    for row in worst.itertuples():
-        parts.append(Text(f"worst_case_accuracy (correct under every shift of the set): {row.value:.4f} (n={row.n})"))
-    born = result.summary.get("born_at") or []
-    if born:
-        parts.append(Text(f"born at (layer where pooled_invariance_error grows most): {_born_line(born)}"))
+    groups = list(result.rows.groupby(["model", "variant"], sort=False))
+    for (model, variant), rows in groups:
+        tables = [t for metric in (M.EQUIVARIANCE_ERROR, M.POOLED_INVARIANCE_ERROR) for t in layer_tables(rows, metric, width)]
+        if tables and len(groups) > 1:
+            parts.append(Text(f"\n{_series_label(model, variant)}", style="bold"))
+        parts.extend(tables)
+    parts.extend(output_tables(result.rows))
+    for row in result.rows[result.rows["metric"] == M.WORST_CASE_ACCURACY].itertuples():
+        parts.append(Text(f"worst_case_accuracy of {_series_label(row.model, row.variant)} "
+                          f"(correct under every shift of the set): {row.value:.4f} (n={row.n})"))
+    born = pd.DataFrame(result.summary.get("born_at") or [])
+    if not born.empty:
+        for (model, variant), entries in born.groupby(["model", "variant"], sort=False):
+            parts.append(Text(f"born at, {_series_label(model, variant)} (layer where pooled_invariance_error "
+                              f"grows most): {_born_line(entries.to_dict('records'))}"))
     return Group(*parts)
 
 

@@ -19,6 +19,7 @@ from . import metrics as M
 
 COLUMNS = [
     "model",
+    "variant",
     "weights",
     "mode",
     "layer",
@@ -56,7 +57,7 @@ def born_at(rows: pd.DataFrame) -> list[dict[str, Any]]:
     """
     pooled = rows[rows["metric"] == M.POOLED_INVARIANCE_ERROR]
     found = []
-    for (model, sx, sy), group in pooled.groupby(["model", "shift_x", "shift_y"], sort=False):
+    for (model, variant, sx, sy), group in pooled.groupby(["model", "variant", "shift_x", "shift_y"], sort=False):
         if (sx == 0 and sy == 0) or len(group) < 2:
             continue
         values = group["value"].to_numpy()
@@ -65,6 +66,7 @@ def born_at(rows: pd.DataFrame) -> list[dict[str, Any]]:
         found.append(
             {
                 "model": model,
+                "variant": variant,
                 "shift_x": int(sx),
                 "shift_y": int(sy),
                 "layer": group["layer"].iloc[best],

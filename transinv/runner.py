@@ -26,29 +26,29 @@ ProgressHook = Callable[[int], None]
 
 @dataclass
 class RunState:
-    """What a run has accumulated so far: enough to write rows at any batch boundary."""
+    """Counts of a run over one set of images: enough to report at any batch boundary."""
 
-    state: M.MetricState
     images: int = 0
     skipped: list[str] = field(default_factory=list)
     partial: bool = False
 
 
-def resolve_device(device: str) -> torch.device:
-    """``auto`` picks CUDA, then MPS, then the CPU."""
+def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
+    """``auto`` picks CUDA, then MPS, then the CPU; under torchrun CUDA means this rank's GPU."""
     if device == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
+        device = "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UserError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
     if device == "mps" and not torch.backends.mps.is_available():
         raise UserError("--device mps: MPS is not available here (use --device cpu or auto)")
     if device not in ("cpu", "cuda", "mps") and not device.startswith("cuda:"):
         raise UserError(f"unknown --device {device!r}: use auto, cpu, cuda or mps")
-    return torch.device(device)
+    if device == "cuda" and local_rank is not None:
+        device = f"cuda:{local_rank}"
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        torch.cuda.set_device(resolved)
+    return resolved
 
 
 def metric_keys(layers: list[LayerInfo], shifts: list[Shift], labelled: bool) -> list[M.Key]:
@@ -80,23 +80,32 @@ def _logits(output: object) -> torch.Tensor:
     raise UserError(f"the model returned {type(output).__name__}; transinv needs logits of shape (N, classes)")
 
 
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class _LayerComparer:
-    """The tap callback: keeps reference maps, or compares a shifted view's maps with them."""
+    """The tap callback: keeps reference maps, or compares the maps of a pass of shifted views.
+
+    A pass may hold several shifts of the same images, stacked shift-major along the batch.
+    """
 
     def __init__(self, layers: list[LayerInfo], circular: bool) -> None:
         self.layers = {layer.name: layer for layer in layers}
         self.circular = circular
         self.reference: dict[str, torch.Tensor] = {}
-        self.shift: Shift | None = None
+        self.shifts: list[Shift] = []  # empty: the pass is the reference
         self.state: M.MetricState | None = None
 
     def __call__(self, name: str, feature: torch.Tensor) -> None:
         layer = self.layers[name]
         feature = to_nchw(feature, layer)
-        if self.shift is None:
+        if feature.dtype not in (torch.float32, torch.float64):
+            feature = feature.float()  # reduced-precision maps are compared in float32
+        if not self.shifts:
             self.reference[name] = feature.clone()  # in-place ops may change it after the hook
-        else:
-            self.compare(layer, self.reference[name], feature, self.shift)
+            return
+        for shift, part in zip(self.shifts, feature.chunk(len(self.shifts))):
+            self.compare(layer, self.reference[name], part, shift)
 
     def compare(self, layer: LayerInfo, reference: torch.Tensor, feature: torch.Tensor, shift: Shift) -> None:
         assert self.state is not None
@@ -107,7 +116,11 @@ class _LayerComparer:
 
 
 class Measurement:
-    """One model measured on one shift plan; ``run`` consumes batches and fills a ``RunState``."""
+    """One model measured on one shift plan; ``run`` consumes batches and fills a ``RunState``.
+
+    Each forward pass holds up to ``views_per_pass`` views: when an image batch is smaller (the
+    last one, or few images), several shifts share a pass so every pass stays full.
+    """
 
     def __init__(
         self,
@@ -116,67 +129,104 @@ class Measurement:
         layers: list[LayerInfo],
         labelled: bool,
         device: torch.device,
+        views_per_pass: int = 32,
+        precision: str = "fp32",
+        channels_last: bool = False,
     ) -> None:
+        if precision not in PRECISIONS:
+            raise UserError(f"unknown --precision {precision!r}: use one of {', '.join(PRECISIONS)}")
         self.model, self.plan, self.layers, self.device = model, plan, layers, device
-        self.labelled = labelled
+        self.labelled, self.views_per_pass = labelled, views_per_pass
+        self.dtype = PRECISIONS[precision]
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        if channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.comparer = _LayerComparer(layers, circular=plan.mode == "circular")
         self.keys = metric_keys(layers, plan.shifts, labelled)
 
     def _forward(self, tap: FeatureTap, views: torch.Tensor) -> torch.Tensor:
         tap.reset()
-        return _logits(self.model(views))
+        views = views.contiguous(memory_format=self.memory_format)
+        if self.dtype == torch.float32:
+            return _logits(self.model(views)).float()
+        with torch.autocast(self.device.type, dtype=self.dtype):
+            return _logits(self.model(views)).float()
 
-    def measure_batch(self, tap: FeatureTap, batch: Batch, state: M.MetricState) -> None:
-        """All shifts of one image batch; the reference maps are dropped at the end."""
+    def _passes(self, images: int) -> list[list[Shift]]:
+        """The non-zero shifts grouped so each pass holds about ``views_per_pass`` views."""
+        per_pass = max(1, self.views_per_pass // images)
+        moved = [shift for shift in self.plan.shifts if shift != (0, 0)]
+        return [moved[i : i + per_pass] for i in range(0, len(moved), per_pass)]
+
+    def measure_batch(self, batch: Batch, state: M.MetricState) -> None:
+        """All shifts of one image batch into ``state``; hooks and reference maps last only the batch."""
+        with FeatureTap(self.model, [layer.name for layer in self.layers], self.comparer) as tap:
+            try:
+                self._measure_batch(tap, batch, state)
+            finally:
+                self.comparer.reference.clear()
+
+    def _measure_batch(self, tap: FeatureTap, batch: Batch, state: M.MetricState) -> None:
         canvases = batch.canvases.to(self.device, non_blocking=True)
         labels = batch.labels.to(self.device)
         comparer = self.comparer
-        comparer.state, comparer.shift = state, None
+        comparer.state, comparer.shifts = state, []
         reference = self._forward(tap, self.plan.view(canvases, (0, 0)))
-        correct_everywhere = torch.ones_like(labels, dtype=torch.bool)
-        for shift in self.plan.shifts:
-            if shift == (0, 0):
-                logits = reference
-                for layer in self.layers:
-                    ref = comparer.reference[layer.name]
-                    comparer.compare(layer, ref, ref, shift)
-            else:
-                comparer.shift = shift
-                logits = self._forward(tap, self.plan.view(canvases, shift))
-            out = M.compare_outputs(reference, logits)
-            state.add((M.OUTPUT_LAYER, shift, M.TOP1_AGREEMENT), out.agreement)
-            state.add((M.OUTPUT_LAYER, shift, M.KL_DIVERGENCE), out.kl)
-            state.add((M.OUTPUT_LAYER, shift, M.PROB_CHANGE), out.prob_change)
-            if self.labelled:
-                correct = out.prediction == labels
-                known = labels >= 0
-                state.add((M.OUTPUT_LAYER, shift, M.ACCURACY), torch.where(known, correct.double(), float("nan")))
-                correct_everywhere &= correct
+        for layer in self.layers:  # shift 0 through the same code: exactly 0 by construction
+            ref = comparer.reference[layer.name]
+            comparer.compare(layer, ref, ref, (0, 0))
+        correct_everywhere = self._add_outputs(state, (0, 0), reference, reference, labels)
+        for group in self._passes(len(labels)):
+            comparer.shifts = group
+            logits = self._forward(tap, torch.cat([self.plan.view(canvases, shift) for shift in group]))
+            for shift, shifted in zip(group, logits.chunk(len(group))):
+                correct_everywhere &= self._add_outputs(state, shift, reference, shifted, labels)
         if self.labelled:
-            known = labels >= 0
-            state.add(
-                (M.OUTPUT_LAYER, None, M.WORST_CASE_ACCURACY),
-                torch.where(known, correct_everywhere.double(), float("nan")),
-            )
-        comparer.reference.clear()
+            state.add((M.OUTPUT_LAYER, None, M.WORST_CASE_ACCURACY), _where_known(labels, correct_everywhere))
 
-    def run(self, batches: Iterator[Batch], run: RunState, progress: ProgressHook | None = None) -> RunState:
-        """Consume batches into ``run``; Ctrl-C keeps every finished batch and marks the run partial."""
-        with FeatureTap(self.model, [layer.name for layer in self.layers], self.comparer) as tap:
-            try:
-                with torch.inference_mode():
-                    for batch in batches:
-                        run.skipped.extend(batch.skipped)
-                        if len(batch.indices):
-                            batch_state = run.state.empty_like()
-                            self.measure_batch(tap, batch, batch_state)
-                            run.state.merge(batch_state)
-                            run.images += len(batch.indices)
-                        if progress is not None:
-                            progress(len(batch.indices) + len(batch.skipped))
-            except KeyboardInterrupt:
-                run.partial = True
-        return run
+    def _add_outputs(
+        self, state: M.MetricState, shift: Shift, reference: torch.Tensor, shifted: torch.Tensor, labels: torch.Tensor
+    ) -> torch.Tensor:
+        """Add one shift's output metrics; return which images were classified correctly."""
+        out = M.compare_outputs(reference, shifted)
+        state.add((M.OUTPUT_LAYER, shift, M.TOP1_AGREEMENT), out.agreement)
+        state.add((M.OUTPUT_LAYER, shift, M.KL_DIVERGENCE), out.kl)
+        state.add((M.OUTPUT_LAYER, shift, M.PROB_CHANGE), out.prob_change)
+        correct = out.prediction == labels
+        if self.labelled:
+            state.add((M.OUTPUT_LAYER, shift, M.ACCURACY), _where_known(labels, correct))
+        return correct
+
+
+def run_batches(
+    measurements: list[Measurement], states: list[M.MetricState], batches: Iterator[Batch], run: RunState,
+    progress: ProgressHook | None = None,
+) -> None:
+    """Measure every batch with each measurement (all on the same decoded images).
+
+    A batch's numbers are merged only once every measurement has finished it, so Ctrl-C leaves
+    whole batches in every state and marks the run partial.
+    """
+    try:
+        with torch.inference_mode():
+            for batch in batches:
+                run.skipped.extend(batch.skipped)
+                if len(batch.indices):
+                    fresh = [state.empty_like() for state in states]
+                    for measurement, state in zip(measurements, fresh):
+                        measurement.measure_batch(batch, state)
+                    for state, new in zip(states, fresh):
+                        state.merge(new)
+                    run.images += len(batch.indices)
+                if progress is not None:
+                    progress(len(batch.indices) + len(batch.skipped))
+    except KeyboardInterrupt:
+        run.partial = True
+
+
+def _where_known(labels: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
+    """1/0 per labelled image, NaN (not counted) where the label is unknown."""
+    return torch.where(labels >= 0, correct.double(), float("nan"))
 
 
 def make_loader(items: list[ImageItem], pre: Preprocess, canvas: int, batch_size: int, workers: int) -> DataLoader:

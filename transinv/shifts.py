@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -70,17 +70,17 @@ def make_shifts(values: list[int], direction: str) -> list[Shift]:
     return ordered
 
 
-def max_abs_shift(shifts: list[Shift]) -> int:
+def max_abs_shift(shifts: Sequence[Shift]) -> int:
     """Largest shift component in absolute value: the crop margin a canvas needs."""
     return max(max(abs(dx), abs(dy)) for dx, dy in shifts)
 
 
-def canvas_size(size: int, shifts: list[Shift], mode: str) -> int:
+def canvas_size(size: int, shifts: Sequence[Shift], mode: str) -> int:
     """Side of the square canvas each image is decoded to: the view plus the crop margin."""
     return size + 2 * max_abs_shift(shifts) if mode == "crop" else size
 
 
-def check_shifts(shifts: list[Shift], size: int, mode: str, resize: int) -> None:
+def check_shifts(shifts: Sequence[Shift], size: int, mode: str, resize: int) -> None:
     """Reject shift sets the views cannot hold, with the fix in the message."""
     if mode not in MODES:
         raise UserError(f"unknown --mode {mode!r}: use one of {', '.join(MODES)}")
@@ -122,7 +122,7 @@ def shifted_view(canvas: torch.Tensor, shift: Shift, size: int, mode: str, fill:
 class ShiftPlan:
     """Everything that decides the views: the shifts, the view size, the mode and the fill value."""
 
-    shifts: list[Shift]
+    shifts: tuple[Shift, ...]
     size: int
     mode: str = "crop"
     fill: float = 0.0

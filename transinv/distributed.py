@@ -1,0 +1,62 @@
+"""torchrun support: shard images by rank, add metric state across processes, rank 0 reports.
+
+Under ``torchrun`` (``WORLD_SIZE`` > 1) each process measures ``items[rank::world]``: no image is
+counted twice or lost, whatever the count. The additive state then crosses processes with one
+``all_reduce`` (gloo on CPU, nccl on CUDA); every rank reaches it, even one with no images.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Sequence, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Context:
+    """This process's place in the run: rank 0 of 1 outside torchrun."""
+
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def active(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def shard(self, items: Sequence[T]) -> list[T]:
+        """This rank's items: every ``world``-th one, starting at ``rank`` (no padding, no repeats)."""
+        return list(items[self.rank :: self.world])
+
+    def sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Element-wise sum over all processes (in place; identity outside torchrun)."""
+        if self.active:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+
+def from_env() -> Context:
+    """Read torchrun's environment; ``init`` must follow before any collective."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return Context(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def init(context: Context, device: torch.device) -> None:
+    """Join the process group once (gloo for CPU, nccl for CUDA)."""
+    if context.active and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+
+
+def shutdown() -> None:
+    """Leave the process group, if one was joined."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
