@@ -30,3 +30,7 @@ test-all: $(STAMP)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .hypothesis *.egg-info
+
+## bench: transinv against the bare forward pass; writes benchmarks/results.json
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)

@@ -103,3 +103,18 @@ def test_batch_size_does_not_change_results(few_images: Path) -> None:
     b = transinv.measure("resnet18", data=str(few_images), shift="0..3", batch_size=4, **SMALL).rows
     pd.testing.assert_frame_equal(a.drop(columns="value"), b.drop(columns="value"))
     assert ((a["value"] - b["value"]).abs() <= 1e-6 + 1e-5 * a["value"].abs()).all()
+
+
+def test_exactly_invariant_model_has_zero_jaggedness(few_images: Path) -> None:
+    result = transinv.measure("example:circular_gap", data=str(few_images), shift="0..6", mode="circular",
+                              layers="none", **SMALL)
+    jag = _values(result.rows, M.JAGGEDNESS)
+    assert len(jag) == 1 and jag["value"].iloc[0] == 0.0
+
+
+def test_agreement_split_by_correctness_partitions_the_images(few_images: Path) -> None:
+    result = transinv.measure("resnet18", data=str(few_images), shift="0..2", layers="none",
+                              by_correctness=True, **SMALL)
+    rows = result.rows[result.rows["shift_x"] == 2].set_index("metric")
+    n_split = rows["n"].get(M.TOP1_AGREEMENT_IF_CORRECT, 0) + rows["n"].get(M.TOP1_AGREEMENT_IF_WRONG, 0)
+    assert n_split == rows.loc[M.TOP1_AGREEMENT, "n"] == 6

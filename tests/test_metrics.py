@@ -37,8 +37,8 @@ def test_equivariance_error_of_exact_shift_is_zero_and_of_wrong_shift_is_not() -
 
 
 def test_equivariance_error_is_relative_norm_on_the_overlap() -> None:
-    ref = torch.ones(1, 1, 4, 4)
-    cur = torch.ones(1, 1, 4, 4)
+    ref = torch.ones(1, 1, 4, 4, dtype=torch.float64)
+    cur = torch.ones(1, 1, 4, 4, dtype=torch.float64)
     cur[..., 0, 1:] = 3.0  # overlap for k=(1, 0) is columns 1..3 of cur vs 0..2 of ref
     err = M.equivariance_error(ref, cur, (1, 0), circular=False)
     assert math.isclose(err.item(), math.sqrt(3 * 4) / math.sqrt(12), rel_tol=1e-12)
@@ -71,3 +71,27 @@ def test_state_merges_by_addition_into_means_of_per_image_values() -> None:
     (row,) = whole.rows()
     assert row["n"] == 4 and math.isclose(row["value"], 0.475, rel_tol=1e-12)
     assert math.isclose(row["std"], torch.tensor([0.1, 0.2, 0.6, 1.0], dtype=torch.float64).std().item(), rel_tol=1e-9)
+
+
+def test_wilson_interval_known_values() -> None:
+    low, high = M.wilson_interval(0.5, 100)
+    assert math.isclose(low, 0.40383, abs_tol=1e-5) and math.isclose(high, 0.59617, abs_tol=1e-5)
+    assert M.wilson_interval(1.0, 4)[1] == 1.0 and M.wilson_interval(0.0, 4)[0] == 0.0
+
+
+def test_bootstrap_interval_brackets_the_mean_and_is_seeded_per_image() -> None:
+    key = ("l", (1, 0), M.KL_DIVERGENCE)
+    values = torch.linspace(0, 1, 50, dtype=torch.float64)
+    whole, halves = M.MetricState([key]), M.MetricState([key])
+    whole.weights = M.bootstrap_weights(torch.arange(50))
+    whole.add(key, values)
+    for part in (slice(0, 20), slice(20, 50)):
+        piece = M.MetricState([key])
+        piece.weights = M.bootstrap_weights(torch.arange(50)[part])
+        piece.add(key, values[part])
+        halves.merge(piece)
+    (row,) = whole.rows()
+    assert row["ci_low"] < row["value"] < row["ci_high"]
+    assert 0.3 < row["ci_low"] and row["ci_high"] < 0.7  # about mean +- 2 * 0.29 / sqrt(50)
+    (split,) = halves.rows()
+    assert all(math.isclose(split[k], row[k], rel_tol=1e-12) for k in ("value", "std", "ci_low", "ci_high"))

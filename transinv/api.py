@@ -157,6 +157,7 @@ def measure(
     device: str = "cpu",
     precision: str = "fp32",
     channels_last: bool = False,
+    by_correctness: bool = False,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
     warn: Warn = _stderr_warn,
 ) -> Result:
@@ -181,7 +182,7 @@ def measure(
     distributed.init(context, dev)
     all_items = select_images(find_images(data), num_images, seed)
     labelled = any(item.label >= 0 for item in all_items)
-    items = context.shard(all_items)
+    items, ids = context.shard(all_items), context.shard(range(len(all_items)))
     groups: dict[tuple[Preprocess, ShiftPlan], list[_Job]] = {}
     for spec in specs:
         loaded = prepare_model(spec, weights, seed, overrides)
@@ -194,14 +195,15 @@ def measure(
             probe = probe_layers(module, pre.size, dev)
             _explain_probe(loaded, probe, layers, warn)
             chosen = select_layers(probe, layers)
-            job = Measurement(module, plan, chosen, labelled, dev, batch_size, precision, channels_last)
+            job = Measurement(module, plan, chosen, labelled, dev, batch_size, precision, channels_last,
+                              by_correctness, path=direction != "grid")
             groups.setdefault((pre, plan), []).append(
                 _Job(loaded, variant, chosen, job, M.MetricState(job.keys, dev))
             )
     run = RunState()
     advance = progress(len(items) * len(groups), 0) if progress is not None and context.is_main else None
     for (pre, plan), jobs in groups.items():
-        loader = make_loader(items, pre, plan.canvas, batch_size, workers)
+        loader = make_loader(items, pre, plan.canvas, batch_size, workers, ids)
         group_run = RunState()
         run_batches([j.measurement for j in jobs], [j.state for j in jobs], iter(loader), group_run, advance)
         run.images = group_run.images
@@ -214,7 +216,8 @@ def measure(
     counts = context.sum(torch.tensor([run.images, len(run.skipped), int(run.partial)], dtype=torch.float64, device=dev))
     for jobs in groups.values():
         for job in jobs:
-            context.sum(job.state.data)
+            for tensor in job.state.tensors():
+                context.sum(tensor)
     images, skipped, partial = (int(v) for v in counts.tolist())
     if images == 0 and not partial:
         raise UserError("no readable images: every file was skipped (see the warnings above)")
@@ -235,6 +238,7 @@ def measure(
         "device": str(dev),
         "precision": precision,
         "channels_last": channels_last,
+        "by_correctness": by_correctness,
         "processes": context.world,
         "preprocess": {
             job.loaded.name: {**asdict(pre), "interpolation": str(pre.interpolation.value)}

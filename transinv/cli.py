@@ -149,6 +149,7 @@ def measure(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
     precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16 (autocast; see README for the error floor).")] = "fp32",
     channels_last: Annotated[bool, typer.Option("--channels-last", help="Run model and views in channels-last memory format.")] = False,
+    by_correctness: Annotated[bool, typer.Option("--by-correctness", help="Also split top-1 agreement by whether the unshifted prediction was correct.")] = False,
     fmt: Annotated[Optional[Format], typer.Option("--format", "-f", help="table, csv or json (default: table on a terminal, CSV otherwise).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write CSV or JSON to this file (by extension unless --format says).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Also draw the results to this image file (PNG, PDF, SVG).")] = None,
@@ -164,7 +165,7 @@ def measure(
             variants=variants, antialias=antialias, aps=aps, padding=padding,
             size=size, resize=resize, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
             num_images=num_images, batch_size=batch_size, seed=seed, workers=workers, device=device,
-            precision=precision, channels_last=channels_last, progress=start,
+            precision=precision, channels_last=channels_last, by_correctness=by_correctness, progress=start,
         )
         try:
             with bar if bar is not None else nullcontext():

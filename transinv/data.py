@@ -133,10 +133,15 @@ def load_canvas(path: Path, pre: Preprocess, canvas: int) -> torch.Tensor:
 
 
 class CanvasDataset(Dataset):
-    """Canvases for a list of images; an unreadable file yields ``None`` so the batch skips it."""
+    """Canvases for a list of images; an unreadable file yields ``None`` so the batch skips it.
 
-    def __init__(self, items: list[ImageItem], pre: Preprocess, canvas: int) -> None:
+    ``ids`` are the images' positions in the whole run (they seed per-image randomness, so a
+    shard under torchrun draws what a single process would); by default 0, 1, 2, ...
+    """
+
+    def __init__(self, items: list[ImageItem], pre: Preprocess, canvas: int, ids: Sequence[int] | None = None) -> None:
         self.items, self.pre, self.canvas = items, pre, canvas
+        self.ids = list(ids) if ids is not None else list(range(len(items)))
 
     def __len__(self) -> int:
         return len(self.items)
@@ -144,15 +149,15 @@ class CanvasDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor | None, int, str]:
         item = self.items[index]
         try:
-            return index, load_canvas(item.path, self.pre, self.canvas), item.label, ""
+            return self.ids[index], load_canvas(item.path, self.pre, self.canvas), item.label, ""
         except (OSError, ValueError, Image.DecompressionBombError) as exc:
             reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            return index, None, item.label, f"{item.path}: {reason}"
+            return self.ids[index], None, item.label, f"{item.path}: {reason}"
 
 
 @dataclass
 class Batch:
-    """Canvases of the readable images of one batch, with labels, dataset indices and skipped files."""
+    """Canvases of the readable images of one batch, with labels, image ids and skipped files."""
 
     canvases: torch.Tensor
     labels: torch.Tensor

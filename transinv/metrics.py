@@ -7,6 +7,7 @@ addition across batches, shards and processes. Means exist only in ``MetricState
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Iterable
 
@@ -17,6 +18,10 @@ KL_DIVERGENCE = "kl_divergence"
 PROB_CHANGE = "prob_change"
 ACCURACY = "accuracy"
 WORST_CASE_ACCURACY = "worst_case_accuracy"
+TOP1_AGREEMENT_IF_CORRECT = "top1_agreement_if_correct"
+TOP1_AGREEMENT_IF_WRONG = "top1_agreement_if_wrong"
+CONSISTENCY = "consistency"
+JAGGEDNESS = "jaggedness"
 EQUIVARIANCE_ERROR = "equivariance_error"
 POOLED_INVARIANCE_ERROR = "pooled_invariance_error"
 
@@ -72,29 +77,48 @@ def _pieces(length: int, k: int, circular: bool) -> list[tuple[slice, slice]]:
     return [(slice(0, length + k), slice(-k, length))]
 
 
-def equivariance_error(reference: torch.Tensor, shifted: torch.Tensor, k: Shift, circular: bool) -> torch.Tensor:
+@dataclass(frozen=True)
+class Reference:
+    """A layer's unshifted maps ``(N, C, h, w)`` with what every shift's comparison reuses:
+    the per-position energy (sum of squares over channels) and the per-channel means."""
+
+    maps: torch.Tensor
+    energy: torch.Tensor
+    pooled: torch.Tensor
+
+    @classmethod
+    def of(cls, maps: torch.Tensor) -> "Reference":
+        return cls(maps, maps.pow(2).sum(dim=1).double(), maps.mean(dim=(-2, -1)).double())
+
+
+def _reference(reference: torch.Tensor | Reference) -> Reference:
+    return reference if isinstance(reference, Reference) else Reference.of(reference)
+
+
+def equivariance_error(
+    reference: torch.Tensor | Reference, shifted: torch.Tensor, k: Shift, circular: bool
+) -> torch.Tensor:
     """Per image ``||f(T_d x) - T_k f(x)|| / ||f(x)||`` over the region defined in both maps.
 
     ``k = (kx, ky)`` is the feature-map shift. circular: whole maps, ``T_k`` a roll; otherwise
     only positions present in both maps after shifting by ``k`` (the overlap), with both norms on
     that region. Images whose reference norm is 0 on the region give NaN and are not counted.
     """
+    ref = _reference(reference)
     kx, ky = k
-    h, w = reference.shape[-2:]
-    num = torch.zeros(reference.shape[0], dtype=torch.float64, device=reference.device)
-    den = _per_image_norm(reference) ** 2 if circular else torch.zeros_like(num)
+    h, w = ref.maps.shape[-2:]
+    num = torch.zeros(ref.maps.shape[0], dtype=torch.float64, device=ref.maps.device)
+    den = torch.zeros_like(num)
     for sy, ry in _pieces(h, ky, circular):
         for sx, rx in _pieces(w, kx, circular):
-            ref = reference[..., ry, rx]
-            num += _per_image_norm(shifted[..., sy, sx] - ref) ** 2
-            if not circular:
-                den += _per_image_norm(ref) ** 2
+            num += _per_image_norm(shifted[..., sy, sx] - ref.maps[..., ry, rx]) ** 2
+            den += ref.energy[:, ry, rx].sum(dim=(-2, -1))
     return _ratio(num.sqrt(), den.sqrt())
 
 
-def pooled_invariance_error(reference: torch.Tensor, shifted: torch.Tensor) -> torch.Tensor:
+def pooled_invariance_error(reference: torch.Tensor | Reference, shifted: torch.Tensor) -> torch.Tensor:
     """Per image ``||g(T_d x) - g(x)|| / ||g(x)||`` with ``g`` the global average over positions."""
-    g_ref = reference.mean(dim=(-2, -1)).double()
+    g_ref = _reference(reference).pooled
     g_cur = shifted.mean(dim=(-2, -1)).double()
     return _ratio(_per_image_norm(g_cur - g_ref), _per_image_norm(g_ref))
 
@@ -106,17 +130,49 @@ def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
 Key = tuple[str, Shift | None, str]  # (layer, shift or None for whole-set metrics, metric)
 
 
-class MetricState:
-    """Float64 sum, sum of squares and count for each (layer, shift, metric) key.
+BOOTSTRAP_REPLICATES = 100
+BOOTSTRAP_SEED = 20190411
+Z95 = 1.959963984540054
+PROPORTIONS = frozenset({TOP1_AGREEMENT, ACCURACY, WORST_CASE_ACCURACY, TOP1_AGREEMENT_IF_CORRECT,
+                         TOP1_AGREEMENT_IF_WRONG, CONSISTENCY, JAGGEDNESS})
 
-    The key list is fixed at creation, so the state is one ``(K, 3)`` tensor that merges by
-    addition and crosses processes with a single ``all_reduce``.
+
+def bootstrap_weights(image_ids: torch.Tensor, replicates: int = BOOTSTRAP_REPLICATES) -> torch.Tensor:
+    """Poisson(1) resampling weights ``(images, replicates)``, seeded by each image's index.
+
+    The online (Poisson) bootstrap: each replicate counts image i ``w_i`` times. Seeding per image
+    makes the intervals independent of batch size, worker count and process count.
+    """
+    rows = []
+    for image in image_ids.tolist():
+        generator = torch.Generator().manual_seed(BOOTSTRAP_SEED + int(image))
+        rows.append(torch.poisson(torch.ones(replicates, dtype=torch.float64), generator=generator))
+    return torch.stack(rows) if rows else torch.zeros(0, replicates, dtype=torch.float64)
+
+
+def wilson_interval(p: float, n: int, z: float = Z95) -> tuple[float, float]:
+    """95% Wilson score interval of a proportion ``p`` observed on ``n`` images."""
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(max(p * (1 - p), 0.0) / n + z * z / (4 * n * n))
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+class MetricState:
+    """Additive state per (layer, shift, metric) key: float64 sum, sum of squares and count, plus
+    per-replicate weighted sums and weights of a Poisson bootstrap (for mean intervals).
+
+    The key list is fixed at creation, so the state is two tensors that merge by addition and
+    cross processes with ``all_reduce``. ``weights`` (set per batch) are the batch's bootstrap
+    weights, one row per image, in the order the values are added.
     """
 
     def __init__(self, keys: Iterable[Key], device: torch.device | str = "cpu") -> None:
         self.keys: list[Key] = list(dict.fromkeys(keys))
         self.index = {key: i for i, key in enumerate(self.keys)}
         self.data = torch.zeros(len(self.keys), 3, dtype=torch.float64, device=device)
+        self.boot = torch.zeros(len(self.keys), 2, BOOTSTRAP_REPLICATES, dtype=torch.float64, device=device)
+        self.weights: torch.Tensor | None = None
 
     def add(self, key: Key, values: torch.Tensor) -> None:
         """Add per-image values; NaN entries (undefined for that image) are not counted.
@@ -126,7 +182,11 @@ class MetricState:
         values = values.detach().to(torch.float64).flatten()
         defined = ~torch.isnan(values)
         values = torch.where(defined, values, 0.0)
-        self.data[self.index[key]] += torch.stack([values.sum(), (values * values).sum(), defined.sum().double()])
+        i = self.index[key]
+        self.data[i] += torch.stack([values.sum(), (values * values).sum(), defined.sum().double()])
+        if self.weights is not None:
+            self.boot[i, 0] += values @ self.weights
+            self.boot[i, 1] += defined.double() @ self.weights
 
     def empty_like(self) -> "MetricState":
         return MetricState(self.keys, self.data.device)
@@ -136,16 +196,33 @@ class MetricState:
         if other.keys != self.keys:
             raise ValueError("cannot merge metric states with different keys")
         self.data += other.data
+        self.boot += other.boot
+
+    def tensors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The tensors to sum across processes."""
+        return self.data, self.boot
 
     def rows(self) -> list[dict]:
-        """One dict per key that received values: mean as ``value``, count as ``n``, and ``std``."""
+        """One dict per key that received values: mean ``value``, ``n``, ``std`` and a 95% interval.
+
+        Proportions get a Wilson interval; other means the 2.5 and 97.5 percentiles of the
+        bootstrap replicates' means.
+        """
         out = []
-        for key, (total, squares, count) in zip(self.keys, self.data.cpu().tolist()):
+        boot = self.boot.cpu()
+        for i, (key, (total, squares, count)) in enumerate(zip(self.keys, self.data.cpu().tolist())):
             if count == 0:
                 continue
             layer, shift, metric = key
             mean = total / count
             var = max(squares / count - mean * mean, 0.0) * count / (count - 1) if count > 1 else 0.0
+            if metric in PROPORTIONS:
+                low, high = wilson_interval(mean, int(count))
+            else:
+                sums, weights = boot[i]
+                means = (sums[weights > 0] / weights[weights > 0])
+                low, high = (torch.quantile(means, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+                             if len(means) else (mean, mean))
             out.append(
                 {
                     "layer": layer,
@@ -155,6 +232,8 @@ class MetricState:
                     "value": mean,
                     "n": int(count),
                     "std": var**0.5,
+                    "ci_low": low,
+                    "ci_high": high,
                 }
             )
         return out

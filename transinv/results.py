@@ -31,6 +31,8 @@ COLUMNS = [
     "value",
     "n",
     "std",
+    "ci_low",
+    "ci_high",
     "partial",
 ]
 

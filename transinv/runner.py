@@ -9,7 +9,7 @@ whatever the number of images or shifts.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -51,7 +51,9 @@ def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
     return resolved
 
 
-def metric_keys(layers: list[LayerInfo], shifts: list[Shift], labelled: bool) -> list[M.Key]:
+def metric_keys(
+    layers: list[LayerInfo], shifts: Sequence[Shift], labelled: bool, by_correctness: bool = False, path: bool = False
+) -> list[M.Key]:
     """Every (layer, shift, metric) the run can fill, in output order."""
     keys: list[M.Key] = []
     for layer in layers:
@@ -63,8 +65,12 @@ def metric_keys(layers: list[LayerInfo], shifts: list[Shift], labelled: bool) ->
         for metric in M.OUTPUT_METRICS:
             if metric != M.ACCURACY or labelled:
                 keys.append((M.OUTPUT_LAYER, shift, metric))
+        if by_correctness and labelled:
+            keys += [(M.OUTPUT_LAYER, shift, M.TOP1_AGREEMENT_IF_CORRECT), (M.OUTPUT_LAYER, shift, M.TOP1_AGREEMENT_IF_WRONG)]
     if labelled:
         keys.append((M.OUTPUT_LAYER, None, M.WORST_CASE_ACCURACY))
+    if path and len(shifts) > 1:
+        keys.append((M.OUTPUT_LAYER, None, M.JAGGEDNESS))
     return keys
 
 
@@ -92,7 +98,7 @@ class _LayerComparer:
     def __init__(self, layers: list[LayerInfo], circular: bool) -> None:
         self.layers = {layer.name: layer for layer in layers}
         self.circular = circular
-        self.reference: dict[str, torch.Tensor] = {}
+        self.reference: dict[str, M.Reference] = {}
         self.shifts: list[Shift] = []  # empty: the pass is the reference
         self.state: M.MetricState | None = None
 
@@ -102,12 +108,12 @@ class _LayerComparer:
         if feature.dtype not in (torch.float32, torch.float64):
             feature = feature.float()  # reduced-precision maps are compared in float32
         if not self.shifts:
-            self.reference[name] = feature.clone()  # in-place ops may change it after the hook
+            self.reference[name] = M.Reference.of(feature.clone())  # in-place ops may change it later
             return
         for shift, part in zip(self.shifts, feature.chunk(len(self.shifts))):
             self.compare(layer, self.reference[name], part, shift)
 
-    def compare(self, layer: LayerInfo, reference: torch.Tensor, feature: torch.Tensor, shift: Shift) -> None:
+    def compare(self, layer: LayerInfo, reference: M.Reference, feature: torch.Tensor, shift: Shift) -> None:
         assert self.state is not None
         if layer.aligned(shift):
             error = M.equivariance_error(reference, feature, layer.feature_shift(shift), self.circular)
@@ -132,6 +138,8 @@ class Measurement:
         views_per_pass: int = 32,
         precision: str = "fp32",
         channels_last: bool = False,
+        by_correctness: bool = False,
+        path: bool = False,
     ) -> None:
         if precision not in PRECISIONS:
             raise UserError(f"unknown --precision {precision!r}: use one of {', '.join(PRECISIONS)}")
@@ -142,7 +150,8 @@ class Measurement:
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.comparer = _LayerComparer(layers, circular=plan.mode == "circular")
-        self.keys = metric_keys(layers, plan.shifts, labelled)
+        self.by_correctness, self.path = by_correctness and labelled, path and len(plan.shifts) > 1
+        self.keys = metric_keys(layers, plan.shifts, labelled, by_correctness, path)
 
     def _forward(self, tap: FeatureTap, views: torch.Tensor) -> torch.Tensor:
         tap.reset()
@@ -174,28 +183,39 @@ class Measurement:
         reference = self._forward(tap, self.plan.view(canvases, (0, 0)))
         for layer in self.layers:  # shift 0 through the same code: exactly 0 by construction
             ref = comparer.reference[layer.name]
-            comparer.compare(layer, ref, ref, (0, 0))
-        correct_everywhere = self._add_outputs(state, (0, 0), reference, reference, labels)
+            comparer.compare(layer, ref, ref.maps, (0, 0))
+        ref_correct = reference.argmax(dim=1) == labels
+        predictions = {(0, 0): self._add_outputs(state, (0, 0), reference, reference, labels, ref_correct)}
         for group in self._passes(len(labels)):
             comparer.shifts = group
             logits = self._forward(tap, torch.cat([self.plan.view(canvases, shift) for shift in group]))
             for shift, shifted in zip(group, logits.chunk(len(group))):
-                correct_everywhere &= self._add_outputs(state, shift, reference, shifted, labels)
+                predictions[shift] = self._add_outputs(state, shift, reference, shifted, labels, ref_correct)
         if self.labelled:
+            correct_everywhere = torch.stack([p == labels for p in predictions.values()]).all(dim=0)
             state.add((M.OUTPUT_LAYER, None, M.WORST_CASE_ACCURACY), _where_known(labels, correct_everywhere))
+        if self.path:  # the share of consecutive steps along the path where the top-1 class changes
+            ordered = torch.stack([predictions[s] for s in sorted(predictions, key=lambda s: s[0] + s[1])])
+            state.add((M.OUTPUT_LAYER, None, M.JAGGEDNESS), (ordered[1:] != ordered[:-1]).double().mean(dim=0))
 
     def _add_outputs(
-        self, state: M.MetricState, shift: Shift, reference: torch.Tensor, shifted: torch.Tensor, labels: torch.Tensor
+        self, state: M.MetricState, shift: Shift, reference: torch.Tensor, shifted: torch.Tensor,
+        labels: torch.Tensor, ref_correct: torch.Tensor,
     ) -> torch.Tensor:
-        """Add one shift's output metrics; return which images were classified correctly."""
+        """Add one shift's output metrics; return the shifted view's predicted classes."""
         out = M.compare_outputs(reference, shifted)
         state.add((M.OUTPUT_LAYER, shift, M.TOP1_AGREEMENT), out.agreement)
         state.add((M.OUTPUT_LAYER, shift, M.KL_DIVERGENCE), out.kl)
         state.add((M.OUTPUT_LAYER, shift, M.PROB_CHANGE), out.prob_change)
-        correct = out.prediction == labels
         if self.labelled:
-            state.add((M.OUTPUT_LAYER, shift, M.ACCURACY), _where_known(labels, correct))
-        return correct
+            state.add((M.OUTPUT_LAYER, shift, M.ACCURACY), _where_known(labels, out.prediction == labels))
+        if self.by_correctness:
+            known = labels >= 0
+            state.add((M.OUTPUT_LAYER, shift, M.TOP1_AGREEMENT_IF_CORRECT),
+                      torch.where(known & ref_correct, out.agreement, float("nan")))
+            state.add((M.OUTPUT_LAYER, shift, M.TOP1_AGREEMENT_IF_WRONG),
+                      torch.where(known & ~ref_correct, out.agreement, float("nan")))
+        return out.prediction
 
 
 def run_batches(
@@ -213,6 +233,9 @@ def run_batches(
                 run.skipped.extend(batch.skipped)
                 if len(batch.indices):
                     fresh = [state.empty_like() for state in states]
+                    weights = M.bootstrap_weights(batch.indices)
+                    for state in fresh:
+                        state.weights = weights.to(state.data.device)
                     for measurement, state in zip(measurements, fresh):
                         measurement.measure_batch(batch, state)
                     for state, new in zip(states, fresh):
@@ -229,14 +252,16 @@ def _where_known(labels: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
     return torch.where(labels >= 0, correct.double(), float("nan"))
 
 
-def make_loader(items: list[ImageItem], pre: Preprocess, canvas: int, batch_size: int, workers: int) -> DataLoader:
-    """Batches of decoded canvases, in order, decoded in ``workers`` processes."""
+def make_loader(
+    items: list[ImageItem], pre: Preprocess, canvas: int, batch_size: int, workers: int, ids: Sequence[int] | None = None
+) -> DataLoader:
+    """Batches of decoded canvases, in order, decoded in ``workers`` processes (``ids``: see CanvasDataset)."""
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     if workers < 0:
         raise UserError("--workers must be 0 or more")
     return DataLoader(
-        CanvasDataset(items, pre, canvas),
+        CanvasDataset(items, pre, canvas, ids),
         batch_size=batch_size,
         shuffle=False,
         num_workers=workers,

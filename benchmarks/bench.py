@@ -1,0 +1,171 @@
+"""Benchmark transinv against the bare forward pass of the same model, in one process and run.
+
+    python benchmarks/bench.py [--images 64] [--shift 0..8] [--device auto] [--out benchmarks/results.json]
+
+For each model: the bare forward pass on the same images (already decoded, inference mode, same
+threads, warm-up excluded) in images/s; ``measure`` with output metrics only and with the default
+per-layer metrics, in shifted images/s (every forward pass counted, the reference included), and
+the ratio of each to the bare pass; peak memory (RSS, and CUDA peak where used) of a fresh process
+measuring 64 and 256 images, so a reader can check that memory does not grow with the image count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from rich.console import Console
+from rich.table import Table
+
+import transinv
+from transinv.data import find_images, load_canvas, select_images
+from transinv.models import load_model
+from transinv.runner import resolve_device
+from transinv.shifts import make_shifts, parse_shift_values
+
+ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenet-sample"
+MODELS = ("resnet18", "mobilenet_v3_small")
+SIZE, BATCH = 224, 32
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bare_forward(model: torch.nn.Module, images: torch.Tensor, device: torch.device, repeats: int) -> float:
+    """Images per second of the model alone on already-decoded 224-px images (warm-up excluded).
+
+    The images are run ``repeats`` times, as many forward passes as ``measure`` makes, so both
+    figures average over the same amount of work.
+    """
+    with torch.inference_mode():
+        model(images[:BATCH].to(device))
+        _sync(device)
+        start = time.perf_counter()
+        for _ in range(repeats):
+            for i in range(0, len(images), BATCH):
+                model(images[i : i + BATCH].to(device))
+        _sync(device)
+    return repeats * len(images) / (time.perf_counter() - start)
+
+
+def timed_measure(model: torch.nn.Module, layers: str, args: argparse.Namespace) -> float:
+    """Shifted images per second through ``transinv.measure`` (decoding included; warm-up excluded)."""
+    common = dict(data=args.data, shift=args.shift, layers=layers, size=SIZE, resize=256, batch_size=BATCH,
+                  device=args.device, workers=args.workers, warn=lambda _: None)
+    transinv.measure(model, num_images=BATCH, **common)  # warm-up: allocator, kernels, probe
+    _sync(resolve_device(args.device))
+    start = time.perf_counter()
+    transinv.measure(model, num_images=args.images, **common)
+    _sync(resolve_device(args.device))
+    views = args.images * len(make_shifts(parse_shift_values(args.shift), "x"))
+    return views / (time.perf_counter() - start)
+
+
+def peak_memory(name: str, images: int, args: argparse.Namespace) -> dict[str, float]:
+    """Peak RSS (MiB) and CUDA peak (MiB) of a fresh process measuring ``images`` images."""
+    cmd = [sys.executable, __file__, "--child", name, "--images", str(images), "--shift", args.shift, "--data", args.data,
+           "--device", args.device, "--workers", str(args.workers)]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _status_mib(field: str) -> float:
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def child(args: argparse.Namespace) -> None:
+    """Run one default per-layer measurement; print RSS before it and its peak, as JSON.
+
+    The peak is reset after imports and model construction (``clear_refs``), so the figure is
+    the run's own, not the import of CUDA libraries.
+    """
+    model = load_model(args.child, "none").module
+    device = resolve_device(args.device)
+    before = _status_mib("VmRSS")
+    Path("/proc/self/clear_refs").write_text("5")
+    transinv.measure(model, data=args.data, shift=args.shift, size=SIZE, resize=256, batch_size=BATCH,
+                     num_images=args.images, device=args.device, workers=args.workers, warn=lambda _: None)
+    cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    print(json.dumps({"rss_before_mib": before, "rss_peak_mib": _status_mib("VmHWM"), "cuda_mib": cuda}))
+
+
+def machine(device: torch.device) -> dict[str, object]:
+    info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder of ImageNet validation images")
+    parser.add_argument("--shift", default="0..8")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--memory-images", default="64,256")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        return child(args)
+    if not Path(args.data).is_dir():
+        sys.exit(f"benchmark images not found at {args.data}")
+    device = resolve_device(args.device)
+    items = select_images(find_images(args.data), args.images, 0)
+    pre = load_model("resnet18", "none").preprocess
+    decoded = torch.stack([load_canvas(item.path, pre, SIZE) for item in items])
+    results = []
+    for name in MODELS:
+        model = load_model(name, "none").module.to(device)
+        bare = bare_forward(model, decoded, device, len(make_shifts(parse_shift_values(args.shift), "x")))
+        output_only = timed_measure(model, "none", args)
+        per_layer = timed_measure(model, "default", args)
+        memory = {n: peak_memory(name, int(n), args) for n in args.memory_images.split(",")}
+        results.append({
+            "model": name, "bare_images_per_s": bare,
+            "output_views_per_s": output_only, "output_ratio": output_only / bare,
+            "layers_views_per_s": per_layer, "layers_ratio": per_layer / bare,
+            "peak_memory": memory,
+        })
+    report = {
+        "machine": machine(device),
+        "versions": {"transinv": transinv.__version__, "torch": torch.__version__,
+                     "torchvision": torchvision.__version__, "python": platform.python_version()},
+        "settings": {"size": SIZE, "batch_size": BATCH, "images": args.images, "shift": args.shift,
+                     "workers": args.workers, "data": args.data, "weights": "none", "precision": "fp32"},
+        "results": results,
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    table = Table(title=f"transinv vs bare forward ({device}, {args.images} images, shifts {args.shift}, batch {BATCH})")
+    for column in ("model", "bare img/s", "output views/s", "ratio", "layers views/s", "ratio", *(
+            f"peak RSS {n} img (MiB)" for n in args.memory_images.split(","))):
+        table.add_column(column, justify="right")
+    for r in results:
+        table.add_row(r["model"], f"{r['bare_images_per_s']:.1f}", f"{r['output_views_per_s']:.1f}",
+                      f"{r['output_ratio']:.2f}", f"{r['layers_views_per_s']:.1f}", f"{r['layers_ratio']:.2f}",
+                      *(f"{m['rss_peak_mib']:.0f}" + (f" (cuda {m['cuda_mib']:.0f})" if m["cuda_mib"] else "")
+                        for m in r["peak_memory"].values()))
+    Console().print(table)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

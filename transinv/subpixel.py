@@ -1,0 +1,86 @@
+"""Fractional (sub-pixel) shifts of image batches: an ideal Fourier shift and a bilinear one.
+
+Same convention as ``transinv.shifts``: a positive ``dx`` moves content right and a positive ``dy``
+moves it down, so an integer shift matches ``torch.roll(x, (dy, dx), dims=(-2, -1))``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+PADDING_MODES: tuple[str, ...] = ("zeros", "border", "reflection")
+
+
+def _floating(x: torch.Tensor, what: str) -> None:
+    if not x.is_floating_point():
+        raise TypeError(f"{what} shifts real floating-point images, got {x.dtype}")
+    if x.dim() < 2:
+        raise ValueError(f"{what} needs images of shape (..., H, W), got shape {tuple(x.shape)}")
+
+
+def _phase(n: int, d: float, full: bool, device: torch.device) -> torch.Tensor:
+    """The phase factors ``exp(-2πi k d / n)`` of one axis, the Nyquist bin made real (see ``fourier_shift``).
+
+    ``full`` gives all ``n`` bins (the ``fft`` axis); otherwise the ``n // 2 + 1`` bins of the ``rfft`` axis.
+    """
+    k = torch.fft.fftfreq(n, d=1.0 / n, dtype=torch.float64, device=device)
+    if not full:
+        k = k[: n // 2 + 1].abs()  # the rfft axis holds 0..n//2; fftfreq lists n//2 as -n//2 for even n
+    angle = -2.0 * math.pi * d * k / n
+    factor = torch.polar(torch.ones_like(angle), angle)
+    if n % 2 == 0:
+        factor[n // 2] = math.cos(math.pi * d)
+    return factor
+
+
+def fourier_shift(x: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
+    """Shift images ``(..., H, W)`` by ``(dx, dy)`` pixels with the ideal band-limited (circular) shift.
+
+    The 2-D spectrum is multiplied by ``exp(-2πi (kx·dx/W + ky·dy/H))``, as in Michaeli et al. 2023
+    ("Alias-free convnets"): the image is treated as one period of a band-limited signal, so an
+    integer shift is exactly ``torch.roll`` and shifts compose (``a`` then ``b`` is ``a + b``).
+
+    Nyquist bin (even H or W): the frequency ``n/2`` is its own mirror image, so the complex factor
+    ``exp(∓iπd)`` would make the result complex for a fractional ``d``. We use its real part
+    ``cos(πd)`` instead: the Nyquist term is read as the real cosine ``c·cos(πt)`` of the
+    trigonometric interpolant, and ``cos(π(t - d))`` sampled at integer ``t`` is exactly
+    ``cos(πd)·cos(πt)``. So the result is real, integer shifts are exact (``cos(πd) = (-1)^d``), but a
+    fractional shift scales the Nyquist component by ``cos(πd)`` (it vanishes at half a pixel): norm
+    preservation and composition hold exactly only for images with no Nyquist energy.
+
+    Returns a real tensor of ``x``'s dtype (half precision is computed in float32).
+    """
+    _floating(x, "fourier_shift")
+    height, width = x.shape[-2:]
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+    spectrum = torch.fft.rfft2(work)
+    rows = _phase(height, dy, full=True, device=x.device)
+    cols = _phase(width, dx, full=False, device=x.device)
+    shifted = spectrum * (rows[:, None] * cols[None, :]).to(spectrum.dtype)
+    return torch.fft.irfft2(shifted, s=(height, width)).to(x.dtype)
+
+
+def bilinear_shift(x: torch.Tensor, dx: float, dy: float, padding_mode: str = "zeros") -> torch.Tensor:
+    """Shift images ``(..., H, W)`` by ``(dx, dy)`` pixels with bilinear resampling (Gruver et al. 2023).
+
+    Output pixel ``(i, j)`` takes the bilinear interpolation of the input at ``(i - dy, j - dx)``
+    (``grid_sample``, ``align_corners=False``); positions outside the image are filled by
+    ``padding_mode``: ``zeros``, ``border`` (repeat the edge) or ``reflection``. An integer shift
+    moves pixels exactly; a fractional one also blurs (bilinear weights average two neighbours).
+    """
+    _floating(x, "bilinear_shift")
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"unknown padding_mode {padding_mode!r}: use one of {', '.join(PADDING_MODES)}")
+    height, width = x.shape[-2:]
+    rows = torch.arange(height, dtype=torch.float64, device=x.device) - dy
+    cols = torch.arange(width, dtype=torch.float64, device=x.device) - dx
+    # pixel index p -> normalised coordinate (2p + 1) / n - 1 (pixel centres, align_corners=False)
+    v = (2.0 * rows + 1.0) / height - 1.0
+    u = (2.0 * cols + 1.0) / width - 1.0
+    grid = torch.stack(torch.meshgrid(u, v, indexing="xy"), dim=-1)[None].to(x.dtype)
+    flat = x.reshape(1, -1, height, width)
+    out = F.grid_sample(flat, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
+    return out.reshape(x.shape)
