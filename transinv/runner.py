@@ -46,7 +46,7 @@ def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
     if device == "cuda" and local_rank is not None:
         device = f"cuda:{local_rank}"
     resolved = torch.device(device)
-    if resolved.type == "cuda":
+    if resolved.type == "cuda" and resolved.index is not None:
         torch.cuda.set_device(resolved)
     return resolved
 
