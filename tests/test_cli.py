@@ -135,3 +135,23 @@ def test_ctrl_c_writes_finished_batches_marked_partial(tmp_path: Path, few_image
     assert frame["partial"].all()
     assert (frame["n"] == 2).all()  # only the first, finished batch of 2 images
     assert "interrupted" in stderr and "Traceback" not in stderr
+
+
+def test_plot_compare_and_several_models(tmp_path: Path, few_images: Path) -> None:
+    common = ["--weights", "none", "--data", str(few_images), "--size", "32", "--resize", "40", "--shift", "0..2"]
+    a, b, figure = tmp_path / "a.csv", tmp_path / "b.csv", tmp_path / "run.png"
+    proc = run("measure", "resnet18", "example:circular_gap", *common, "-o", str(a), "--plot", str(figure))
+    assert proc.returncode == 0, proc.stderr
+    assert set(pd.read_csv(a)["model"]) == {"resnet18", "example:circular_gap"}
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    proc = run("measure", "resnet18", "example:circular_gap", *common, "--antialias", "blurpool", "-o", str(b))
+    assert proc.returncode == 0, proc.stderr
+    proc = run("compare", str(a), str(b), "-f", "csv")
+    assert proc.returncode == 0, proc.stderr
+    diff = pd.read_csv(io.StringIO(proc.stdout))
+    assert (diff["status"] == "both").all() and diff["difference"].abs().max() > 0
+    replot = tmp_path / "again.png"
+    proc = run("plot", str(a), "-o", str(replot), "--layer", "conv1")
+    assert proc.returncode == 0 and replot.exists(), proc.stderr
+    proc = run("plot", str(a), "-o", str(replot), "--metric", "nonsense")
+    assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1

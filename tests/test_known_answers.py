@@ -118,3 +118,23 @@ def test_agreement_split_by_correctness_partitions_the_images(few_images: Path) 
     rows = result.rows[result.rows["shift_x"] == 2].set_index("metric")
     n_split = rows["n"].get(M.TOP1_AGREEMENT_IF_CORRECT, 0) + rows["n"].get(M.TOP1_AGREEMENT_IF_WRONG, 0)
     assert n_split == rows.loc[M.TOP1_AGREEMENT, "n"] == 6
+
+
+def test_fourier_subpixel_shifts_commute_with_a_circular_convolution(few_images: Path) -> None:
+    """A circular convolution is linear and shift-equivariant, so a band-limited (Fourier) shift of
+    the input moves its map without changing the map's mean: pooled error 0 at any fraction."""
+    result = transinv.measure("example:circular_gap", data=str(few_images), shift="0..1:0.25", mode="circular",
+                              subpixel="fourier", layers="0", **SMALL)
+    pooled = _values(result.rows, M.POOLED_INVARIANCE_ERROR)
+    assert sorted(pooled["shift_x"]) == [0, 0.25, 0.5, 0.75, 1.0]
+    assert (pooled["value"] <= 1e-5).all() and not pooled.query("shift_x % 1 != 0")["aligned"].any()
+
+
+@pytest.mark.parametrize("kwargs, needle", [
+    (dict(shift="0..1:0.5"), "--subpixel"),
+    (dict(shift="0..1:0.5", subpixel="fourier", mode="crop"), "circular"),
+    (dict(shift="0..1:0.5", subpixel="bilinear", mode="circular"), "crop or pad"),
+])
+def test_fractional_shifts_need_a_method_that_fits_the_mode(few_images: Path, kwargs: dict, needle: str) -> None:
+    with pytest.raises(transinv.UserError, match=needle):
+        transinv.measure("example:circular_gap", data=str(few_images), **{**SMALL, **kwargs})

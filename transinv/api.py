@@ -141,6 +141,7 @@ def measure(
     direction: str = "x",
     mode: str = "crop",
     fill: float = 0.0,
+    subpixel: str | None = None,
     layers: str = "default",
     variants: Sequence[str] | str | None = None,
     antialias: str | None = None,
@@ -187,8 +188,8 @@ def measure(
     for spec in specs:
         loaded = prepare_model(spec, weights, seed, overrides)
         pre = loaded.preprocess
-        check_shifts(shifts, pre.size, mode, pre.resize)
-        plan = ShiftPlan(tuple(shifts), pre.size, mode, fill)
+        check_shifts(shifts, pre.size, mode, pre.resize, subpixel)
+        plan = ShiftPlan(tuple(shifts), pre.size, mode, fill, subpixel)
         for variant in chosen_variants:
             module = loaded.module if variant == "base" else apply_variant(loaded.module, variant)
             module = module.to(dev).eval()
@@ -230,6 +231,7 @@ def measure(
         "direction": direction,
         "mode": mode,
         "fill": fill,
+        "subpixel": subpixel,
         "layers": layers,
         "num_images": num_images,
         "batch_size": batch_size,

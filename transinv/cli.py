@@ -15,10 +15,12 @@ from typing import Annotated, Iterator, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from . import api, distributed
+from .compare import compare_results, summarize
 from .errors import UserError
 from .plots import load_results, plot_results
 from .render import print_result
@@ -133,6 +135,7 @@ def measure(
     direction: Annotated[str, typer.Option(help=f"Shift direction: {'|'.join(DIRECTIONS)} (grid = every (dx, dy) pair).")] = "x",
     mode: Annotated[str, typer.Option(help=f"How views are shifted: {'|'.join(MODES)} (see README).")] = "crop",
     fill: Annotated[float, typer.Option(help="Fill value for --mode pad, in normalised units (0 = the mean colour).")] = 0.0,
+    subpixel: Annotated[Optional[str], typer.Option(help="Method for fractional shifts (0..2:0.25): fourier (circular mode) or bilinear (crop, pad).")] = None,
     layers: Annotated[str, typer.Option(help="Layers to measure: default, all, none, or names and globs (layer3.*), comma-separated.")] = "default",
     variants: Annotated[Optional[str], typer.Option(help="Variants measured side by side, comma-separated: base, blurpool[:K], aps, padding:MODE, joined by '+'.")] = None,
     antialias: Annotated[Optional[str], typer.Option(help="Anti-aliased downsampling: blurpool or blurpool:K (K = 2..7).")] = None,
@@ -161,7 +164,8 @@ def measure(
         context = distributed.from_env()
         bar, start = _progress_factory(progress and err.is_terminal and context.is_main)
         kwargs = dict(
-            weights=weights, data=data, shift=shift, direction=direction, mode=mode, fill=fill, layers=layers,
+            weights=weights, data=data, shift=shift, direction=direction, mode=mode, fill=fill, subpixel=subpixel,
+            layers=layers,
             variants=variants, antialias=antialias, aps=aps, padding=padding,
             size=size, resize=resize, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
             num_images=num_images, batch_size=batch_size, seed=seed, workers=workers, device=device,
@@ -206,6 +210,40 @@ def plot_command(
         except ValueError as exc:
             raise UserError(str(exc)) from exc
         _plot(rows, output, metric, layer)
+
+
+@app.command()
+def compare(
+    before: Annotated[Path, typer.Argument(metavar="A", help="A result file (CSV or JSON) written by transinv measure.")],
+    after: Annotated[Path, typer.Argument(metavar="B", help="The result file to compare with A.")],
+    fmt: Annotated[Optional[Format], typer.Option("--format", "-f", help="table (a summary per metric and layer), csv or json (every matched row).")] = None,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """Per-metric differences of two saved runs (B minus A), e.g. before and after a change to a model."""
+    with _errors(debug):
+        try:
+            a, b = load_results([before]), load_results([after])
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        label_a, label_b = before.stem, after.stem if after.stem != before.stem else f"{after.stem}-b"
+        diff = compare_results(a, b, label_a, label_b)
+        if fmt is None:
+            fmt = Format.table if sys.stdout.isatty() else Format.csv
+        if fmt == Format.csv:
+            sys.stdout.write(diff.to_csv(index=False))
+        elif fmt == Format.json:
+            sys.stdout.write(diff.to_json(orient="records", indent=2) + "\n")
+        else:
+            summary = summarize(diff)
+            same = [c for c in ("model", "variant", "mode") if summary[c].nunique() == 1]
+            context = ", ".join(f"{c}={summary[c].iloc[0]}" for c in same)
+            summary = summary.drop(columns=same)
+            table = Table(title=f"{after} minus {before} ({context})", title_justify="left")
+            for column in summary.columns:
+                table.add_column(escape(str(column)), justify="left" if summary[column].dtype == object else "right")
+            for row in summary.itertuples(index=False):
+                table.add_row(*[f"{v:.4g}" if isinstance(v, float) else escape(str(v)) for v in row])
+            Console().print(table)
 
 
 @app.command()

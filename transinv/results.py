@@ -69,8 +69,8 @@ def born_at(rows: pd.DataFrame) -> list[dict[str, Any]]:
             {
                 "model": model,
                 "variant": variant,
-                "shift_x": int(sx),
-                "shift_y": int(sy),
+                "shift_x": sx,
+                "shift_y": sy,
                 "layer": group["layer"].iloc[best],
                 "growth": float(growth[best - 1]),
                 "value": float(values[best]),
@@ -129,7 +129,9 @@ def make_rows(records: list[dict[str, Any]]) -> pd.DataFrame:
     """A tidy frame with the documented columns and dtypes (nullable ints for empty cells)."""
     frame = pd.DataFrame.from_records(records, columns=COLUMNS)
     for column in ("stride", "shift_x", "shift_y", "n"):
-        frame[column] = frame[column].astype("Int64")
+        values = pd.to_numeric(frame[column])
+        whole = bool(values.dropna().map(lambda v: float(v).is_integer()).all())
+        frame[column] = values.astype("Int64") if whole else values  # sub-pixel shifts stay floats
     frame["aligned"] = frame["aligned"].astype("boolean")
     frame["partial"] = frame["partial"].astype(bool)
     return frame

@@ -6,55 +6,66 @@ Convention (PROTOCOLS.md): a shift ``(dx, dy)`` moves image content right by ``d
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 
 from .errors import UserError
+from .subpixel import bilinear_shift, fourier_shift
 
-Mode = Literal["crop", "circular", "pad"]
-Direction = Literal["x", "y", "diagonal", "grid"]
 MODES: tuple[str, ...] = ("crop", "circular", "pad")
 DIRECTIONS: tuple[str, ...] = ("x", "y", "diagonal", "grid")
 
-Shift = tuple[int, int]
+Number = int | float
+Shift = tuple[Number, Number]
+SUBPIXEL_METHODS: tuple[str, ...] = ("fourier", "bilinear")
 
-_RANGE = re.compile(r"^\s*(-?\d+)\s*\.\.\s*(-?\d+)\s*(?::\s*(\d+)\s*)?$")
+_NUMBER = r"-?\d+(?:\.\d+)?"
+_RANGE = re.compile(rf"^\s*({_NUMBER})\s*\.\.\s*({_NUMBER})\s*(?::\s*(\d+(?:\.\d+)?)\s*)?$")
 
 
-def _parse_int(text: str, spec: str) -> int:
+def _number(text: str, spec: str) -> Number:
+    """A shift value: an int when whole, else a float (a sub-pixel shift)."""
     try:
-        return int(text)
+        value = float(text)
     except ValueError:
         raise UserError(
-            f"bad shift {text.strip()!r} in --shift {spec!r}: use whole pixels, e.g. 0..16, -8..8, "
-            "0..32:4 or 0,1,2,4,8"
+            f"bad shift {text.strip()!r} in --shift {spec!r}: use pixels, e.g. 0..16, -8..8, 0..32:4, 0,1,2,4,8 "
+            "or 0..2:0.25"
         ) from None
+    return int(value) if value.is_integer() else value
 
 
-def parse_shift_values(spec: str) -> list[int]:
-    """Parse ``0..16`` (inclusive), ``-8..8``, ``0..32:4``, ``0,1,2,4,8`` or ``5`` into values."""
+def parse_shift_values(spec: str) -> list[Number]:
+    """Parse ``0..16`` (inclusive), ``-8..8``, ``0..32:4``, ``0..2:0.25``, ``0,1,2,4,8`` or ``5``."""
     match = _RANGE.match(spec)
     if match:
-        start, stop = int(match.group(1)), int(match.group(2))
-        step = int(match.group(3) or 1)
-        if step == 0:
-            raise UserError(f"bad --shift {spec!r}: the step after ':' must be at least 1")
+        start, stop = _number(match.group(1), spec), _number(match.group(2), spec)
+        step = _number(match.group(3) or "1", spec)
+        if step <= 0:
+            raise UserError(f"bad --shift {spec!r}: the step after ':' must be positive")
         if stop < start:
             raise UserError(f"bad --shift {spec!r}: the range ends before it starts (write {stop}..{start})")
-        return list(range(start, stop + 1, step))
+        count = int(round((stop - start) / step, 9)) + 1
+        return [_number(repr(round(start + i * step, 9)), spec) for i in range(count)]
     if ".." in spec or ":" in spec:
         raise UserError(f"bad --shift {spec!r}: a range is START..STOP or START..STOP:STEP, e.g. 0..32:4")
-    values = [_parse_int(part, spec) for part in spec.split(",") if part.strip()]
+    values = [_number(part, spec) for part in spec.split(",") if part.strip()]
     if not values:
         raise UserError("--shift is empty: give e.g. 0..16")
     return sorted(set(values))
 
 
-def make_shifts(values: list[int], direction: str) -> list[Shift]:
+def is_subpixel(shifts: Sequence[Shift]) -> bool:
+    """True when some shift is not a whole number of pixels."""
+    return any(isinstance(v, float) for shift in shifts for v in shift)
+
+
+def make_shifts(values: list[Number], direction: str) -> list[Shift]:
     """Turn shift values into ``(dx, dy)`` pairs; ``(0, 0)`` always comes first as the reference."""
     if direction == "x":
         pairs = [(v, 0) for v in values]
@@ -71,8 +82,8 @@ def make_shifts(values: list[int], direction: str) -> list[Shift]:
 
 
 def max_abs_shift(shifts: Sequence[Shift]) -> int:
-    """Largest shift component in absolute value: the crop margin a canvas needs."""
-    return max(max(abs(dx), abs(dy)) for dx, dy in shifts)
+    """Largest shift component in absolute value, rounded up: the crop margin a canvas needs."""
+    return math.ceil(max(max(abs(dx), abs(dy)) for dx, dy in shifts))
 
 
 def canvas_size(size: int, shifts: Sequence[Shift], mode: str) -> int:
@@ -80,10 +91,19 @@ def canvas_size(size: int, shifts: Sequence[Shift], mode: str) -> int:
     return size + 2 * max_abs_shift(shifts) if mode == "crop" else size
 
 
-def check_shifts(shifts: Sequence[Shift], size: int, mode: str, resize: int) -> None:
-    """Reject shift sets the views cannot hold, with the fix in the message."""
+def check_shifts(shifts: Sequence[Shift], size: int, mode: str, resize: int, subpixel: str | None = None) -> None:
+    """Reject shift sets the views cannot hold, and sub-pixel requests a mode cannot honour."""
     if mode not in MODES:
         raise UserError(f"unknown --mode {mode!r}: use one of {', '.join(MODES)}")
+    if subpixel is not None and subpixel not in SUBPIXEL_METHODS:
+        raise UserError(f"unknown --subpixel {subpixel!r}: use fourier or bilinear")
+    if is_subpixel(shifts):
+        if subpixel is None:
+            raise UserError("fractional shifts need a sub-pixel method: add --subpixel fourier or --subpixel bilinear")
+        if subpixel == "fourier" and mode != "circular":
+            raise UserError("--subpixel fourier is a circular (band-limited) shift: use it with --mode circular")
+        if subpixel == "bilinear" and mode == "circular":
+            raise UserError("--subpixel bilinear resamples with borders: use it with --mode crop or pad")
     largest = max_abs_shift(shifts)
     if mode == "crop":
         need = canvas_size(size, shifts, mode)
@@ -94,6 +114,20 @@ def check_shifts(shifts: Sequence[Shift], size: int, mode: str, resize: int) -> 
             )
     elif largest >= size:
         raise UserError(f"shift {largest} is not smaller than the {size}-px view: use shifts below {size}")
+
+
+def subpixel_view(canvas: torch.Tensor, shift: Shift, size: int, mode: str, method: str, fill: float = 0.0) -> torch.Tensor:
+    """A view moved by a fractional shift: a Fourier phase shift of the view (circular), or a
+    bilinear resampling of the canvas (crop: real content enters; pad: the mean colour enters)."""
+    dx, dy = (float(v) for v in shift)
+    if method == "fourier":
+        return fourier_shift(canvas, dx, dy)
+    moved = bilinear_shift(canvas, dx, dy, "border" if mode == "crop" else "zeros")
+    if mode == "pad" and fill:
+        inside = bilinear_shift(torch.ones_like(canvas[:1, :1]), dx, dy, "zeros")
+        moved = moved + (1 - inside) * fill
+    margin = (canvas.shape[-1] - size) // 2
+    return moved[..., margin : margin + size, margin : margin + size]
 
 
 def shifted_view(canvas: torch.Tensor, shift: Shift, size: int, mode: str, fill: float = 0.0) -> torch.Tensor:
@@ -126,10 +160,14 @@ class ShiftPlan:
     size: int
     mode: str = "crop"
     fill: float = 0.0
+    subpixel: str | None = None
 
     @property
     def canvas(self) -> int:
         return canvas_size(self.size, self.shifts, self.mode)
 
     def view(self, canvas: torch.Tensor, shift: Shift) -> torch.Tensor:
+        """The view at ``shift``: integer shifts exactly, fractional ones by the sub-pixel method."""
+        if self.subpixel is not None and is_subpixel([shift]):
+            return subpixel_view(canvas, shift, self.size, self.mode, self.subpixel, self.fill)
         return shifted_view(canvas, shift, self.size, self.mode, self.fill)
