@@ -19,7 +19,7 @@ from .layers import LayerInfo, Probe, probe_layers, select_layers
 from .models import LoadedModel, default_preprocess, load_model
 from .results import Result, born_at, make_rows
 from .runner import Measurement, RunState, make_loader, resolve_device, run_batches
-from .shifts import ShiftPlan, check_shifts, make_shifts, parse_shift_values
+from .shifts import ShiftPlan, check_shifts, make_shifts, parse_pair_offsets, parse_shift_values
 
 Warn = Callable[[str], None]
 
@@ -142,6 +142,7 @@ def measure(
     mode: str = "crop",
     fill: float = 0.0,
     subpixel: str | None = None,
+    consistency: str | None = None,
     layers: str = "default",
     variants: Sequence[str] | str | None = None,
     antialias: str | None = None,
@@ -178,6 +179,7 @@ def measure(
     overrides = Overrides(size, resize, mean, std)
     overrides.check()
     chosen_variants = variant_specs(variants, antialias, aps, padding)
+    pairs = parse_pair_offsets(consistency) if consistency else None
     context = distributed.from_env()
     dev = resolve_device(device, context.local_rank if context.active else None)
     distributed.init(context, dev)
@@ -188,8 +190,8 @@ def measure(
     for spec in specs:
         loaded = prepare_model(spec, weights, seed, overrides)
         pre = loaded.preprocess
-        check_shifts(shifts, pre.size, mode, pre.resize, subpixel)
-        plan = ShiftPlan(tuple(shifts), pre.size, mode, fill, subpixel)
+        plan = ShiftPlan(tuple(shifts), pre.size, mode, fill, subpixel, pairs)
+        check_shifts(plan.extent, pre.size, mode, pre.resize, subpixel)
         for variant in chosen_variants:
             module = loaded.module if variant == "base" else apply_variant(loaded.module, variant)
             module = module.to(dev).eval()
@@ -197,7 +199,7 @@ def measure(
             _explain_probe(loaded, probe, layers, warn)
             chosen = select_layers(probe, layers)
             job = Measurement(module, plan, chosen, labelled, dev, batch_size, precision, channels_last,
-                              by_correctness, path=direction != "grid")
+                              by_correctness, path=direction != "grid", seed=seed)
             groups.setdefault((pre, plan), []).append(
                 _Job(loaded, variant, chosen, job, M.MetricState(job.keys, dev))
             )
@@ -232,6 +234,7 @@ def measure(
         "mode": mode,
         "fill": fill,
         "subpixel": subpixel,
+        "consistency": consistency,
         "layers": layers,
         "num_images": num_images,
         "batch_size": batch_size,

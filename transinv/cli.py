@@ -23,6 +23,7 @@ from . import api, distributed
 from .compare import compare_results, summarize
 from .errors import UserError
 from .plots import load_results, plot_results
+from .presets import list_presets, load_preset
 from .render import print_result
 from .results import Result
 from .shifts import DIRECTIONS, MODES
@@ -128,7 +129,9 @@ MODEL_HELP = "torchvision model name, FILE.py:FACTORY, package.module:FACTORY, a
 
 @app.command()
 def measure(
+    ctx: typer.Context,
     models: Annotated[list[str], typer.Argument(metavar="MODEL...", help=f"One or more models: {MODEL_HELP}")],
+    config: Annotated[Optional[str], typer.Option(help="A preset name (see `transinv presets`) or YAML file; flags given here override it.")] = None,
     weights: Annotated[str, typer.Option(help="DEFAULT, a weights name (IMAGENET1K_V1), none (seeded random init), or a checkpoint path.")] = "DEFAULT",
     data: Annotated[Optional[list[str]], typer.Option(help="Image folder, ImageFolder tree or file; repeat for several. Default: the built-in images.")] = None,
     shift: Annotated[str, typer.Option(help="Shifts in pixels: 0..16, -8..8, 0..32:4, 0,1,2,4,8 or 5. Shift 0 is always the reference.")] = "0..16",
@@ -136,6 +139,7 @@ def measure(
     mode: Annotated[str, typer.Option(help=f"How views are shifted: {'|'.join(MODES)} (see README).")] = "crop",
     fill: Annotated[float, typer.Option(help="Fill value for --mode pad, in normalised units (0 = the mean colour).")] = 0.0,
     subpixel: Annotated[Optional[str], typer.Option(help="Method for fractional shifts (0..2:0.25): fourier (circular mode) or bilinear (crop, pad).")] = None,
+    consistency: Annotated[Optional[str], typer.Option(help="Also measure consistency: top-1 agreement of two views at random offsets, each axis uniform in LO..HI (e.g. -16..15).")] = None,
     layers: Annotated[str, typer.Option(help="Layers to measure: default, all, none, or names and globs (layer3.*), comma-separated.")] = "default",
     variants: Annotated[Optional[str], typer.Option(help="Variants measured side by side, comma-separated: base, blurpool[:K], aps, padding:MODE, joined by '+'.")] = None,
     antialias: Annotated[Optional[str], typer.Option(help="Anti-aliased downsampling: blurpool or blurpool:K (K = 2..7).")] = None,
@@ -165,15 +169,22 @@ def measure(
         bar, start = _progress_factory(progress and err.is_terminal and context.is_main)
         kwargs = dict(
             weights=weights, data=data, shift=shift, direction=direction, mode=mode, fill=fill, subpixel=subpixel,
-            layers=layers,
+            consistency=consistency, layers=layers,
             variants=variants, antialias=antialias, aps=aps, padding=padding,
             size=size, resize=resize, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
             num_images=num_images, batch_size=batch_size, seed=seed, workers=workers, device=device,
             precision=precision, channels_last=channels_last, by_correctness=by_correctness, progress=start,
         )
+        if config is not None:
+            for key, value in load_preset(config).items():
+                source = ctx.get_parameter_source(key)
+                if source is None or source.name == "DEFAULT":
+                    kwargs[key] = value
         try:
             with bar if bar is not None else nullcontext():
                 result = api.measure(models, **kwargs)
+            if config is not None:
+                result.settings["config"] = config
             if context.is_main:
                 _emit(result, fmt, output)
                 if plot is not None:
@@ -244,6 +255,17 @@ def compare(
             for row in summary.itertuples(index=False):
                 table.add_row(*[f"{v:.4g}" if isinstance(v, float) else escape(str(v)) for v in row])
             Console().print(table)
+
+
+@app.command()
+def presets() -> None:
+    """List the presets for published protocols (use one with `transinv measure MODEL --config NAME`)."""
+    table = Table(title="presets (configs/)", title_justify="left")
+    for column in ("name", "description", "paper"):
+        table.add_column(column)
+    for preset in list_presets():
+        table.add_row(preset["name"], escape(preset["description"]), escape(preset["paper"]))
+    Console().print(table)
 
 
 @app.command()

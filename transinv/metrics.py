@@ -21,6 +21,7 @@ WORST_CASE_ACCURACY = "worst_case_accuracy"
 TOP1_AGREEMENT_IF_CORRECT = "top1_agreement_if_correct"
 TOP1_AGREEMENT_IF_WRONG = "top1_agreement_if_wrong"
 CONSISTENCY = "consistency"
+WORST_CASE_AGREEMENT = "worst_case_agreement"
 JAGGEDNESS = "jaggedness"
 EQUIVARIANCE_ERROR = "equivariance_error"
 POOLED_INVARIANCE_ERROR = "pooled_invariance_error"
@@ -134,7 +135,7 @@ BOOTSTRAP_REPLICATES = 100
 BOOTSTRAP_SEED = 20190411
 Z95 = 1.959963984540054
 PROPORTIONS = frozenset({TOP1_AGREEMENT, ACCURACY, WORST_CASE_ACCURACY, TOP1_AGREEMENT_IF_CORRECT,
-                         TOP1_AGREEMENT_IF_WRONG, CONSISTENCY, JAGGEDNESS})
+                         TOP1_AGREEMENT_IF_WRONG, CONSISTENCY, JAGGEDNESS, WORST_CASE_AGREEMENT})
 
 
 def bootstrap_weights(image_ids: torch.Tensor, replicates: int = BOOTSTRAP_REPLICATES) -> torch.Tensor:

@@ -52,7 +52,8 @@ def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
 
 
 def metric_keys(
-    layers: list[LayerInfo], shifts: Sequence[Shift], labelled: bool, by_correctness: bool = False, path: bool = False
+    layers: list[LayerInfo], shifts: Sequence[Shift], labelled: bool, by_correctness: bool = False,
+    path: bool = False, pairs: bool = False,
 ) -> list[M.Key]:
     """Every (layer, shift, metric) the run can fill, in output order."""
     keys: list[M.Key] = []
@@ -67,10 +68,13 @@ def metric_keys(
                 keys.append((M.OUTPUT_LAYER, shift, metric))
         if by_correctness and labelled:
             keys += [(M.OUTPUT_LAYER, shift, M.TOP1_AGREEMENT_IF_CORRECT), (M.OUTPUT_LAYER, shift, M.TOP1_AGREEMENT_IF_WRONG)]
+    keys.append((M.OUTPUT_LAYER, None, M.WORST_CASE_AGREEMENT))
     if labelled:
         keys.append((M.OUTPUT_LAYER, None, M.WORST_CASE_ACCURACY))
     if path and len(shifts) > 1:
         keys.append((M.OUTPUT_LAYER, None, M.JAGGEDNESS))
+    if pairs:
+        keys.append((M.OUTPUT_LAYER, None, M.CONSISTENCY))
     return keys
 
 
@@ -99,10 +103,12 @@ class _LayerComparer:
         self.layers = {layer.name: layer for layer in layers}
         self.circular = circular
         self.reference: dict[str, M.Reference] = {}
-        self.shifts: list[Shift] = []  # empty: the pass is the reference
+        self.shifts: list[Shift] | None = []  # empty: the pass is the reference; None: not measured
         self.state: M.MetricState | None = None
 
     def __call__(self, name: str, feature: torch.Tensor) -> None:
+        if self.shifts is None:
+            return
         layer = self.layers[name]
         feature = to_nchw(feature, layer)
         if feature.dtype not in (torch.float32, torch.float64):
@@ -140,6 +146,7 @@ class Measurement:
         channels_last: bool = False,
         by_correctness: bool = False,
         path: bool = False,
+        seed: int = 0,
     ) -> None:
         if precision not in PRECISIONS:
             raise UserError(f"unknown --precision {precision!r}: use one of {', '.join(PRECISIONS)}")
@@ -151,7 +158,8 @@ class Measurement:
             self.model.to(memory_format=torch.channels_last)
         self.comparer = _LayerComparer(layers, circular=plan.mode == "circular")
         self.by_correctness, self.path = by_correctness and labelled, path and len(plan.shifts) > 1
-        self.keys = metric_keys(layers, plan.shifts, labelled, by_correctness, path)
+        self.seed = seed
+        self.keys = metric_keys(layers, plan.shifts, labelled, by_correctness, path, plan.pair_offsets is not None)
 
     def _forward(self, tap: FeatureTap, views: torch.Tensor) -> torch.Tensor:
         tap.reset()
@@ -191,8 +199,15 @@ class Measurement:
             logits = self._forward(tap, torch.cat([self.plan.view(canvases, shift) for shift in group]))
             for shift, shifted in zip(group, logits.chunk(len(group))):
                 predictions[shift] = self._add_outputs(state, shift, reference, shifted, labels, ref_correct)
+        stacked = torch.stack(list(predictions.values()))
+        state.add((M.OUTPUT_LAYER, None, M.WORST_CASE_AGREEMENT), (stacked == stacked[0]).all(dim=0).double())
+        if self.plan.pair_offsets is not None:
+            comparer.shifts = None  # the random pairs are compared at the output only
+            first, second = self.plan.pair_views(canvases, batch.indices, self.seed)
+            both = self._forward(tap, torch.cat([first, second])).argmax(dim=1)
+            state.add((M.OUTPUT_LAYER, None, M.CONSISTENCY), both.chunk(2)[0].eq(both.chunk(2)[1]).double())
         if self.labelled:
-            correct_everywhere = torch.stack([p == labels for p in predictions.values()]).all(dim=0)
+            correct_everywhere = (stacked == labels).all(dim=0)
             state.add((M.OUTPUT_LAYER, None, M.WORST_CASE_ACCURACY), _where_known(labels, correct_everywhere))
         if self.path:  # the share of consecutive steps along the path where the top-1 class changes
             ordered = torch.stack([predictions[s] for s in sorted(predictions, key=lambda s: s[0] + s[1])])

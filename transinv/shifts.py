@@ -40,9 +40,8 @@ def _number(text: str, spec: str) -> Number:
     return int(value) if value.is_integer() else value
 
 
-def parse_shift_values(spec: str) -> list[Number]:
-    """Parse ``0..16`` (inclusive), ``-8..8``, ``0..32:4``, ``0..2:0.25``, ``0,1,2,4,8`` or ``5``."""
-    match = _RANGE.match(spec)
+def _parse_part(part: str, spec: str) -> list[Number]:
+    match = _RANGE.match(part)
     if match:
         start, stop = _number(match.group(1), spec), _number(match.group(2), spec)
         step = _number(match.group(3) or "1", spec)
@@ -52,9 +51,15 @@ def parse_shift_values(spec: str) -> list[Number]:
             raise UserError(f"bad --shift {spec!r}: the range ends before it starts (write {stop}..{start})")
         count = int(round((stop - start) / step, 9)) + 1
         return [_number(repr(round(start + i * step, 9)), spec) for i in range(count)]
-    if ".." in spec or ":" in spec:
+    if ".." in part or ":" in part:
         raise UserError(f"bad --shift {spec!r}: a range is START..STOP or START..STOP:STEP, e.g. 0..32:4")
-    values = [_number(part, spec) for part in spec.split(",") if part.strip()]
+    return [_number(part, spec)]
+
+
+def parse_shift_values(spec: str) -> list[Number]:
+    """Parse ``0..16`` (inclusive), ``-8..8``, ``0..32:4``, ``0..2:0.25``, ``0,1,2,4,8``, ``5``, or a
+    comma list mixing them (``-15..15,-0.5,0.5``); the values come back sorted, each once."""
+    values = [v for part in spec.split(",") if part.strip() for v in _parse_part(part, spec)]
     if not values:
         raise UserError("--shift is empty: give e.g. 0..16")
     return sorted(set(values))
@@ -152,22 +157,53 @@ def shifted_view(canvas: torch.Tensor, shift: Shift, size: int, mode: str, fill:
     raise UserError(f"unknown --mode {mode!r}: use one of {', '.join(MODES)}")
 
 
+def parse_pair_offsets(spec: str) -> tuple[int, int]:
+    """``LO..HI``: the inclusive range each axis's random consistency offset is drawn from."""
+    values = parse_shift_values(spec)
+    if len(values) < 2 or is_subpixel([(v, 0) for v in values]):
+        raise UserError(f"--consistency {spec!r}: give a whole-pixel range LO..HI, e.g. -16..15")
+    return int(values[0]), int(values[-1])
+
+
 @dataclass(frozen=True)
 class ShiftPlan:
-    """Everything that decides the views: the shifts, the view size, the mode and the fill value."""
+    """Everything that decides the views: shifts, view size, mode, fill, sub-pixel method and the
+    range of the random offset pairs of the consistency protocol (None: no pairs)."""
 
     shifts: tuple[Shift, ...]
     size: int
     mode: str = "crop"
     fill: float = 0.0
     subpixel: str | None = None
+    pair_offsets: tuple[int, int] | None = None
+
+    @property
+    def extent(self) -> tuple[Shift, ...]:
+        """Every shift a view can take, the consistency offsets' extremes included."""
+        if self.pair_offsets is None:
+            return self.shifts
+        lo, hi = self.pair_offsets
+        return (*self.shifts, (lo, lo), (hi, hi))
 
     @property
     def canvas(self) -> int:
-        return canvas_size(self.size, self.shifts, self.mode)
+        return canvas_size(self.size, self.extent, self.mode)
 
     def view(self, canvas: torch.Tensor, shift: Shift) -> torch.Tensor:
         """The view at ``shift``: integer shifts exactly, fractional ones by the sub-pixel method."""
         if self.subpixel is not None and is_subpixel([shift]):
             return subpixel_view(canvas, shift, self.size, self.mode, self.subpixel, self.fill)
         return shifted_view(canvas, shift, self.size, self.mode, self.fill)
+
+    def pair_views(self, canvases: torch.Tensor, image_ids: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two views of each image at random offsets, uniform in ``pair_offsets`` per axis, drawn
+        from a generator seeded by the image id (so batching and sharding do not change them)."""
+        assert self.pair_offsets is not None
+        lo, hi = self.pair_offsets
+        first, second = [], []
+        for canvas, image in zip(canvases, image_ids.tolist()):
+            generator = torch.Generator().manual_seed(seed * 1_000_003 + int(image))
+            dx1, dy1, dx2, dy2 = torch.randint(lo, hi + 1, (4,), generator=generator).tolist()
+            first.append(self.view(canvas[None], (dx1, dy1))[0])
+            second.append(self.view(canvas[None], (dx2, dy2))[0])
+        return torch.stack(first), torch.stack(second)
