@@ -31,7 +31,7 @@ def test_measure_on_imagenet_sample_writes_clean_csv(imagenet_sample: Path) -> N
     assert list(frame.columns) == COLUMNS
     out = frame[frame["layer"] == "output"]
     assert set(out["metric"]) == {"top1_agreement", "kl_divergence", "prob_change", "accuracy", "worst_case_accuracy",
-                                  "jaggedness"}
+                                  "jaggedness", "worst_case_agreement"}
     assert (out["n"] == 8).all() and sorted(out["shift_x"].dropna().unique()) == list(range(9))
     assert {"conv1", "layer4"} <= set(frame["layer"])
     assert "Traceback" not in proc.stderr

@@ -45,23 +45,29 @@ def output_tables(rows: pd.DataFrame) -> list[Table]:
     out = rows[(rows["layer"] == M.OUTPUT_LAYER) & rows["shift_x"].notna()]
     metrics = [m for m in _OUTPUT_ORDER if m in set(out["metric"])]
     series = list(dict.fromkeys(zip(out["model"], out["variant"])))
-    wide = out.pivot_table(index=["shift_x", "shift_y"], columns=["model", "variant", "metric"], values="value", sort=False)
+    wide = out.pivot_table(index=["shift_x", "shift_y"], columns=["model", "variant", "metric"],
+                           values=["value", "ci_low", "ci_high"], sort=False)
     counts = out.groupby(["shift_x", "shift_y"], sort=False)["n"].max()
     layouts = [("output", [(s, m) for s in series for m in metrics], metrics)] if len(series) == 1 else [
         (f"output {metric}", [(s, metric) for s in series], [_series_label(*s) for s in series]) for metric in metrics
     ]
     tables = []
     for title, cells, headers in layouts:
-        table = Table(title=title, title_justify="left")
+        table = Table(title=title, title_justify="left", caption="value [95% interval]", caption_justify="left")
         table.add_column("shift", justify="right")
         for header in headers:
             table.add_column(escape(header), justify="right")
         table.add_column("n", justify="right")
         for (sx, sy), values in wide.iterrows():
-            row = [f"{values[(m, v, metric)]:.4f}" for (m, v), metric in cells]
+            row = [_with_interval(values, (m, v, metric)) for (m, v), metric in cells]
             table.add_row(_shift_label(sx, sy), *row, str(counts[(sx, sy)]))
         tables.append(table)
     return tables
+
+
+def _with_interval(values: pd.Series, key: tuple) -> str:
+    """'0.969 [0.84, 0.99]': the mean and its 95% interval (Wilson or bootstrap, see README)."""
+    return f"{values[('value', *key)]:.4g} [{values[('ci_low', *key)]:.2g}, {values[('ci_high', *key)]:.2g}]"
 
 
 def layer_tables(rows: pd.DataFrame, metric: str, width: int) -> list[Table]:

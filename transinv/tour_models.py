@@ -38,6 +38,7 @@ from torch import nn
 SEED = 0
 CLASSES = 10
 FC_INPUT_SIZE = 32  # fc_head's flattened head fixes the input size
+LOGIT_STD = 3.0  # spread of the calibrated heads' logits (see _calibrate)
 
 
 class _Seeded:
@@ -165,35 +166,73 @@ def _trunk() -> list[tuple[str, nn.Module]]:
     ]
 
 
+def _calibration_images() -> torch.Tensor:
+    """The built-in photographs as ``transinv measure --size 32 --resize 48`` sees them unshifted."""
+    from .data import builtin_images_dir, load_canvas
+    from .models import default_preprocess
+
+    pre = default_preprocess()
+    pre = type(pre)(resize=FC_INPUT_SIZE * 3 // 2, size=FC_INPUT_SIZE, mean=pre.mean, std=pre.std,
+                    interpolation=pre.interpolation)
+    files = sorted(p for p in builtin_images_dir().iterdir() if p.suffix == ".jpg")
+    return torch.stack([load_canvas(p, pre, FC_INPUT_SIZE) for p in files])
+
+
+def _calibrate(model: nn.Sequential) -> nn.Sequential:
+    """Rescale and recentre the head so the untrained network answers like a classifier.
+
+    With random weights the logits hardly differ between classes (softmax almost flat) and are
+    dominated by a part common to every image (the GAP head then names one class for nearly all
+    images), so no probability could move much. Here the head's weight and bias are changed, once
+    and the same way for both heads, so that on the nine built-in images (unshifted, 32 px) each
+    logit has mean 0 over the images and all logits have standard deviation ``LOGIT_STD``: the
+    map ``z -> g (z - m)``, an affine change of the last layer only. The trunk is untouched.
+    """
+    head = model.head
+    with torch.no_grad():
+        logits = model.eval()(_calibration_images())
+        m, g = logits.mean(dim=0), LOGIT_STD / (logits - logits.mean(dim=0)).std()
+        head.weight.mul_(g)
+        head.bias.copy_(g * (head.bias - m))
+    return model
+
+
 def fc_head() -> nn.Module:
     """The trunk, flattened (32 x 8 x 8 at 32 px), then one fully connected layer: every weight
-    belongs to one position of the map. Takes 32 x 32 inputs only."""
+    belongs to one position of the map. Takes 32 x 32 inputs only. Head calibrated (``_calibrate``)."""
     side = FC_INPUT_SIZE // 4
     with _Seeded():
         trunk = _trunk()
     with _Seeded(SEED + 1):
         head = nn.Linear(32 * side * side, CLASSES)
-    return nn.Sequential(OrderedDict([*trunk, ("flatten", nn.Flatten()), ("head", head)]))
+    return _calibrate(nn.Sequential(OrderedDict([*trunk, ("flatten", nn.Flatten()), ("head", head)])))
 
 
 def gap_head() -> nn.Module:
-    """The same trunk (same weights as ``fc_head``), averaged over positions, then a linear layer."""
+    """The same trunk (same weights as ``fc_head``), averaged over positions, then a linear layer.
+    Head calibrated like ``fc_head``'s (``_calibrate``)."""
     with _Seeded():
         trunk = _trunk()
     with _Seeded(SEED + 1):
         head = nn.Linear(32, CLASSES)
-    return nn.Sequential(OrderedDict([*trunk, ("gap", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()), ("head", head)]))
+    layers = [*trunk, ("gap", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()), ("head", head)]
+    return _calibrate(nn.Sequential(OrderedDict(layers)))
 
 
 # 5. Absolute position -------------------------------------------------------------------------
 
 
 def _position(padding_mode: str) -> nn.Module:
+    """Six 3x3 stride-1 convs with ReLU; He initialisation and zero biases keep the signal's size
+    from layer to layer (PyTorch's default init lets it fade and the biases take over)."""
     with _Seeded():
         layers: list[tuple[str, nn.Module]] = []
         channels = 3
         for i in range(1, 7):
-            layers += [(f"conv{i}", _conv(channels, 16, padding_mode)), (f"relu{i}", nn.ReLU())]
+            conv = _conv(channels, 16, padding_mode)
+            nn.init.kaiming_normal_(conv.weight, nonlinearity="relu")
+            nn.init.zeros_(conv.bias)
+            layers += [(f"conv{i}", conv), (f"relu{i}", nn.ReLU())]
             channels = 16
         return nn.Sequential(OrderedDict([*layers, *_gap_head(16)]))
 
