@@ -105,12 +105,16 @@ def _progress_factory(enabled: bool):
 
 
 def _emit(result: Result, fmt: Format | None, output: Optional[Path]) -> None:
-    """Write the result where and how the user asked; a terminal gets a table, a pipe CSV."""
+    """Write the result where and how the user asked; a terminal gets a table, a pipe CSV.
+
+    With ``-o``, the file gets CSV or JSON (``--format``, else its extension) and stdout still
+    gets the table when it is a terminal or ``--format table`` was asked for.
+    """
     if output is not None:
-        file_fmt = fmt if fmt not in (None, Format.table) else (Format.json if output.suffix == ".json" else Format.csv)
+        file_fmt = fmt if fmt in (Format.csv, Format.json) else (Format.json if output.suffix == ".json" else Format.csv)
         (result.to_json if file_fmt == Format.json else result.to_csv)(output)
         err.print(f"wrote {output}", highlight=False)
-        if fmt in (Format.csv, Format.json) or not sys.stdout.isatty():
+        if fmt != Format.table and (fmt is not None or not sys.stdout.isatty()):
             return
         fmt = Format.table
     if fmt is None:
