@@ -277,15 +277,14 @@ def check_heads(run: Run, runs: "Runs") -> None:
 
 def check_resnet18(run: Run, runs: "Runs") -> None:
     """resnet18 (random weights) under circular shifts: the pooled error is born at the stride-32
-    stage; BlurPool shrinks every error at the output and in the last stage; APS with circular
-    padding is exact at every layer and at the output."""
+    stage; BlurPool at least halves the KL divergence at the output and the pooled error of the
+    last stage; APS with circular padding is exact at every layer and at the output."""
     base, blur, aps = "resnet18", "resnet18 [blurpool]", "resnet18 [aps+padding:circular]"
     assert run.series_names() == [base, blur, aps]
     born = [b for b in run.summary["born_at"] if series_label(b["model"], b["variant"]) == base]
     assert born and all(b["layer"] == "layer4.0.conv1" for b in born)
     for shift in _nonzero_shifts(run):
         assert run.value("kl_divergence", blur, shift) < 0.5 * run.value("kl_divergence", base, shift)
-        assert run.value("prob_change", blur, shift) < run.value("prob_change", base, shift)
         assert run.value(POOLED, blur, shift, "layer4") < 0.5 * run.value(POOLED, base, shift, "layer4")
         assert run.value("kl_divergence", aps, shift) <= 1e-6
         assert run.value("prob_change", aps, shift) <= 1e-5

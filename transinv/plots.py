@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,7 +22,7 @@ from matplotlib.figure import Figure, SubFigure
 from matplotlib.ticker import MaxNLocator
 
 from . import metrics as M
-from .results import COLUMNS
+from .results import COLUMNS, atomic_target
 
 NEEDED = ["model", "mode", "layer", "shift_x", "shift_y", "metric", "value"]
 TEXT_COLUMNS = ["model", "weights", "mode", "layer", "metric", "variant"]
@@ -374,13 +372,6 @@ def _modes(rows: pd.DataFrame) -> str:
 
 
 def _save(fig: Figure, path: Path) -> None:
-    """Render into a temporary file beside ``path`` and rename it into place (no half-written images)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=path.suffix)
-    os.close(fd)
-    try:
+    """Render the figure to ``path`` atomically (no half-written images)."""
+    with atomic_target(path) as tmp:
         fig.savefig(tmp, format=path.suffix[1:].lower() or "png", dpi=DPI)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
