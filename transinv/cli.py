@@ -13,6 +13,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Annotated, Iterator, Optional
 
+import pandas as pd
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -126,6 +127,34 @@ def _emit(result: Result, fmt: Format | None, output: Optional[Path]) -> None:
     else:
         sys.stdout.write(result.to_json())
     sys.stdout.flush()
+
+
+def _emit_frame(frame: pd.DataFrame, fmt: Format | None, title: str, shown: pd.DataFrame | None = None) -> None:
+    """A table of rows as CSV, JSON records, or a rich table on a terminal (``shown``: the rows
+    the terminal table gets, when they differ from the data)."""
+    if fmt is None:
+        fmt = Format.table if sys.stdout.isatty() else Format.csv
+    if fmt == Format.csv:
+        sys.stdout.write(frame.to_csv(index=False))
+    elif fmt == Format.json:
+        sys.stdout.write(frame.to_json(orient="records", indent=2) + "\n")
+    else:
+        shown = frame if shown is None else shown
+        table = Table(title=escape(title), title_justify="left")
+        for column in shown.columns:
+            numeric = pd.api.types.is_numeric_dtype(shown[column]) and not pd.api.types.is_bool_dtype(shown[column])
+            table.add_column(escape(str(column)), justify="right" if numeric else "left")
+        for row in shown.itertuples(index=False):
+            table.add_row(*[_cell(v) for v in row])
+        Console().print(table)
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, bool):
+        return "yes" if value else ""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return escape(str(value))
 
 
 MODEL_HELP = "torchvision model name, FILE.py:FACTORY, package.module:FACTORY, a TorchScript file or example:NAME."
@@ -242,23 +271,10 @@ def compare(
             raise UserError(str(exc)) from exc
         label_a, label_b = before.stem, after.stem if after.stem != before.stem else f"{after.stem}-b"
         diff = compare_results(a, b, label_a, label_b)
-        if fmt is None:
-            fmt = Format.table if sys.stdout.isatty() else Format.csv
-        if fmt == Format.csv:
-            sys.stdout.write(diff.to_csv(index=False))
-        elif fmt == Format.json:
-            sys.stdout.write(diff.to_json(orient="records", indent=2) + "\n")
-        else:
-            summary = summarize(diff)
-            same = [c for c in ("model", "variant", "mode") if summary[c].nunique() == 1]
-            context = ", ".join(f"{c}={summary[c].iloc[0]}" for c in same)
-            summary = summary.drop(columns=same)
-            table = Table(title=f"{after} minus {before} ({context})", title_justify="left")
-            for column in summary.columns:
-                table.add_column(escape(str(column)), justify="left" if summary[column].dtype == object else "right")
-            for row in summary.itertuples(index=False):
-                table.add_row(*[f"{v:.4g}" if isinstance(v, float) else escape(str(v)) for v in row])
-            Console().print(table)
+        summary = summarize(diff)
+        same = [c for c in ("model", "variant", "mode") if summary[c].nunique() == 1]
+        context = ", ".join(f"{c}={summary[c].iloc[0]}" for c in same)
+        _emit_frame(diff, fmt, f"{after} minus {before} ({context})", summary.drop(columns=same))
 
 
 @app.command()
@@ -283,19 +299,7 @@ def layers(
     """List MODEL's measurable layers in forward order: output shape, cumulative stride, default selection."""
     with _errors(debug):
         frame = api.list_layers(model, weights=weights, size=size)
-        if fmt is None:
-            fmt = Format.table if sys.stdout.isatty() else Format.csv
-        if fmt == Format.csv:
-            sys.stdout.write(frame.to_csv(index=False))
-        elif fmt == Format.json:
-            sys.stdout.write(frame.to_json(orient="records", indent=2) + "\n")
-        else:
-            table = Table(title=f"{model}: layers with a spatial map", title_justify="left")
-            for column in frame.columns:
-                table.add_column(column, justify="right" if column == "stride" else "left")
-            for row in frame.itertuples(index=False):
-                table.add_row(*["yes" if v is True else "" if v is False else str(v) for v in row])
-            Console().print(table)
+        _emit_frame(frame, fmt, f"{model}: layers with a spatial map")
 
 
 def main() -> None:
