@@ -138,3 +138,12 @@ def test_fourier_subpixel_shifts_commute_with_a_circular_convolution(few_images:
 def test_fractional_shifts_need_a_method_that_fits_the_mode(few_images: Path, kwargs: dict, needle: str) -> None:
     with pytest.raises(transinv.UserError, match=needle):
         transinv.measure("example:circular_gap", data=str(few_images), **{**SMALL, **kwargs})
+
+
+def test_consistency_split_by_correctness_partitions_the_images(few_images: Path) -> None:
+    result = transinv.measure("example:constant", data=str(few_images), shift="0", consistency="-4..3",
+                              layers="none", by_correctness=True, **SMALL)
+    whole = result.rows[result.rows["shift_x"].isna()].set_index("metric")
+    assert whole.loc[M.CONSISTENCY, "value"] == 1.0
+    split = whole["n"].get(M.CONSISTENCY_IF_CORRECT, 0) + whole["n"].get(M.CONSISTENCY_IF_WRONG, 0)
+    assert split == whole.loc[M.CONSISTENCY, "n"] == 6

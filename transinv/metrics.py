@@ -21,6 +21,8 @@ WORST_CASE_ACCURACY = "worst_case_accuracy"
 TOP1_AGREEMENT_IF_CORRECT = "top1_agreement_if_correct"
 TOP1_AGREEMENT_IF_WRONG = "top1_agreement_if_wrong"
 CONSISTENCY = "consistency"
+CONSISTENCY_IF_CORRECT = "consistency_if_correct"
+CONSISTENCY_IF_WRONG = "consistency_if_wrong"
 WORST_CASE_AGREEMENT = "worst_case_agreement"
 JAGGEDNESS = "jaggedness"
 EQUIVARIANCE_ERROR = "equivariance_error"
@@ -135,7 +137,8 @@ BOOTSTRAP_REPLICATES = 100
 BOOTSTRAP_SEED = 20190411
 Z95 = 1.959963984540054
 PROPORTIONS = frozenset({TOP1_AGREEMENT, ACCURACY, WORST_CASE_ACCURACY, TOP1_AGREEMENT_IF_CORRECT,
-                         TOP1_AGREEMENT_IF_WRONG, CONSISTENCY, JAGGEDNESS, WORST_CASE_AGREEMENT})
+                         TOP1_AGREEMENT_IF_WRONG, CONSISTENCY, CONSISTENCY_IF_CORRECT, CONSISTENCY_IF_WRONG,
+                         JAGGEDNESS, WORST_CASE_AGREEMENT})
 
 
 def bootstrap_weights(image_ids: torch.Tensor, replicates: int = BOOTSTRAP_REPLICATES) -> torch.Tensor:

@@ -75,6 +75,8 @@ def metric_keys(
         keys.append((M.OUTPUT_LAYER, None, M.JAGGEDNESS))
     if pairs:
         keys.append((M.OUTPUT_LAYER, None, M.CONSISTENCY))
+        if by_correctness and labelled:
+            keys += [(M.OUTPUT_LAYER, None, M.CONSISTENCY_IF_CORRECT), (M.OUTPUT_LAYER, None, M.CONSISTENCY_IF_WRONG)]
     return keys
 
 
@@ -205,7 +207,14 @@ class Measurement:
             comparer.shifts = None  # the random pairs are compared at the output only
             first, second = self.plan.pair_views(canvases, batch.indices, self.seed)
             both = self._forward(tap, torch.cat([first, second])).argmax(dim=1)
-            state.add((M.OUTPUT_LAYER, None, M.CONSISTENCY), both.chunk(2)[0].eq(both.chunk(2)[1]).double())
+            consistent = both.chunk(2)[0].eq(both.chunk(2)[1]).double()
+            state.add((M.OUTPUT_LAYER, None, M.CONSISTENCY), consistent)
+            if self.by_correctness:
+                known = labels >= 0
+                state.add((M.OUTPUT_LAYER, None, M.CONSISTENCY_IF_CORRECT),
+                          torch.where(known & ref_correct, consistent, float("nan")))
+                state.add((M.OUTPUT_LAYER, None, M.CONSISTENCY_IF_WRONG),
+                          torch.where(known & ~ref_correct, consistent, float("nan")))
         if self.labelled:
             correct_everywhere = (stacked == labels).all(dim=0)
             state.add((M.OUTPUT_LAYER, None, M.WORST_CASE_ACCURACY), _where_known(labels, correct_everywhere))
