@@ -177,20 +177,38 @@ class MetricState:
         self.data = torch.zeros(len(self.keys), 3, dtype=torch.float64, device=device)
         self.boot = torch.zeros(len(self.keys), 2, BOOTSTRAP_REPLICATES, dtype=torch.float64, device=device)
         self.weights: torch.Tensor | None = None
+        self.pending: torch.Tensor | None = None
+
+    def begin_batch(self, weights: torch.Tensor) -> None:
+        """Collect one batch's per-image values (one row per key) until ``flush``: one copy per
+        ``add`` instead of a dozen small reductions, which matters where kernel launches dominate."""
+        self.weights = weights.to(self.data.device)
+        self.pending = torch.full((len(self.keys), len(weights)), float("nan"), dtype=torch.float64,
+                                  device=self.data.device)
 
     def add(self, key: Key, values: torch.Tensor) -> None:
-        """Add per-image values; NaN entries (undefined for that image) are not counted.
+        """Add per-image values; NaN entries (undefined for that image) are not counted."""
+        values = values.detach().flatten()
+        if self.pending is not None:
+            self.pending[self.index[key]] = values
+            return
+        self._accumulate(values.to(torch.float64)[None], slice(self.index[key], self.index[key] + 1))
 
-        Stays on the values' device without a host sync, so it is cheap inside the loop.
-        """
-        values = values.detach().to(torch.float64).flatten()
+    def flush(self) -> None:
+        """Reduce the collected batch into the sums (no-op outside ``begin_batch``)."""
+        if self.pending is not None:
+            self._accumulate(self.pending, slice(None))
+            self.pending = None
+
+    def _accumulate(self, values: torch.Tensor, rows: slice) -> None:
+        """Add ``values`` ``(keys, images)`` into sums, squares, counts and bootstrap sums, without
+        a host sync."""
         defined = ~torch.isnan(values)
         values = torch.where(defined, values, 0.0)
-        i = self.index[key]
-        self.data[i] += torch.stack([values.sum(), (values * values).sum(), defined.sum().double()])
+        self.data[rows] += torch.stack([values.sum(1), (values * values).sum(1), defined.sum(1).double()], dim=1)
         if self.weights is not None:
-            self.boot[i, 0] += values @ self.weights
-            self.boot[i, 1] += defined.double() @ self.weights
+            self.boot[rows, 0] += values @ self.weights
+            self.boot[rows, 1] += defined.double() @ self.weights
 
     def empty_like(self) -> "MetricState":
         return MetricState(self.keys, self.data.device)

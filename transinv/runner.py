@@ -258,10 +258,10 @@ def run_batches(
                 if len(batch.indices):
                     fresh = [state.empty_like() for state in states]
                     weights = M.bootstrap_weights(batch.indices)
-                    for state in fresh:
-                        state.weights = weights.to(state.data.device)
                     for measurement, state in zip(measurements, fresh):
+                        state.begin_batch(weights)
                         measurement.measure_batch(batch, state)
+                        state.flush()
                     for state, new in zip(states, fresh):
                         state.merge(new)
                     run.images += len(batch.indices)
