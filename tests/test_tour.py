@@ -474,6 +474,44 @@ def test_tour_output_matches_the_measurement(name: str, runs: Runs) -> None:
     assert compare_shown(step.shown, runs[name]) > 0, f"tour.md:{step.line}: nothing recognisable in the pasted output"
 
 
+def test_tour_networks_compared_side_by_side_share_their_weights() -> None:
+    """The tour says 'the same kernel', 'the same trunk', 'the same weights': check it, and that
+    every network maps images to (N, 10) logits without touching the caller's RNG."""
+    import torch
+
+    from transinv import tour_models as T
+
+    def params(model: torch.nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+        return {k: v for k, v in model.state_dict().items() if k.startswith(prefix)}
+
+    state = torch.random.get_rng_state()
+    models = {name: factory() for name, factory in T.TOUR_MODELS.items()}
+    assert torch.equal(torch.random.get_rng_state(), state)
+    for a, b in (("conv1", "conv1_circular"), ("conv1", "conv1_valid"), ("position", "position_circular")):
+        pa, pb = params(models[a]), params(models[b])
+        assert pa.keys() == pb.keys() and all(torch.equal(pa[k], pb[k]) for k in pa), (a, b)
+    trunk_fc, trunk_gap = params(models["fc_head"], "conv"), params(models["gap_head"], "conv")
+    assert trunk_fc.keys() == trunk_gap.keys() and all(torch.equal(trunk_fc[k], trunk_gap[k]) for k in trunk_fc)
+    assert [m.padding_mode for m in models["position"].modules() if isinstance(m, torch.nn.Conv2d)] == ["zeros"] * 6
+    assert {m.padding_mode for m in models["position_circular"].modules() if isinstance(m, torch.nn.Conv2d)} == {"circular"}
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        for name, model in models.items():
+            assert model(x).shape == (2, T.CLASSES), name
+
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a Markdown heading."""
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_tour_links_to_the_readme_resolve() -> None:
+    readme = (ROOT / "README.md").read_text()
+    anchors = {_slug(h) for h in re.findall(r"^#+ (.+)$", readme, flags=re.M)}
+    links = re.findall(r"\]\(\.\./README\.md#([\w\-]+)\)", TOUR.read_text())
+    assert links and not set(links) - anchors, f"broken README anchors: {sorted(set(links) - anchors)}"
+
+
 def test_tour_figures_are_small() -> None:
     figures = sorted((ROOT / "docs" / "tour").glob("*.png"))
     text = TOUR.read_text()

@@ -51,12 +51,16 @@ def versions() -> dict[str, str]:
     }
 
 
+BORN_AT_FLOOR = 1e-6  # growth below this is float rounding, not a layer breaking invariance
+
+
 def born_at(rows: pd.DataFrame) -> list[dict[str, Any]]:
     """For each non-zero shift, the layer where ``pooled_invariance_error`` grows most.
 
     Growth is a layer's error minus the previous measured layer's (forward order). The first
     measured layer is not a candidate: its error mostly reflects what the shift did to the image
     content itself (in crop mode, new content entering the view), not what the network added.
+    Shifts where no layer's error grows by more than ``BORN_AT_FLOOR`` name none.
     """
     pooled = rows[rows["metric"] == M.POOLED_INVARIANCE_ERROR]
     found = []
@@ -65,6 +69,8 @@ def born_at(rows: pd.DataFrame) -> list[dict[str, Any]]:
             continue
         values = group["value"].to_numpy()
         growth = values[1:] - values[:-1]
+        if growth.max() <= BORN_AT_FLOOR:  # nothing grows beyond float noise: no layer to name
+            continue
         best = int(growth.argmax()) + 1
         found.append(
             {

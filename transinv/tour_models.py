@@ -6,8 +6,8 @@ with named layers so the tour's tables read ``conv``, ``pool``, ``head``... Use 
 
     transinv measure transinv.tour_models:conv1 --mode circular --layers conv --shift 0..4
 
-Weights are random but fixed: every factory draws them from its own generator seeded with
-``SEED`` (the global torch RNG is left alone), so ``--seed`` only chooses the images, a rerun
+Weights are random but fixed: every factory seeds the torch RNG with ``SEED`` while it builds
+(and restores the caller's RNG state after), so ``--seed`` only chooses the images, a rerun
 gives the same numbers, and networks that the tour compares share their weights wherever they
 share their layers (``conv1`` and ``conv1_circular`` hold the very same kernel; ``fc_head`` and
 ``gap_head`` the same convolutional trunk).
@@ -21,16 +21,20 @@ Networks, by the tour's claim:
    ``maxpool4_stride4``: the same with a 4x4 max-pool of stride 1 (padded circularly, so the map
    keeps its size), 2 or 4.
 3. ``fc_head``, ``gap_head``: one zero-padded trunk (conv, ReLU, max-pool, conv, ReLU, max-pool)
-   ending in a flattened fully connected head (32 px inputs only) or a global-average-pooled one.
+   ending in a flattened fully connected head (32 px inputs only) or a global-average-pooled one;
+   both heads are rescaled once on the built-in images so their predictions are not flat
+   (``_calibrate``).
 4. (resnet18 from torchvision.)
-5. ``position``, ``position_circular``: six stride-1 3x3 convolutions with ReLU, zero or circular
-   padding, global average pooling, linear head.
+5. ``position``, ``position_circular``: six stride-1 3x3 convolutions with ReLU (He
+   initialisation, zero biases), zero or circular padding, global average pooling, linear head.
 """
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Callable
+from contextlib import contextmanager
+from dataclasses import replace
+from typing import Callable, Iterator
 
 import torch
 from torch import nn
@@ -39,25 +43,16 @@ SEED = 0
 CLASSES = 10
 FC_INPUT_SIZE = 32  # fc_head's flattened head fixes the input size
 LOGIT_STD = 3.0  # spread of the calibrated heads' logits (see _calibrate)
+CALIBRATION_RESIZE = 48  # the tour measures the heads with --size 32 --resize 48
 
 
-class _Seeded:
-    """Draws every new module's initial weights from one private generator seeded with ``seed``.
-
-    PyTorch initialises modules from the global RNG, so this forks it, seeds it, and restores the
-    caller's state on exit: the factories are deterministic and leave the caller's RNG untouched.
-    """
-
-    def __init__(self, seed: int = SEED) -> None:
-        self.seed = seed
-        self._fork = torch.random.fork_rng(devices=[])
-
-    def __enter__(self) -> None:
-        self._fork.__enter__()
-        torch.manual_seed(self.seed)
-
-    def __exit__(self, *exc: object) -> None:
-        self._fork.__exit__(*exc)
+@contextmanager
+def _seeded(seed: int = SEED) -> Iterator[None]:
+    """Initialise the modules built inside from the torch RNG seeded with ``seed``, then restore
+    the caller's RNG state: the factories are deterministic and leave the caller's RNG alone."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _conv(cin: int, cout: int, padding_mode: str = "zeros", padding: int = 1) -> nn.Conv2d:
@@ -72,7 +67,7 @@ def _gap_head(channels: int) -> list[tuple[str, nn.Module]]:
 
 
 def _conv1(padding_mode: str = "zeros", padding: int = 1) -> nn.Module:
-    with _Seeded():
+    with _seeded():
         return nn.Sequential(OrderedDict([("conv", _conv(3, 8, padding_mode, padding)), *_gap_head(8)]))
 
 
@@ -115,7 +110,7 @@ class CircularMaxPool(nn.Module):
 def _pooled(pool: nn.Module) -> nn.Module:
     """circular conv, ReLU, ``pool``, circular conv, ReLU, GAP, linear: only ``pool`` can break
     circular equivariance, so the tour can watch what it does."""
-    with _Seeded():
+    with _seeded():
         layers = [
             ("conv", _conv(3, 8, "circular")),
             ("relu", nn.ReLU()),
@@ -167,13 +162,11 @@ def _trunk() -> list[tuple[str, nn.Module]]:
 
 
 def _calibration_images() -> torch.Tensor:
-    """The built-in photographs as ``transinv measure --size 32 --resize 48`` sees them unshifted."""
-    from .data import builtin_images_dir, load_canvas
-    from .models import default_preprocess
+    """The built-in photographs as ``transinv measure --size 32 --resize 48`` sees them, unshifted."""
+    from transinv.data import builtin_images_dir, load_canvas
+    from transinv.models import default_preprocess
 
-    pre = default_preprocess()
-    pre = type(pre)(resize=FC_INPUT_SIZE * 3 // 2, size=FC_INPUT_SIZE, mean=pre.mean, std=pre.std,
-                    interpolation=pre.interpolation)
+    pre = replace(default_preprocess(), resize=CALIBRATION_RESIZE, size=FC_INPUT_SIZE)
     files = sorted(p for p in builtin_images_dir().iterdir() if p.suffix == ".jpg")
     return torch.stack([load_canvas(p, pre, FC_INPUT_SIZE) for p in files])
 
@@ -201,9 +194,9 @@ def fc_head() -> nn.Module:
     """The trunk, flattened (32 x 8 x 8 at 32 px), then one fully connected layer: every weight
     belongs to one position of the map. Takes 32 x 32 inputs only. Head calibrated (``_calibrate``)."""
     side = FC_INPUT_SIZE // 4
-    with _Seeded():
+    with _seeded():
         trunk = _trunk()
-    with _Seeded(SEED + 1):
+    with _seeded(SEED + 1):
         head = nn.Linear(32 * side * side, CLASSES)
     return _calibrate(nn.Sequential(OrderedDict([*trunk, ("flatten", nn.Flatten()), ("head", head)])))
 
@@ -211,9 +204,9 @@ def fc_head() -> nn.Module:
 def gap_head() -> nn.Module:
     """The same trunk (same weights as ``fc_head``), averaged over positions, then a linear layer.
     Head calibrated like ``fc_head``'s (``_calibrate``)."""
-    with _Seeded():
+    with _seeded():
         trunk = _trunk()
-    with _Seeded(SEED + 1):
+    with _seeded(SEED + 1):
         head = nn.Linear(32, CLASSES)
     layers = [*trunk, ("gap", nn.AdaptiveAvgPool2d(1)), ("flatten", nn.Flatten()), ("head", head)]
     return _calibrate(nn.Sequential(OrderedDict(layers)))
@@ -225,7 +218,7 @@ def gap_head() -> nn.Module:
 def _position(padding_mode: str) -> nn.Module:
     """Six 3x3 stride-1 convs with ReLU; He initialisation and zero biases keep the signal's size
     from layer to layer (PyTorch's default init lets it fade and the biases take over)."""
-    with _Seeded():
+    with _seeded():
         layers: list[tuple[str, nn.Module]] = []
         channels = 3
         for i in range(1, 7):
