@@ -2,7 +2,8 @@
 
     python benchmarks/bench.py [--images 64] [--shift 0..8] [--device auto] [--out benchmarks/results.json]
 
-For each model: the bare forward pass on the same images (already decoded, inference mode, same
+For each model, in interleaved rounds whose best figures are kept (a shared machine only ever
+slows a run down): the bare forward pass on the same images (already decoded, inference mode, same
 threads, warm-up excluded) in images/s; ``measure`` with output metrics only and with the default
 per-layer metrics, in shifted images/s (every forward pass counted, the reference included), and
 the ratio of each to the bare pass; peak memory (RSS, and CUDA peak where used) of a fresh process
@@ -28,7 +29,7 @@ from rich.table import Table
 import transinv
 from transinv.data import find_images, load_canvas, select_images
 from transinv.models import load_model
-from transinv.runner import resolve_device
+from transinv.runner import bound_heap_growth, resolve_device
 from transinv.shifts import make_shifts, parse_shift_values
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -94,6 +95,7 @@ def child(args: argparse.Namespace) -> None:
     The peak is reset after imports and model construction (``clear_refs``), so the figure is
     the run's own, not the import of CUDA libraries.
     """
+    bound_heap_growth()  # as the transinv command does at start-up
     model = load_model(args.child, "none").module
     device = resolve_device(args.device)
     before = _status_mib("VmRSS")
@@ -119,12 +121,14 @@ def main() -> None:
     parser.add_argument("--shift", default="0..8")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds; the best of each is kept")
     parser.add_argument("--memory-images", default="64,256")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         return child(args)
+    bound_heap_growth()
     if not Path(args.data).is_dir():
         sys.exit(f"benchmark images not found at {args.data}")
     device = resolve_device(args.device)
@@ -134,9 +138,10 @@ def main() -> None:
     results = []
     for name in MODELS:
         model = load_model(name, "none").module.to(device)
-        bare = bare_forward(model, decoded, device, len(make_shifts(parse_shift_values(args.shift), "x")))
-        output_only = timed_measure(model, "none", args)
-        per_layer = timed_measure(model, "default", args)
+        views = len(make_shifts(parse_shift_values(args.shift), "x"))
+        rounds = [(bare_forward(model, decoded, device, views), timed_measure(model, "none", args),
+                   timed_measure(model, "default", args)) for _ in range(args.rounds)]
+        bare, output_only, per_layer = (max(column) for column in zip(*rounds))  # best of interleaved rounds
         memory = {n: peak_memory(name, int(n), args) for n in args.memory_images.split(",")}
         results.append({
             "model": name, "bare_images_per_s": bare,
@@ -148,7 +153,7 @@ def main() -> None:
         "machine": machine(device),
         "versions": {"transinv": transinv.__version__, "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "python": platform.python_version()},
-        "settings": {"size": SIZE, "batch_size": BATCH, "images": args.images, "shift": args.shift,
+        "settings": {"size": SIZE, "batch_size": BATCH, "images": args.images, "shift": args.shift, "rounds": args.rounds,
                      "workers": args.workers, "data": args.data, "weights": "none", "precision": "fp32"},
         "results": results,
     }

@@ -8,6 +8,8 @@ whatever the number of images or shifts.
 
 from __future__ import annotations
 
+import ctypes
+
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -92,6 +94,7 @@ def _logits(output: object) -> torch.Tensor:
     raise UserError(f"the model returned {type(output).__name__}; transinv needs logits of shape (N, classes)")
 
 
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -269,6 +272,20 @@ def run_batches(
                     progress(len(batch.indices) + len(batch.skipped))
     except KeyboardInterrupt:
         run.partial = True
+
+
+def bound_heap_growth() -> None:
+    """Have glibc serve allocations of 1 MiB and more (feature maps) with mmap, returned on free.
+
+    By default glibc raises that threshold as large blocks are freed, so maps of a few MiB come
+    from the heap, which fragments and grows batch after batch. Without effect on other C
+    libraries; the CLI calls it once at start-up.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return
+    libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
 
 
 def _where_known(labels: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
