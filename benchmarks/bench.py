@@ -29,7 +29,7 @@ from rich.table import Table
 import transinv
 from transinv.data import find_images, load_canvas, select_images
 from transinv.models import load_model
-from transinv.runner import bound_heap_growth, resolve_device
+from transinv.runner import resolve_device
 from transinv.shifts import make_shifts, parse_shift_values
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -95,7 +95,6 @@ def child(args: argparse.Namespace) -> None:
     The peak is reset after imports and model construction (``clear_refs``), so the figure is
     the run's own, not the import of CUDA libraries.
     """
-    bound_heap_growth()  # as the transinv command does at start-up
     model = load_model(args.child, "none").module
     device = resolve_device(args.device)
     before = _status_mib("VmRSS")
@@ -128,7 +127,6 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         return child(args)
-    bound_heap_growth()
     if not Path(args.data).is_dir():
         sys.exit(f"benchmark images not found at {args.data}")
     device = resolve_device(args.device)

@@ -26,7 +26,6 @@ from .errors import UserError
 from .plots import load_results, plot_results
 from .presets import list_presets, load_preset
 from .render import print_result
-from .runner import bound_heap_growth
 from .results import Result
 from .shifts import DIRECTIONS, MODES
 
@@ -305,7 +304,6 @@ def layers(
 
 def main() -> None:
     """Console-script entry: usage errors become one line on stderr with exit code 2."""
-    bound_heap_growth()
     try:
         code = app(standalone_mode=False)  # returns the exit code of a typer.Exit
         if isinstance(code, int):

@@ -94,7 +94,6 @@ def _logits(output: object) -> torch.Tensor:
     raise UserError(f"the model returned {type(output).__name__}; transinv needs logits of shape (N, classes)")
 
 
-M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -254,6 +253,7 @@ def run_batches(
     A batch's numbers are merged only once every measurement has finished it, so Ctrl-C leaves
     whole batches in every state and marks the run partial.
     """
+    heap = _Heap()
     try:
         with torch.inference_mode():
             for batch in batches:
@@ -268,24 +268,27 @@ def run_batches(
                     for state, new in zip(states, fresh):
                         state.merge(new)
                     run.images += len(batch.indices)
+                    heap.release()
                 if progress is not None:
                     progress(len(batch.indices) + len(batch.skipped))
     except KeyboardInterrupt:
         run.partial = True
 
 
-def bound_heap_growth() -> None:
-    """Have glibc serve allocations of 1 MiB and more (feature maps) with mmap, returned on free.
+class _Heap:
+    """glibc's malloc, to hand freed feature maps back to the system after each batch."""
 
-    By default glibc raises that threshold as large blocks are freed, so maps of a few MiB come
-    from the heap, which fragments and grows batch after batch. Without effect on other C
-    libraries; the CLI calls it once at start-up.
-    """
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return
-    libc.mallopt(M_MMAP_THRESHOLD, 1 << 20)
+    def __init__(self) -> None:
+        try:
+            self.trim = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to do
+            self.trim = None
+
+    def release(self) -> None:
+        """Return the heap's free memory to the system, so fragmentation cannot grow the peak
+        batch after batch (glibc keeps freed blocks of a few MiB in its heap)."""
+        if self.trim is not None:
+            self.trim(0)
 
 
 def _where_known(labels: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
