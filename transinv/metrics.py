@@ -138,7 +138,7 @@ BOOTSTRAP_SEED = 20190411
 Z95 = 1.959963984540054
 PROPORTIONS = frozenset({TOP1_AGREEMENT, ACCURACY, WORST_CASE_ACCURACY, TOP1_AGREEMENT_IF_CORRECT,
                          TOP1_AGREEMENT_IF_WRONG, CONSISTENCY, CONSISTENCY_IF_CORRECT, CONSISTENCY_IF_WRONG,
-                         JAGGEDNESS, WORST_CASE_AGREEMENT})
+                         WORST_CASE_AGREEMENT})  # 0/1 per image; jaggedness is a share per image
 
 
 def bootstrap_weights(image_ids: torch.Tensor, replicates: int = BOOTSTRAP_REPLICATES) -> torch.Tensor:

@@ -65,9 +65,28 @@ def output_tables(rows: pd.DataFrame) -> list[Table]:
     return tables
 
 
+def whole_set_table(rows: pd.DataFrame) -> Table | None:
+    """Metrics over the whole shift set (worst cases, jaggedness, consistency): a row per series."""
+    whole = rows[(rows["layer"] == M.OUTPUT_LAYER) & rows["shift_x"].isna()]
+    if whole.empty:
+        return None
+    metrics = list(dict.fromkeys(whole["metric"]))
+    table = Table(title="over the whole shift set", title_justify="left", caption="value [95% interval] (n)",
+                  caption_justify="left")
+    table.add_column("model")
+    for metric in metrics:
+        table.add_column(metric, justify="right")
+    for (model, variant), part in whole.groupby(["model", "variant"], sort=False):
+        cells = part.set_index("metric")
+        table.add_row(escape(_series_label(model, variant)), *[
+            f"{cells.loc[m, 'value']:.3g} [{cells.loc[m, 'ci_low']:.2g}, {cells.loc[m, 'ci_high']:.2g}] ({cells.loc[m, 'n']})"
+            if m in cells.index else "" for m in metrics])
+    return table
+
+
 def _with_interval(values: pd.Series, key: tuple) -> str:
     """'0.969 [0.84, 0.99]': the mean and its 95% interval (Wilson or bootstrap, see README)."""
-    return f"{values[('value', *key)]:.4g} [{values[('ci_low', *key)]:.2g}, {values[('ci_high', *key)]:.2g}]"
+    return f"{values[('value', *key)]:.3g} [{values[('ci_low', *key)]:.2g}, {values[('ci_high', *key)]:.2g}]"
 
 
 def layer_tables(rows: pd.DataFrame, metric: str, width: int) -> list[Table]:
@@ -91,7 +110,13 @@ def layer_tables(rows: pd.DataFrame, metric: str, width: int) -> list[Table]:
     for start in range(0, len(shifts), per_table):
         chunk = shifts[start : start + per_table]
         last = start + per_table >= len(shifts)
-        caption = "'.' = shift not a multiple of the layer's stride (not aligned)" if last and metric == M.EQUIVARIANCE_ERROR else None
+        caption = None
+        if last:
+            low, high = int(part["n"].min()), int(part["n"].max())
+            caption = f"n = {low} images per cell" if low == high else f"n = {low}..{high} images per cell"
+            caption += "; 95% intervals in the CSV/JSON"
+            if metric == M.EQUIVARIANCE_ERROR:
+                caption += "; '.' = shift not a multiple of the layer's stride (not aligned)"
         table = Table(title=f"{metric} by layer (rows) and shift in px (columns)" if start == 0 else None,
                       title_justify="left", caption=caption, caption_justify="left", box=box.SIMPLE_HEAD,
                       padding=(0, 1), pad_edge=False, collapse_padding=True)
@@ -122,9 +147,9 @@ def render(result: Result, width: int = 120) -> Group:
             parts.append(Text(f"\n{_series_label(model, variant)}", style="bold"))
         parts.extend(tables)
     parts.extend(output_tables(result.rows))
-    for row in result.rows[result.rows["metric"] == M.WORST_CASE_ACCURACY].itertuples():
-        parts.append(Text(f"worst_case_accuracy of {_series_label(row.model, row.variant)} "
-                          f"(correct under every shift of the set): {row.value:.4f} (n={row.n})"))
+    whole = whole_set_table(result.rows)
+    if whole is not None:
+        parts.append(whole)
     born = pd.DataFrame(result.summary.get("born_at") or [])
     if not born.empty:
         for (model, variant), entries in born.groupby(["model", "variant"], sort=False):
