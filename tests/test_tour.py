@@ -24,6 +24,7 @@ import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass
+from decimal import Decimal
 from pathlib import Path
 from typing import Callable
 
@@ -338,6 +339,11 @@ def _number(cell: str) -> float | None:
         return None
 
 
+def _half_unit(cell: str) -> float:
+    """Half a unit in the last printed digit of a cell's value ('0.135' -> 0.0005)."""
+    return 0.51 * 10.0 ** Decimal(cell.strip().split(" ")[0]).as_tuple().exponent
+
+
 def compare_shown(shown: str, run: Run) -> int:
     """Assert every number of the pasted output equals the run's (to its printed precision).
 
@@ -364,8 +370,8 @@ def compare_shown(shown: str, run: Run) -> int:
         if text.startswith((EQ + " by layer", POOLED + " by layer")):
             table = text.split(" ")[0]
             continue
-        if text == "output" or text.startswith("output "):
-            table, header_cells = text, []
+        if text == "output" or text.startswith("output ") or text == "over the whole shift set":
+            table, header_cells = ("output whole" if text.startswith("over") else text), []
             continue
         header = LAYER_HEADER.match(line)
         if header and table in (EQ, POOLED):
@@ -395,12 +401,22 @@ def compare_shown(shown: str, run: Run) -> int:
             cells = [c.strip() for c in text.strip("│").split("│")]
             if not cells[0]:
                 continue  # a wrapped cell's second line
+            if table == "output whole":  # one row per series, one column per whole-set metric
+                who = cells[0]
+                for metric, cell in zip(header_cells[1:], cells[1:]):
+                    part = run.layer(metric, who, "output")
+                    assert len(part) == 1, f"{who} {metric}: shown {cell}, measured {len(part)} rows"
+                    shown_value, value = _number(cell), float(part["value"].iloc[0])
+                    assert shown_value is not None, f"cannot read {cell!r}"
+                    assert abs(shown_value - value) <= max(5.01e-5, _half_unit(cell)), f"{who} {metric}: shown {cell}, measured {value}"
+                    compared += 1
+                continue
             shift = int(cells[0])
             for head, cell in zip(header_cells[1:-1], cells[1:-1]):
                 metric, who = (head, series) if table == "output" else (table.split(" ", 1)[1], head)
                 shown_value, value = _number(cell), run.value(metric, who, shift)
                 assert shown_value is not None, f"cannot read {cell!r}"
-                assert abs(shown_value - value) <= max(5.01e-5, 1e-3 * abs(value)), f"{who} {metric} shift {shift}: shown {cell}, measured {value}"
+                assert abs(shown_value - value) <= max(5.01e-5, _half_unit(cell)), f"{who} {metric} shift {shift}: shown {cell}, measured {value}"
                 compared += 1
     compared += _compare_born_at(shown, run)
     return compared
