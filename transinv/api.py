@@ -187,6 +187,7 @@ def measure(
     labelled = any(item.label >= 0 for item in all_items)
     items, ids = context.shard(all_items), context.shard(range(len(all_items)))
     groups: dict[tuple[Preprocess, ShiftPlan], list[_Job]] = {}
+    explained: set[str] = set()  # one note per model, not one per variant
     for spec in specs:
         loaded = prepare_model(spec, weights, seed, overrides)
         pre = loaded.preprocess
@@ -196,7 +197,9 @@ def measure(
             module = loaded.module if variant == "base" else apply_variant(loaded.module, variant)
             module = module.to(dev).eval()
             probe = probe_layers(module, pre.size, dev)
-            _explain_probe(loaded, probe, layers, warn)
+            if loaded.name not in explained:
+                explained.add(loaded.name)
+                _explain_probe(loaded, probe, layers, warn)
             chosen = select_layers(probe, layers)
             job = Measurement(module, plan, chosen, labelled, dev, batch_size, precision, channels_last,
                               by_correctness, path=direction != "grid", seed=seed)
