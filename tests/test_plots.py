@@ -11,7 +11,8 @@ import pandas as pd
 import pytest
 
 import transinv
-from transinv.plots import load_results, plot_results
+from transinv.plots import plot_results
+from transinv.results import load_results
 
 
 def _measure(model: str, data: Path, shift: str = "0..3", direction: str = "x") -> pd.DataFrame:

@@ -10,16 +10,16 @@ import pandas as pd
 import torch
 from torch import nn
 
+from . import distributed
 from . import metrics as M
 from .data import Preprocess, find_images, select_images
 from .errors import UserError
-from . import distributed
 from .fixes import apply_variant, parse_variant
 from .layers import LayerInfo, Probe, probe_layers, select_layers
 from .models import LoadedModel, default_preprocess, load_model
 from .results import Result, born_at, make_rows
-from .runner import Measurement, RunState, make_loader, resolve_device, run_batches
-from .shifts import ShiftPlan, check_shifts, make_shifts, parse_pair_offsets, parse_shift_values
+from .runner import PRECISIONS, Measurement, RunState, make_loader, resolve_device, run_batches
+from .shifts import ShiftPlan, check_mode, check_shifts, make_shifts, parse_pair_offsets, parse_shift_values
 
 Warn = Callable[[str], None]
 
@@ -178,6 +178,9 @@ def measure(
     shifts = make_shifts(parse_shift_values(shift), direction)
     overrides = Overrides(size, resize, mean, std)
     overrides.check()
+    check_mode(mode)
+    if precision not in PRECISIONS:
+        raise UserError(f"unknown --precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     chosen_variants = variant_specs(variants, antialias, aps, padding)
     pairs = parse_pair_offsets(consistency) if consistency else None
     context = distributed.from_env()

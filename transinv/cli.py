@@ -11,7 +11,7 @@ import traceback
 from contextlib import contextmanager, nullcontext
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Iterator, Optional
+from typing import Annotated, Callable, Iterator, Optional
 
 import pandas as pd
 import typer
@@ -23,10 +23,10 @@ from rich.table import Table
 from . import api, distributed
 from .compare import compare_results, summarize
 from .errors import UserError
-from .plots import load_results, plot_results
+from .plots import plot_results
 from .presets import list_presets, load_preset
 from .render import print_result
-from .results import Result
+from .results import Result, load_results
 from .shifts import DIRECTIONS, MODES
 
 EXIT_USAGE = 2
@@ -77,7 +77,10 @@ def _errors(debug: bool) -> Iterator[None]:
         raise typer.Exit(1) from None
 
 
-def _progress_factory(enabled: bool):
+ProgressStart = Callable[[int, int], Callable[[int], None]]
+
+
+def _progress_factory(enabled: bool) -> tuple[Progress | None, ProgressStart | None]:
     """A rich progress bar on stderr with images/s, or nothing when disabled."""
     if not enabled:
         return None, None
@@ -92,7 +95,7 @@ def _progress_factory(enabled: bool):
         transient=False,
     )
 
-    def start(total: int, done: int):
+    def start(total: int, done: int) -> Callable[[int], None]:
         task = progress.add_task("measuring", total=total, completed=done, rate="-")
 
         def advance(images: int) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pandas as pd
 
 from .errors import UserError
+from .results import whole_or_float
 
 KEYS = ["model", "variant", "mode", "layer", "shift_x", "shift_y", "metric"]
 SIDE_BY_SIDE = ("model", "variant", "mode")
@@ -42,12 +43,6 @@ def _side_by_side(a: pd.DataFrame, b: pd.DataFrame, column: str) -> str | None:
     return None
 
 
-def _shift_dtype(column: pd.Series) -> pd.Series:
-    """Whole-pixel shifts back as nullable ints; fractional shifts stay float."""
-    present = column.dropna()
-    return column.astype("Int64") if (present == present.round()).all() else column
-
-
 def compare_results(a: pd.DataFrame, b: pd.DataFrame, label_a: str = "a", label_b: str = "b") -> pd.DataFrame:
     """Match two result tables row by row: both values, ``difference`` (b − a), ``relative`` and ``status``.
 
@@ -73,7 +68,7 @@ def compare_results(a: pd.DataFrame, b: pd.DataFrame, label_a: str = "a", label_
     merged["relative"] = merged["difference"] / value_a.abs().where(value_a != 0)
     merged["status"] = merged["_merge"].astype(str).map(_STATUS)
     for column in ("shift_x", "shift_y"):
-        merged[column] = _shift_dtype(merged[column])
+        merged[column] = whole_or_float(merged[column])
     for column in (f"n_{label_a}", f"n_{label_b}"):
         merged[column] = merged[column].astype("Int64")
     values = [f"value_{label_a}", f"value_{label_b}", "difference", "relative", f"n_{label_a}", f"n_{label_b}"]

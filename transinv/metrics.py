@@ -29,7 +29,6 @@ EQUIVARIANCE_ERROR = "equivariance_error"
 POOLED_INVARIANCE_ERROR = "pooled_invariance_error"
 
 OUTPUT_METRICS = (TOP1_AGREEMENT, KL_DIVERGENCE, PROB_CHANGE, ACCURACY)
-LAYER_METRICS = (EQUIVARIANCE_ERROR, POOLED_INVARIANCE_ERROR)
 OUTPUT_LAYER = "output"
 
 Shift = tuple[int, int]
@@ -187,7 +186,11 @@ class MetricState:
                                   device=self.data.device)
 
     def add(self, key: Key, values: torch.Tensor) -> None:
-        """Add per-image values; NaN entries (undefined for that image) are not counted."""
+        """Add per-image values; NaN entries (undefined for that image) are not counted.
+
+        Between ``begin_batch`` and ``flush`` each key takes the batch's values once (one row of
+        the batch buffer); outside a batch the values are added at once.
+        """
         values = values.detach().flatten()
         if self.pending is not None:
             self.pending[self.index[key]] = values
@@ -195,7 +198,8 @@ class MetricState:
         self._accumulate(values.to(torch.float64)[None], slice(self.index[key], self.index[key] + 1))
 
     def flush(self) -> None:
-        """Reduce the collected batch into the sums (no-op outside ``begin_batch``)."""
+        """Reduce the collected batch into the sums (no-op outside ``begin_batch``). A batch never
+        flushed (an interrupted one) is dropped by the next ``begin_batch``."""
         if self.pending is not None:
             self._accumulate(self.pending, slice(None))
             self.pending = None
@@ -209,9 +213,6 @@ class MetricState:
         if self.weights is not None:
             self.boot[rows, 0] += values @ self.weights
             self.boot[rows, 1] += defined.double() @ self.weights
-
-    def empty_like(self) -> "MetricState":
-        return MetricState(self.keys, self.data.device)
 
     def merge(self, other: "MetricState") -> None:
         """Add another state with the same keys (another batch, shard or process)."""

@@ -6,11 +6,10 @@ needed and pyplot's global state is never touched (safe inside a CLI, a server o
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable
 
 import matplotlib
 import numpy as np
@@ -22,10 +21,9 @@ from matplotlib.figure import Figure, SubFigure
 from matplotlib.ticker import MaxNLocator
 
 from . import metrics as M
-from .results import COLUMNS, atomic_target
+from .results import TEXT_COLUMNS, atomic_target
 
 NEEDED = ["model", "mode", "layer", "shift_x", "shift_y", "metric", "value"]
-TEXT_COLUMNS = ["model", "weights", "mode", "layer", "metric", "variant"]
 NUMBER_COLUMNS = ["shift_x", "shift_y", "value", "ci_low", "ci_high"]
 # One line / heatmap / map per distinct combination; a column joins its label only where a model
 # has several values of it (so "resnet18/blur", but not "resnet18/none" beside "vgg11/DEFAULT").
@@ -44,34 +42,6 @@ class Section:
     width: float
     height: float
     draw: Callable[[SubFigure], None]
-
-
-def load_results(paths: Sequence[str | Path]) -> pd.DataFrame:
-    """Read transinv CSV or JSON (``{"rows": [...]}``) result files into one frame, in the given order."""
-    if not paths:
-        raise ValueError("no result files given")
-    return pd.concat([_read_result(Path(p)) for p in paths], ignore_index=True)
-
-
-def _read_result(path: Path) -> pd.DataFrame:
-    """One result file; every failure becomes a one-line ``ValueError`` naming the file."""
-    try:
-        if path.suffix.lower() == ".json":
-            doc = json.loads(path.read_text())
-            if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
-                raise ValueError(f"{path}: not a transinv result (a JSON result holds a 'rows' list)")
-            frame = pd.DataFrame.from_records(doc["rows"])
-        else:
-            frame = pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS})
-    except OSError as error:
-        raise ValueError(f"{path}: {error.strerror or error}") from None
-    except (UnicodeDecodeError, json.JSONDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
-        reason = str(error).strip().splitlines()[0]
-        raise ValueError(f"{path}: not a transinv result ({reason})") from None
-    missing = [c for c in COLUMNS if c not in frame.columns]
-    if missing:
-        raise ValueError(f"{path}: not a transinv result (missing columns: {', '.join(missing)})")
-    return frame
 
 
 def plot_results(

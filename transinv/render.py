@@ -79,14 +79,19 @@ def whole_set_table(rows: pd.DataFrame) -> Table | None:
     for (model, variant), part in whole.groupby(["model", "variant"], sort=False):
         cells = part.set_index("metric")
         table.add_row(escape(_series_label(model, variant)), *[
-            f"{cells.loc[m, 'value']:.3g} [{cells.loc[m, 'ci_low']:.2g}, {cells.loc[m, 'ci_high']:.2g}] ({cells.loc[m, 'n']})"
+            f"{_interval_text(*cells.loc[m, ['value', 'ci_low', 'ci_high']])} ({cells.loc[m, 'n']})"
             if m in cells.index else "" for m in metrics])
     return table
 
 
 def _with_interval(values: pd.Series, key: tuple) -> str:
+    """A pivoted cell of ``output_tables`` as value and interval."""
+    return _interval_text(values[("value", *key)], values[("ci_low", *key)], values[("ci_high", *key)])
+
+
+def _interval_text(value: float, low: float, high: float) -> str:
     """'0.969 [0.84, 0.99]': the mean and its 95% interval (Wilson or bootstrap, see README)."""
-    return f"{values[('value', *key)]:.3g} [{values[('ci_low', *key)]:.2g}, {values[('ci_high', *key)]:.2g}]"
+    return f"{value:.3g} [{low:.2g}, {high:.2g}]"
 
 
 def layer_tables(rows: pd.DataFrame, metric: str, width: int) -> list[Table]:

@@ -10,7 +10,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import pandas as pd
 import torch
@@ -36,6 +36,9 @@ COLUMNS = [
     "ci_high",
     "partial",
 ]
+
+
+TEXT_COLUMNS = ["model", "weights", "mode", "layer", "metric", "variant"]
 
 
 def versions() -> dict[str, str]:
@@ -132,13 +135,19 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def whole_or_float(column: pd.Series) -> pd.Series:
+    """Numbers as nullable ints when all are whole (empty cells stay empty), else floats
+    (sub-pixel shifts)."""
+    values = pd.to_numeric(column)
+    present = values.dropna()
+    return values.astype("Int64") if (present == present.round()).all() else values
+
+
 def make_rows(records: list[dict[str, Any]]) -> pd.DataFrame:
     """A tidy frame with the documented columns and dtypes (nullable ints for empty cells)."""
     frame = pd.DataFrame.from_records(records, columns=COLUMNS)
     for column in ("stride", "shift_x", "shift_y", "n"):
-        values = pd.to_numeric(frame[column])
-        whole = bool(values.dropna().map(lambda v: float(v).is_integer()).all())
-        frame[column] = values.astype("Int64") if whole else values  # sub-pixel shifts stay floats
+        frame[column] = whole_or_float(frame[column])
     frame["aligned"] = frame["aligned"].astype("boolean")
     frame["partial"] = frame["partial"].astype(bool)
     return frame
@@ -168,3 +177,31 @@ def write_atomic(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically."""
     with atomic_target(path) as tmp:
         tmp.write_text(text)
+
+
+def load_results(paths: Sequence[str | Path]) -> pd.DataFrame:
+    """Read transinv CSV or JSON (``{"rows": [...]}``) result files into one frame, in the given order."""
+    if not paths:
+        raise ValueError("no result files given")
+    return pd.concat([_read_result(Path(p)) for p in paths], ignore_index=True)
+
+
+def _read_result(path: Path) -> pd.DataFrame:
+    """One result file; every failure becomes a one-line ``ValueError`` naming the file."""
+    try:
+        if path.suffix.lower() == ".json":
+            doc = json.loads(path.read_text())
+            if not isinstance(doc, dict) or not isinstance(doc.get("rows"), list):
+                raise ValueError(f"{path}: not a transinv result (a JSON result holds a 'rows' list)")
+            frame = pd.DataFrame.from_records(doc["rows"])
+        else:
+            frame = pd.read_csv(path, dtype={c: str for c in TEXT_COLUMNS})
+    except OSError as error:
+        raise ValueError(f"{path}: {error.strerror or error}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
+        reason = str(error).strip().splitlines()[0]
+        raise ValueError(f"{path}: not a transinv result ({reason})") from None
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise ValueError(f"{path}: not a transinv result (missing columns: {', '.join(missing)})")
+    return frame

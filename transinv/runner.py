@@ -9,7 +9,6 @@ whatever the number of images or shifts.
 from __future__ import annotations
 
 import ctypes
-
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -86,9 +85,8 @@ def _logits(output: object) -> torch.Tensor:
     """The logits tensor of a model's output (tensors, tuples and torchvision's named outputs)."""
     if isinstance(output, torch.Tensor):
         return output
-    for attr in ("logits",):
-        if hasattr(output, attr):
-            return getattr(output, attr)
+    if isinstance(getattr(output, "logits", None), torch.Tensor):
+        return output.logits
     if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
         return output[0]
     raise UserError(f"the model returned {type(output).__name__}; transinv needs logits of shape (N, classes)")
@@ -115,10 +113,11 @@ class _LayerComparer:
             return
         layer = self.layers[name]
         feature = to_nchw(feature, layer)
-        if feature.dtype not in (torch.float32, torch.float64):
-            feature = feature.float()  # reduced-precision maps are compared in float32
-        if not self.shifts:
-            self.reference[name] = M.Reference.of(feature.clone())  # in-place ops may change it later
+        reduced = feature.dtype not in (torch.float32, torch.float64)
+        if reduced:
+            feature = feature.float()  # reduced-precision maps are compared in float32 (a copy)
+        if not self.shifts:  # keep a copy: in-place ops later in the forward pass may change it
+            self.reference[name] = M.Reference.of(feature if reduced else feature.clone())
             return
         for shift, part in zip(self.shifts, feature.chunk(len(self.shifts))):
             self.compare(layer, self.reference[name], part, shift)
@@ -132,7 +131,7 @@ class _LayerComparer:
 
 
 class Measurement:
-    """One model measured on one shift plan; ``run`` consumes batches and fills a ``RunState``.
+    """One model measured on one shift plan; ``measure_batch`` adds one image batch to a state.
 
     Each forward pass holds up to ``views_per_pass`` views: when an image batch is smaller (the
     last one, or few images), several shifts share a pass so every pass stays full.
@@ -152,8 +151,6 @@ class Measurement:
         path: bool = False,
         seed: int = 0,
     ) -> None:
-        if precision not in PRECISIONS:
-            raise UserError(f"unknown --precision {precision!r}: use one of {', '.join(PRECISIONS)}")
         self.model, self.plan, self.layers, self.device = model, plan, layers, device
         self.labelled, self.views_per_pass = labelled, views_per_pass
         self.dtype = PRECISIONS[precision]
@@ -211,12 +208,8 @@ class Measurement:
             both = self._forward(tap, torch.cat([first, second])).argmax(dim=1)
             consistent = both.chunk(2)[0].eq(both.chunk(2)[1]).double()
             state.add((M.OUTPUT_LAYER, None, M.CONSISTENCY), consistent)
-            if self.by_correctness:
-                known = labels >= 0
-                state.add((M.OUTPUT_LAYER, None, M.CONSISTENCY_IF_CORRECT),
-                          torch.where(known & ref_correct, consistent, float("nan")))
-                state.add((M.OUTPUT_LAYER, None, M.CONSISTENCY_IF_WRONG),
-                          torch.where(known & ~ref_correct, consistent, float("nan")))
+            self._add_by_correctness(state, None, (M.CONSISTENCY_IF_CORRECT, M.CONSISTENCY_IF_WRONG),
+                                     consistent, labels, ref_correct)
         if self.labelled:
             correct_everywhere = (stacked == labels).all(dim=0)
             state.add((M.OUTPUT_LAYER, None, M.WORST_CASE_ACCURACY), _where_known(labels, correct_everywhere))
@@ -235,13 +228,21 @@ class Measurement:
         state.add((M.OUTPUT_LAYER, shift, M.PROB_CHANGE), out.prob_change)
         if self.labelled:
             state.add((M.OUTPUT_LAYER, shift, M.ACCURACY), _where_known(labels, out.prediction == labels))
-        if self.by_correctness:
-            known = labels >= 0
-            state.add((M.OUTPUT_LAYER, shift, M.TOP1_AGREEMENT_IF_CORRECT),
-                      torch.where(known & ref_correct, out.agreement, float("nan")))
-            state.add((M.OUTPUT_LAYER, shift, M.TOP1_AGREEMENT_IF_WRONG),
-                      torch.where(known & ~ref_correct, out.agreement, float("nan")))
+        self._add_by_correctness(state, shift, (M.TOP1_AGREEMENT_IF_CORRECT, M.TOP1_AGREEMENT_IF_WRONG),
+                                 out.agreement, labels, ref_correct)
         return out.prediction
+
+    def _add_by_correctness(
+        self, state: M.MetricState, shift: Shift | None, metrics: tuple[str, str], values: torch.Tensor,
+        labels: torch.Tensor, ref_correct: torch.Tensor,
+    ) -> None:
+        """With ``--by-correctness``: ``values`` again, split by whether the unshifted prediction
+        of each labelled image was right (first metric) or wrong (second)."""
+        if not self.by_correctness:
+            return
+        known = labels >= 0
+        for metric, group in zip(metrics, (known & ref_correct, known & ~ref_correct)):
+            state.add((M.OUTPUT_LAYER, shift, metric), torch.where(group, values, float("nan")))
 
 
 def run_batches(
@@ -250,8 +251,8 @@ def run_batches(
 ) -> None:
     """Measure every batch with each measurement (all on the same decoded images).
 
-    A batch's numbers are merged only once every measurement has finished it, so Ctrl-C leaves
-    whole batches in every state and marks the run partial.
+    A batch's per-image values are reduced into the states only once every measurement has
+    finished it, so Ctrl-C leaves whole batches in every state and marks the run partial.
     """
     heap = _Heap()
     try:
@@ -259,14 +260,12 @@ def run_batches(
             for batch in batches:
                 run.skipped.extend(batch.skipped)
                 if len(batch.indices):
-                    fresh = [state.empty_like() for state in states]
                     weights = M.bootstrap_weights(batch.indices)
-                    for measurement, state in zip(measurements, fresh):
+                    for measurement, state in zip(measurements, states):
                         state.begin_batch(weights)
                         measurement.measure_batch(batch, state)
+                    for state in states:  # only now: an interruption above leaves no half batch
                         state.flush()
-                    for state, new in zip(states, fresh):
-                        state.merge(new)
                     run.images += len(batch.indices)
                     heap.release()
                 if progress is not None:

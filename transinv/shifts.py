@@ -96,10 +96,15 @@ def canvas_size(size: int, shifts: Sequence[Shift], mode: str) -> int:
     return size + 2 * max_abs_shift(shifts) if mode == "crop" else size
 
 
-def check_shifts(shifts: Sequence[Shift], size: int, mode: str, resize: int, subpixel: str | None = None) -> None:
-    """Reject shift sets the views cannot hold, and sub-pixel requests a mode cannot honour."""
+def check_mode(mode: str) -> None:
+    """Reject an unknown ``--mode`` (before any model is built)."""
     if mode not in MODES:
         raise UserError(f"unknown --mode {mode!r}: use one of {', '.join(MODES)}")
+
+
+def check_shifts(shifts: Sequence[Shift], size: int, mode: str, resize: int, subpixel: str | None = None) -> None:
+    """Reject shift sets the views cannot hold, and sub-pixel requests a mode cannot honour."""
+    check_mode(mode)
     if subpixel is not None and subpixel not in SUBPIXEL_METHODS:
         raise UserError(f"unknown --subpixel {subpixel!r}: use fourier or bilinear")
     if is_subpixel(shifts):
