@@ -54,15 +54,15 @@ def _is_image(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES
 
 
+@lru_cache(maxsize=1)
+def _wnid_index() -> dict[str, int]:
+    """wnid -> class index, for labelling 50,000 files without a list search each."""
+    return {wnid: i for i, wnid in enumerate(imagenet_classes()[0])}
+
+
 def _wnid_label(path: Path) -> int:
     match = _WNID.match(path.name)
-    if not match:
-        return -1
-    wnids, _ = imagenet_classes()
-    try:
-        return wnids.index(match.group(1))
-    except ValueError:
-        return -1
+    return _wnid_index().get(match.group(1), -1) if match else -1
 
 
 def _folder_items(root: Path) -> list[ImageItem]:
@@ -72,9 +72,9 @@ def _folder_items(root: Path) -> list[ImageItem]:
         raise UserError(f"no images found in {root} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
     classes = sorted({p.relative_to(root).parts[0] for p in files if len(p.relative_to(root).parts) > 1})
     if classes and all(len(p.relative_to(root).parts) > 1 for p in files):
-        wnids, _ = imagenet_classes()
-        if all(c in wnids for c in classes):
-            index = {c: wnids.index(c) for c in classes}
+        wnid_index = _wnid_index()
+        if all(c in wnid_index for c in classes):
+            index = {c: wnid_index[c] for c in classes}
         else:
             index = {c: i for i, c in enumerate(classes)}
         return [ImageItem(p, index[p.relative_to(root).parts[0]]) for p in files]
