@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 DATA ?= ../shared/data/imagenet-sample
 WEIGHTS ?= none
 
-.PHONY: setup demo test test-all bench clean
+.PHONY: setup demo test test-all bench clean readme
 
 setup: $(STAMP)
 
@@ -34,3 +34,7 @@ clean:
 ## bench: transinv against the bare forward pass; writes benchmarks/results.json
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py $(BENCH_ARGS)
+
+## readme: regenerate the README's flag and metric tables from the code
+readme: $(STAMP)
+	$(BIN)/python scripts/update_readme.py

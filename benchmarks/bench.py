@@ -7,7 +7,8 @@ slows a run down): the bare forward pass on the same images (already decoded, in
 threads, warm-up excluded) in images/s; ``measure`` with output metrics only and with the default
 per-layer metrics, in shifted images/s (every forward pass counted, the reference included), and
 the ratio of each to the bare pass; peak memory (RSS, and CUDA peak where used) of a fresh process
-measuring 64 and 256 images, so a reader can check that memory does not grow with the image count.
+measuring 64 and 256 images, so a reader can check that memory does not grow with the image count;
+and the start-up time of the light commands (help, presets, a bad flag) beside ``import torch``.
 """
 
 from __future__ import annotations
@@ -105,6 +106,28 @@ def child(args: argparse.Namespace) -> None:
     print(json.dumps({"rss_before_mib": before, "rss_peak_mib": _status_mib("VmHWM"), "cuda_mib": cuda}))
 
 
+STARTUP_COMMANDS = {
+    "python -c 'import torch'": [sys.executable, "-c", "import torch"],
+    "transinv --help": [sys.executable, "-m", "transinv", "--help"],
+    "transinv presets": [sys.executable, "-m", "transinv", "presets"],
+    "transinv measure --help": [sys.executable, "-m", "transinv", "measure", "--help"],
+    "transinv measure --bogus (error)": [sys.executable, "-m", "transinv", "measure", "x", "--bogus"],
+}
+
+
+def startup_times(repeats: int = 3) -> dict[str, float]:
+    """Best wall time in seconds of each light command in a fresh process, beside importing torch."""
+    times = {}
+    for label, command in STARTUP_COMMANDS.items():
+        best = float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            subprocess.run(command, capture_output=True, cwd=ROOT, check=False)
+            best = min(best, time.perf_counter() - start)
+        times[label] = best
+    return times
+
+
 def machine(device: torch.device) -> dict[str, object]:
     info = {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": str(device)}
@@ -154,6 +177,7 @@ def main() -> None:
         "settings": {"size": SIZE, "batch_size": BATCH, "images": args.images, "shift": args.shift, "rounds": args.rounds,
                      "workers": args.workers, "data": args.data, "weights": "none", "precision": "fp32"},
         "results": results,
+        "startup_s": startup_times(),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
@@ -167,6 +191,12 @@ def main() -> None:
                       *(f"{m['rss_peak_mib']:.0f}" + (f" (cuda {m['cuda_mib']:.0f})" if m["cuda_mib"] else "")
                         for m in r["peak_memory"].values()))
     Console().print(table)
+    startup = Table(title="start-up time of light commands (best of 3, fresh process)")
+    startup.add_column("command")
+    startup.add_column("seconds", justify="right")
+    for label, seconds in report["startup_s"].items():
+        startup.add_row(label, f"{seconds:.2f}")
+    Console().print(startup)
     print(f"wrote {args.out}")
 
 

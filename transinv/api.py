@@ -1,9 +1,12 @@
-"""The library entry points a notebook or the CLI calls: ``measure`` and ``list_layers``."""
+"""The library entry points a notebook or the CLI calls: ``measure`` and ``list_layers``.
+
+``measure`` reads as the run does: options -> plan -> jobs -> run -> merge -> rows.
+"""
 
 from __future__ import annotations
 
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 import pandas as pd
@@ -12,14 +15,14 @@ from torch import nn
 
 from . import distributed
 from . import metrics as M
-from .data import Preprocess, find_images, select_images
 from .errors import UserError
-from .fixes import apply_variant, parse_variant
+from .fixes import apply_variant
 from .layers import LayerInfo, Probe, probe_layers, select_layers
-from .models import LoadedModel, default_preprocess, load_model
-from .results import Result, born_at, make_rows
-from .runner import PRECISIONS, Measurement, RunState, make_loader, resolve_device, run_batches
-from .shifts import ShiftPlan, check_mode, check_shifts, make_shifts, parse_pair_offsets, parse_shift_values
+from .options import MeasureOptions, option_names
+from .plan import Job, ModelSpec, Plan, make_plan, prepare_model
+from .progress import ConsoleProgress, ProgressStart
+from .results import Result, born_at, job_rows
+from .runner import Measurement, RunState, make_loader, resolve_device, run_batches
 
 Warn = Callable[[str], None]
 
@@ -28,59 +31,12 @@ def _stderr_warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
 
 
-@dataclass(frozen=True)
-class Overrides:
-    """User overrides of the weights' preprocessing (``None`` keeps the weights' own value)."""
-
-    size: int | None = None
-    resize: int | None = None
-    mean: Sequence[float] | None = None
-    std: Sequence[float] | None = None
-
-    def check(self) -> None:
-        """Reject impossible values before any model is built."""
-        for name, value in (("mean", self.mean), ("std", self.std)):
-            if value is not None and len(value) != 3:
-                raise UserError(f"--{name} takes three numbers (R,G,B), got {len(value)}")
-        if self.std is not None and any(v <= 0 for v in self.std):
-            raise UserError("--std values must be positive")
-        for name, value in (("size", self.size), ("resize", self.resize)):
-            if value is not None and value < 1:
-                raise UserError(f"--{name} must be a positive number of pixels")
-
-    def apply(self, pre: Preprocess) -> Preprocess:
-        self.check()
-        size = self.size or pre.size
-        resize = self.resize or (max(pre.resize, size) if self.size else pre.resize)
-        return replace(
-            pre,
-            size=size,
-            resize=resize,
-            mean=tuple(self.mean) if self.mean is not None else pre.mean,
-            std=tuple(self.std) if self.std is not None else pre.std,
-        )
-
-
-def prepare_model(
-    model: str | nn.Module, weights: str = "DEFAULT", seed: int = 0, overrides: Overrides = Overrides()
-) -> LoadedModel:
-    """Load a model spec (or wrap a module from a notebook) and settle its preprocessing."""
-    if isinstance(model, nn.Module):
-        loaded = LoadedModel(type(model).__name__, "given", model.eval(), default_preprocess())
-    else:
-        loaded = load_model(model, weights, seed)
-    return replace(loaded, preprocess=overrides.apply(loaded.preprocess))
-
-
 def list_layers(
-    model: str | nn.Module,
-    weights: str = "none",
-    size: int | None = None,
-    seed: int = 0,
-    device: str = "cpu",
+    model: ModelSpec, weights: str = "none", size: int | None = None, seed: int = 0, device: str = "cpu",
 ) -> pd.DataFrame:
     """The measurable layers in forward order: name, output shape, cumulative stride, default."""
-    loaded = prepare_model(model, weights, seed, Overrides(size=size))
+    options = MeasureOptions(weights=weights, size=size, seed=seed, device=device).validate()
+    loaded = prepare_model(model, options)
     dev = resolve_device(device)
     probe = probe_layers(loaded.module.to(dev), loaded.preprocess.size, dev)
     return pd.DataFrame(
@@ -98,187 +54,139 @@ def list_layers(
     )
 
 
-def _explain_probe(loaded: LoadedModel, probe: Probe, layer_spec: str, warn: Warn) -> None:
-    if loaded.scripted and layer_spec != "none":
-        warn(f"{loaded.name} is TorchScript, which takes no forward hooks: measuring output metrics only")
-    elif probe.token_layers and layer_spec != "none":
-        warn(
-            f"{loaded.name}: {len(probe.token_layers)} layers output token sequences with no spatial map "
-            f"(e.g. {probe.token_layers[0]}); measuring output metrics and the 4-D maps only"
-        )
-
-
 @dataclass
-class _Job:
-    """One (model, variant) to measure, with its rows' identity and its metric state."""
+class Measured:
+    """A job made runnable: its transformed module, chosen layers, measurement and metric state."""
 
-    loaded: LoadedModel
-    variant: str
+    job: Job
     layers: list[LayerInfo]
     measurement: Measurement
     state: M.MetricState
 
 
-def variant_specs(variants: Sequence[str] | str | None, antialias: str | None, aps: bool, padding: str | None) -> list[str]:
-    """The variants to measure: ``--variants`` (default ``base``), each with the fix flags added."""
-    names = [v.strip() for v in (variants.split(",") if isinstance(variants, str) else variants or ["base"]) if v.strip()]
-    extra = [part for part in (antialias, "aps" if aps else None, f"padding:{padding}" if padding else None) if part]
-    specs = []
-    for name in names or ["base"]:
-        parts = [p for p in name.split("+") if p != "base"] + [p for p in extra if p not in name.split("+")]
-        spec = "+".join(parts) or "base"
-        parse_variant(spec)
-        specs.append(spec)
-    return list(dict.fromkeys(specs))
+def _explain_probe(job: Job, probe: Probe, layer_spec: str, warn: Warn) -> None:
+    if job.model.scripted and layer_spec != "none":
+        warn(f"{job.label} is TorchScript, which takes no forward hooks: measuring output metrics only")
+    elif probe.token_layers and layer_spec != "none":
+        warn(
+            f"{job.label}: {len(probe.token_layers)} layers output token sequences with no spatial map "
+            f"(e.g. {probe.token_layers[0]}); measuring output metrics and the 4-D maps only"
+        )
 
 
-def measure(
-    model: str | nn.Module | Sequence[str | nn.Module] = "resnet18",
-    *,
-    weights: str = "DEFAULT",
-    data: Sequence[str] | str | None = None,
-    shift: str = "0..16",
-    direction: str = "x",
-    mode: str = "crop",
-    fill: float = 0.0,
-    subpixel: str | None = None,
-    consistency: str | None = None,
-    layers: str = "default",
-    variants: Sequence[str] | str | None = None,
-    antialias: str | None = None,
-    aps: bool = False,
-    padding: str | None = None,
-    size: int | None = None,
-    resize: int | None = None,
-    mean: Sequence[float] | None = None,
-    std: Sequence[float] | None = None,
-    num_images: int | None = None,
-    batch_size: int = 32,
-    seed: int = 0,
-    workers: int = 0,
-    device: str = "cpu",
-    precision: str = "fp32",
-    channels_last: bool = False,
-    by_correctness: bool = False,
-    progress: Callable[[int, int], Callable[[int], None]] | None = None,
-    warn: Warn = _stderr_warn,
-) -> Result:
-    """Measure how models' layers and outputs respond to shifting their input images.
-
-    ``model`` is one model or several (a list); ``variants`` (e.g. ``"base,blurpool,aps"``) and the
-    fix flags transform each (see ``transinv.fixes``). All are measured on the same images and
-    shifts. Returns a ``Result`` whose ``rows`` are tidy (one row per model, variant, layer, shift
-    and metric); the README defines every metric. Under torchrun, each process measures its share
-    of the images and every process returns the combined result. ``progress(total, start)`` may
-    return a per-batch callback that receives the number of images just finished.
-    """
-    specs = [model] if isinstance(model, (str, nn.Module)) else list(model)
-    if not specs:
-        raise UserError("name at least one model")
-    shifts = make_shifts(parse_shift_values(shift), direction)
-    overrides = Overrides(size, resize, mean, std)
-    overrides.check()
-    check_mode(mode)
-    if precision not in PRECISIONS:
-        raise UserError(f"unknown --precision {precision!r}: use one of {', '.join(PRECISIONS)}")
-    chosen_variants = variant_specs(variants, antialias, aps, padding)
-    pairs = parse_pair_offsets(consistency) if consistency else None
-    context = distributed.from_env()
-    dev = resolve_device(device, context.local_rank if context.active else None)
-    distributed.init(context, dev)
-    all_items = select_images(find_images(data), num_images, seed)
-    labelled = any(item.label >= 0 for item in all_items)
-    items, ids = context.shard(all_items), context.shard(range(len(all_items)))
-    groups: dict[tuple[Preprocess, ShiftPlan], list[_Job]] = {}
+def prepare_jobs(plan: Plan, options: MeasureOptions, device: torch.device, warn: Warn) -> list[list[Measured]]:
+    """Per group: each job's variant module on the device, probed, its layers chosen."""
     explained: set[str] = set()  # one note per model, not one per variant
-    for spec in specs:
-        loaded = prepare_model(spec, weights, seed, overrides)
-        pre = loaded.preprocess
-        plan = ShiftPlan(tuple(shifts), pre.size, mode, fill, subpixel, pairs)
-        check_shifts(plan.extent, pre.size, mode, pre.resize, subpixel)
-        for variant in chosen_variants:
-            module = loaded.module if variant == "base" else apply_variant(loaded.module, variant)
-            module = module.to(dev).eval()
-            probe = probe_layers(module, pre.size, dev)
-            if loaded.name not in explained:
-                explained.add(loaded.name)
-                _explain_probe(loaded, probe, layers, warn)
-            chosen = select_layers(probe, layers)
-            job = Measurement(module, plan, chosen, labelled, dev, batch_size, precision, channels_last,
-                              by_correctness, path=direction != "grid", seed=seed)
-            groups.setdefault((pre, plan), []).append(
-                _Job(loaded, variant, chosen, job, M.MetricState(job.keys, dev))
+    out = []
+    for group in plan.groups:
+        measured = []
+        for job in group.jobs:
+            module = job.model.module if job.variant == "base" else apply_variant(job.model.module, job.variant)
+            module = module.to(device).eval()
+            probe = probe_layers(module, group.preprocess.size, device)
+            if job.label not in explained:
+                explained.add(job.label)
+                _explain_probe(job, probe, options.layers, warn)
+            layers = select_layers(probe, options.layers)
+            measurement = Measurement(
+                module, group.shifts, layers, plan.labelled, device, options.batch_size, options.precision,
+                options.channels_last, options.by_correctness, path=options.direction != "grid", seed=options.seed,
             )
+            measured.append(Measured(job, layers, measurement, M.MetricState(measurement.keys, device)))
+        out.append(measured)
+    return out
+
+
+def run_plan(plan: Plan, groups: list[list[Measured]], options: MeasureOptions, progress: ProgressStart | None) -> RunState:
+    """Every group over this process's images; stops at the first interrupted group."""
     run = RunState()
-    advance = progress(len(items) * len(groups), 0) if progress is not None and context.is_main else None
-    for (pre, plan), jobs in groups.items():
-        loader = make_loader(items, pre, plan.canvas, batch_size, workers, ids)
+    advance = progress(len(plan.items) * len(plan.groups), 0) if progress is not None else None
+    for group, measured in zip(plan.groups, groups):
+        loader = make_loader(plan.items, group.preprocess, group.shifts.canvas, options.batch_size, options.workers, plan.ids)
         group_run = RunState()
-        run_batches([j.measurement for j in jobs], [j.state for j in jobs], iter(loader), group_run, advance)
-        run.images = group_run.images
-        run.skipped = group_run.skipped
+        run_batches([m.measurement for m in measured], [m.state for m in measured], iter(loader), group_run, advance)
+        run.images, run.skipped = group_run.images, group_run.skipped
         run.partial = run.partial or group_run.partial
         if run.partial:
             break
-    for message in run.skipped:
-        warn(f"skipped unreadable image {message}")
-    counts = context.sum(torch.tensor([run.images, len(run.skipped), int(run.partial)], dtype=torch.float64, device=dev))
-    for jobs in groups.values():
-        for job in jobs:
-            for tensor in job.state.tensors():
+    return run
+
+
+def merge(context: distributed.Context, run: RunState, groups: list[list[Measured]], device: torch.device) -> dict[str, Any]:
+    """Add counts and metric states across processes (identity outside torchrun)."""
+    counts = context.sum(torch.tensor([run.images, len(run.skipped), int(run.partial)], dtype=torch.float64, device=device))
+    for measured in groups:
+        for m in measured:
+            for tensor in m.state.tensors():
                 context.sum(tensor)
     images, skipped, partial = (int(v) for v in counts.tolist())
-    if images == 0 and not partial:
+    return {"images": images, "skipped": skipped, "partial": partial > 0}
+
+
+def _options(options: MeasureOptions | None, keywords: dict[str, Any]) -> MeasureOptions:
+    """The options object, with notebook keywords applied (an unknown keyword names the closest option)."""
+    base = options if options is not None else MeasureOptions()
+    if not keywords:
+        return base
+    MeasureOptions.from_mapping(keywords, source="measure()")  # strict: unknown names fail here
+    return base.updated(**keywords)
+
+
+def measure(
+    model: ModelSpec | Sequence[ModelSpec] = "resnet18",
+    options: MeasureOptions | None = None,
+    *,
+    progress: bool | ProgressStart | None = None,
+    warn: Warn = _stderr_warn,
+    **keywords: Any,
+) -> Result:
+    """Measure how models' layers and outputs respond to shifting their input images.
+
+    ``model``: one model or several (names, specs or ``nn.Module``s, which are never changed).
+    Options come as a ``MeasureOptions`` or as keywords (``shift="0..8"``, ``variants="base,aps"``;
+    see ``transinv.options`` or the README's flag table). All models and variants are measured on
+    the same images and shifts. Returns a ``Result`` with tidy rows (one per model, variant, layer,
+    shift and metric). Under torchrun each process measures its share of the images and every
+    process returns the combined result. ``progress``: True for a bar on stderr, or a callable
+    ``progress(total, done)`` returning a per-batch callback that receives the images finished.
+    """
+    opts = _options(options, keywords).validate()
+    specs = [model] if isinstance(model, (str, nn.Module)) else list(model)
+    context = distributed.from_env()
+    device = resolve_device(opts.device, context.local_rank if context.active else None)
+    with distributed.session(context, device):
+        plan = make_plan(specs, opts, context)
+        groups = prepare_jobs(plan, opts, device, warn)
+        bar = ConsoleProgress() if progress is True and context.is_main else None
+        try:
+            run = run_plan(plan, groups, opts, bar or (progress if callable(progress) and context.is_main else None))
+        finally:
+            if bar is not None:
+                bar.close()
+        for message in run.skipped:
+            warn(f"skipped unreadable image {message}")
+        summary = merge(context, run, groups, device)
+    if summary["images"] == 0 and not summary["partial"]:
         raise UserError("no readable images: every file was skipped (see the warnings above)")
-    settings = {
+    rows = job_rows([(m.job, m.layers, m.state) for measured in groups for m in measured], opts, summary["partial"])
+    summary["born_at"] = born_at(rows)
+    return Result(rows=rows, settings=_settings(plan, opts, specs, device, context), summary=summary)
+
+
+def _settings(plan: Plan, options: MeasureOptions, specs: list[ModelSpec], device: torch.device,
+              context: distributed.Context) -> dict[str, Any]:
+    """Everything that decided the numbers, as recorded in result files."""
+    return {
         "models": [spec if isinstance(spec, str) else type(spec).__name__ for spec in specs],
-        "weights": weights,
-        "variants": chosen_variants,
-        "data": [str(d) for d in ([data] if isinstance(data, str) else (data or ["builtin"]))],
-        "shift": shift,
-        "direction": direction,
-        "mode": mode,
-        "fill": fill,
-        "subpixel": subpixel,
-        "consistency": consistency,
-        "layers": layers,
-        "num_images": num_images,
-        "batch_size": batch_size,
-        "seed": seed,
-        "workers": workers,
-        "device": str(dev),
-        "precision": precision,
-        "channels_last": channels_last,
-        "by_correctness": by_correctness,
+        "labels": list(dict.fromkeys(job.label for job in plan.jobs)),
+        **options.settings(),
+        "variants": options.variant_specs(),
+        "data": list(options.data or ["builtin"]),
+        "device": str(device),
         "processes": context.world,
-        "preprocess": {
-            job.loaded.name: {**asdict(pre), "interpolation": str(pre.interpolation.value)}
-            for (pre, _), jobs in groups.items() for job in jobs
-        },
+        "per_model": {job.label: {"weights": job.model.weights, "preprocess": job.model.preprocess.describe()}
+                      for job in plan.jobs},
     }
-    records = [row for jobs in groups.values() for job in jobs for row in _records(job, mode, partial > 0)]
-    rows = make_rows(records)
-    summary = {"images": images, "skipped": skipped, "partial": partial > 0, "born_at": born_at(rows)}
-    return Result(rows=rows, settings=settings, summary=summary)
 
 
-def _records(job: _Job, mode: str, partial: bool) -> list[dict[str, Any]]:
-    """The job's state as row dicts, with model, variant, stride and alignment filled in."""
-    by_name = {layer.name: layer for layer in job.layers}
-    records = []
-    for row in job.state.rows():
-        layer = by_name.get(row["layer"])
-        shift = (row["shift_x"], row["shift_y"])
-        records.append(
-            {
-                "model": job.loaded.name,
-                "variant": job.variant,
-                "weights": job.loaded.weights,
-                "mode": mode,
-                "stride": None if layer is None else layer.stride[1],
-                "aligned": None if layer is None else layer.aligned(shift),
-                "partial": partial,
-                **row,
-            }
-        )
-    return records
+__all__ = ["measure", "list_layers", "MeasureOptions", "option_names"]

@@ -6,28 +6,28 @@ and errors go to stderr. Bad input ends with one line on stderr and exit code 2.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import traceback
 from contextlib import contextmanager, nullcontext
+from dataclasses import Field
 from enum import Enum
 from pathlib import Path
-from typing import Annotated, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Iterator, Optional
 
-import pandas as pd
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from . import api, distributed
-from .compare import compare_results, summarize
 from .errors import UserError
-from .plots import plot_results
-from .presets import list_presets, load_preset
-from .render import print_result
-from .results import Result, load_results
-from .shifts import DIRECTIONS, MODES
+from .options import WHAT, MeasureOptions, OptionError, base_type, flag, option_fields
+
+if TYPE_CHECKING:  # the heavy modules (torch, pandas) load only when a command needs them
+    import pandas as pd
+    from rich.progress import Progress
+
+    from .results import Result
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -64,7 +64,8 @@ def _errors(debug: bool) -> Iterator[None]:
     except UserError as exc:
         if debug:
             traceback.print_exc()
-        err.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        message = exc.as_flag() if isinstance(exc, OptionError) else str(exc)
+        err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, markup=True, soft_wrap=True)
         raise typer.Exit(EXIT_USAGE) from None
     except (typer.Exit, typer.Abort):
         raise
@@ -75,37 +76,6 @@ def _errors(debug: bool) -> Iterator[None]:
         err.print(f"[bold red]error:[/] {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
                   highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
-
-
-ProgressStart = Callable[[int, int], Callable[[int], None]]
-
-
-def _progress_factory(enabled: bool) -> tuple[Progress | None, ProgressStart | None]:
-    """A rich progress bar on stderr with images/s, or nothing when disabled."""
-    if not enabled:
-        return None, None
-    progress = Progress(
-        TextColumn("[progress.description]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]} img/s"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=False,
-    )
-
-    def start(total: int, done: int) -> Callable[[int], None]:
-        task = progress.add_task("measuring", total=total, completed=done, rate="-")
-
-        def advance(images: int) -> None:
-            progress.advance(task, images)
-            speed = progress.tasks[task].speed
-            progress.update(task, rate=f"{speed:.1f}" if speed else "-")
-
-        return advance
-
-    return progress, start
 
 
 def _emit(result: Result, fmt: Format | None, output: Optional[Path]) -> None:
@@ -124,6 +94,8 @@ def _emit(result: Result, fmt: Format | None, output: Optional[Path]) -> None:
     if fmt is None:
         fmt = Format.table if sys.stdout.isatty() else Format.csv
     if fmt == Format.table:
+        from .render import print_result
+
         print_result(result, Console())
     elif fmt == Format.csv:
         sys.stdout.write(result.to_csv())
@@ -135,6 +107,8 @@ def _emit(result: Result, fmt: Format | None, output: Optional[Path]) -> None:
 def _emit_frame(frame: pd.DataFrame, fmt: Format | None, title: str, shown: pd.DataFrame | None = None) -> None:
     """A table of rows as CSV, JSON records, or a rich table on a terminal (``shown``: the rows
     the terminal table gets, when they differ from the data)."""
+    import pandas as pd
+
     if fmt is None:
         fmt = Format.table if sys.stdout.isatty() else Format.csv
     if fmt == Format.csv:
@@ -163,78 +137,97 @@ def _cell(value: object) -> str:
 MODEL_HELP = "torchvision model name, FILE.py:FACTORY, package.module:FACTORY, a TorchScript file or example:NAME."
 
 
-@app.command()
-def measure(
-    ctx: typer.Context,
-    models: Annotated[list[str], typer.Argument(metavar="MODEL...", help=f"One or more models: {MODEL_HELP}")],
-    config: Annotated[Optional[str], typer.Option(help="A preset name (see `transinv presets`) or YAML file; flags given here override it.")] = None,
-    weights: Annotated[str, typer.Option(help="DEFAULT, a weights name (IMAGENET1K_V1), none (seeded random init), or a checkpoint path.")] = "DEFAULT",
-    data: Annotated[Optional[list[str]], typer.Option(help="Image folder, ImageFolder tree or file; repeat for several. Default: the built-in images.")] = None,
-    shift: Annotated[str, typer.Option(help="Shifts in pixels: 0..16, -8..8, 0..32:4, 0,1,2,4,8 or 5. Shift 0 is always the reference.")] = "0..16",
-    direction: Annotated[str, typer.Option(help=f"Shift direction: {'|'.join(DIRECTIONS)} (grid = every (dx, dy) pair).")] = "x",
-    mode: Annotated[str, typer.Option(help=f"How views are shifted: {'|'.join(MODES)} (see README).")] = "crop",
-    fill: Annotated[float, typer.Option(help="Fill value for --mode pad, in normalised units (0 = the mean colour).")] = 0.0,
-    subpixel: Annotated[Optional[str], typer.Option(help="Method for fractional shifts (0..2:0.25): fourier (circular mode) or bilinear (crop, pad).")] = None,
-    consistency: Annotated[Optional[str], typer.Option(help="Also measure consistency: top-1 agreement of two views at random offsets, each axis uniform in LO..HI (e.g. -16..15).")] = None,
-    layers: Annotated[str, typer.Option(help="Layers to measure: default, all, none, or names and globs (layer3.*), comma-separated.")] = "default",
-    variants: Annotated[Optional[str], typer.Option(help="Variants measured side by side, comma-separated: base, blurpool[:K], aps, padding:MODE, joined by '+'.")] = None,
-    antialias: Annotated[Optional[str], typer.Option(help="Anti-aliased downsampling: blurpool or blurpool:K (K = 2..7).")] = None,
-    aps: Annotated[bool, typer.Option("--aps", help="Adaptive polyphase sampling at every stride-2 downsampling.")] = False,
-    padding: Annotated[Optional[str], typer.Option(help="Padding of every convolution and pool: zeros, circular, reflect or replicate.")] = None,
-    size: Annotated[Optional[int], typer.Option(help="View size in pixels (default: the weights' crop size, else 224).")] = None,
-    resize: Annotated[Optional[int], typer.Option(help="Shorter side after resizing, before cropping (default: the weights', else 256).")] = None,
-    mean: Annotated[Optional[str], typer.Option(help="Normalisation mean R,G,B (default: the weights', else ImageNet).")] = None,
-    std: Annotated[Optional[str], typer.Option(help="Normalisation std R,G,B (default: the weights', else ImageNet).")] = None,
-    num_images: Annotated[Optional[int], typer.Option(help="Measure a seeded random subset of this many images.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Images per batch, and views per forward pass.")] = 32,
-    seed: Annotated[int, typer.Option(help="Seed for random weights and image sampling.")] = 0,
-    workers: Annotated[int, typer.Option(help="DataLoader worker processes decoding images.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "cpu",
-    precision: Annotated[str, typer.Option(help="fp32, bf16 or fp16 (autocast; see README for the error floor).")] = "fp32",
-    channels_last: Annotated[bool, typer.Option("--channels-last", help="Run model and views in channels-last memory format.")] = False,
-    by_correctness: Annotated[bool, typer.Option("--by-correctness", help="Also split top-1 agreement by whether the unshifted prediction was correct.")] = False,
-    fmt: Annotated[Optional[Format], typer.Option("--format", "-f", help="table, csv or json (default: table on a terminal, CSV otherwise).")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write CSV or JSON to this file (by extension unless --format says).")] = None,
-    plot: Annotated[Optional[Path], typer.Option(help="Also draw the results to this image file (PNG, PDF, SVG).")] = None,
-    progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
-    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
-) -> None:
+def _choice_type(name: str, choices: tuple[str, ...]) -> type[Enum]:
+    """A str Enum typer turns into a choice of ``choices``."""
+    return Enum(name, {c: c for c in choices}, type=str)  # type: ignore[return-value]
+
+
+def _option_parameter(f: Field) -> inspect.Parameter:
+    """The typer parameter of one ``MeasureOptions`` field: flag, help, panel and type from the field."""
+    meta = f.metadata
+    scalar: Any = base_type(f)
+    if meta["choices"]:
+        scalar = _choice_type(f.name, meta["choices"])
+    if meta["repeat"]:
+        annotation: Any = Optional[list[scalar]]
+    elif scalar is bool:
+        annotation = bool
+    else:
+        annotation = Optional[scalar] if f.default is None else scalar
+    default = f.default.value if isinstance(f.default, Enum) else f.default
+    info = typer.Option(flag(f.name), help=meta["help"], rich_help_panel=meta["group"], metavar=meta["metavar"],
+                        show_default=default not in (None, False))
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
+                             annotation=Annotated[annotation, info])
+
+
+_OUTPUT_PANEL = "Output"
+_MEASURE_EXTRA = [
+    inspect.Parameter("config", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[str], typer.Option(help="A preset name (see `transinv presets`) or YAML file; flags given here override it.",
+                                    rich_help_panel=WHAT)]),
+    inspect.Parameter("fmt", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[Format], typer.Option("--format", "-f", help="table, csv or json (default: table on a terminal, CSV otherwise).",
+                                       rich_help_panel=_OUTPUT_PANEL)]),
+    inspect.Parameter("output", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[Path], typer.Option("--output", "-o", help="Write CSV or JSON to this file (by extension unless --format says).",
+                                     rich_help_panel=_OUTPUT_PANEL)]),
+    inspect.Parameter("plot", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[Path], typer.Option(help="Also draw the results to this image file (PNG, PDF, SVG).", rich_help_panel=_OUTPUT_PANEL)]),
+    inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=True, annotation=Annotated[
+        bool, typer.Option(help="Show a progress bar on stderr.", rich_help_panel=_OUTPUT_PANEL)]),
+    inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
+        bool, typer.Option(help="Show tracebacks.", rich_help_panel=_OUTPUT_PANEL)]),
+]
+
+
+def _measure(ctx: typer.Context, models: list[str], **given: Any) -> None:
     """Measure output invariance and per-layer equivariance of one or more MODELs over a range of shifts."""
-    with _errors(debug):
-        context = distributed.from_env()
-        bar, start = _progress_factory(progress and err.is_terminal and context.is_main)
-        kwargs = dict(
-            weights=weights, data=data, shift=shift, direction=direction, mode=mode, fill=fill, subpixel=subpixel,
-            consistency=consistency, layers=layers,
-            variants=variants, antialias=antialias, aps=aps, padding=padding,
-            size=size, resize=resize, mean=_floats(mean, "--mean"), std=_floats(std, "--std"),
-            num_images=num_images, batch_size=batch_size, seed=seed, workers=workers, device=device,
-            precision=precision, channels_last=channels_last, by_correctness=by_correctness, progress=start,
-        )
-        if config is not None:
-            for key, value in load_preset(config).items():
+    cli_only = {p.name: given.pop(p.name) for p in _MEASURE_EXTRA}
+    with _errors(cli_only["debug"]):
+        from . import api, distributed
+        from .presets import load_preset
+
+        chosen = {k: (v.value if isinstance(v, Enum) else v) for k, v in given.items()}
+        preset: dict[str, Any] = {}
+        if cli_only["config"] is not None:
+            preset = load_preset(cli_only["config"])
+            for key in preset:  # flags the user typed win over the preset
                 source = ctx.get_parameter_source(key)
-                if source is None or source.name == "DEFAULT":
-                    kwargs[key] = value
-        try:
-            with bar if bar is not None else nullcontext():
-                result = api.measure(models, **kwargs)
-            if config is not None:
-                result.settings["config"] = config
-            if context.is_main:
-                _emit(result, fmt, output)
-                if plot is not None:
-                    _plot(result.rows, plot)
-        finally:
-            distributed.shutdown()
+                if source is not None and source.name != "DEFAULT":
+                    preset.pop(key)
+        options = MeasureOptions(**{**chosen, **preset}).validate()
+        from .progress import ConsoleProgress
+
+        context = distributed.from_env()
+        shown = cli_only["progress"] and err.is_terminal and context.is_main
+        with ConsoleProgress(err) if shown else nullcontext() as bar:
+            result = api.measure(models, options, progress=bar)
+        if cli_only["config"] is not None:
+            result.settings["config"] = cli_only["config"]
+        if context.is_main:
+            _emit(result, cli_only["fmt"], cli_only["output"])
+            if cli_only["plot"] is not None:
+                _plot(result.rows, cli_only["plot"])
         if result.partial:
             if context.is_main:
                 err.print(f"interrupted: wrote the {result.summary['images']} images finished so far (partial)")
             raise typer.Exit(EXIT_INTERRUPTED)
 
 
+_measure.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+     inspect.Parameter("models", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
+         list[str], typer.Argument(metavar="MODEL...", help=f"One or more models: {MODEL_HELP}")])]
+    + [_MEASURE_EXTRA[0]] + [_option_parameter(f) for f in option_fields()] + _MEASURE_EXTRA[1:]
+)
+app.command("measure")(_measure)
+
+
 def _plot(rows, path: Path, metric: Optional[str] = None, layer: Optional[str] = None) -> None:
     """Draw rows to ``path``; a bad metric or layer name is a one-line error."""
+    from .plots import plot_results
+
     try:
         panels = plot_results(rows, path, metric=metric, layer=layer)
     except ValueError as exc:
@@ -252,6 +245,8 @@ def plot_command(
 ) -> None:
     """Draw saved results: output metrics against shift, layer-by-shift heatmaps, (dx, dy) maps."""
     with _errors(debug):
+        from .results import load_results
+
         try:
             rows = load_results(results)
         except ValueError as exc:
@@ -268,6 +263,9 @@ def compare(
 ) -> None:
     """Per-metric differences of two saved runs (B minus A), e.g. before and after a change to a model."""
     with _errors(debug):
+        from .compare import compare_results, summarize
+        from .results import load_results
+
         try:
             a, b = load_results([before]), load_results([after])
         except ValueError as exc:
@@ -283,7 +281,9 @@ def compare(
 @app.command()
 def presets() -> None:
     """List the presets for published protocols (use one with `transinv measure MODEL --config NAME`)."""
-    table = Table(title="presets (configs/)", title_justify="left")
+    from .presets import list_presets
+
+    table = Table(title="presets", title_justify="left")
     for column in ("name", "description", "paper"):
         table.add_column(column)
     for preset in list_presets():
@@ -301,6 +301,8 @@ def layers(
 ) -> None:
     """List MODEL's measurable layers in forward order: output shape, cumulative stride, default selection."""
     with _errors(debug):
+        from . import api
+
         frame = api.list_layers(model, weights=weights, size=size)
         _emit_frame(frame, fmt, f"{model}: layers with a spatial map")
 

@@ -121,6 +121,11 @@ class Preprocess:
     std: tuple[float, float, float]
     interpolation: InterpolationMode = InterpolationMode.BILINEAR
 
+    def describe(self) -> dict[str, object]:
+        """Plain values for result files and headers."""
+        return {"resize": self.resize, "size": self.size, "mean": list(self.mean), "std": list(self.std),
+                "interpolation": str(self.interpolation.value)}
+
 
 def load_canvas(path: Path, pre: Preprocess, canvas: int) -> torch.Tensor:
     """Decode one image to RGB (grey, CMYK and alpha converted) and make its ``canvas``-px square."""

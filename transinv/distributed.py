@@ -8,8 +8,9 @@ counted twice or lost, whatever the count. The additive state then crosses proce
 from __future__ import annotations
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Sequence, TypeVar
+from typing import Iterator, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
@@ -50,13 +51,15 @@ def from_env() -> Context:
     return Context(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def init(context: Context, device: torch.device) -> None:
-    """Join the process group once (gloo for CPU, nccl for CUDA)."""
-    if context.active and not dist.is_initialized():
+@contextmanager
+def session(context: Context, device: torch.device) -> Iterator[Context]:
+    """The process group for one run: joined on entry (gloo for CPU, nccl for CUDA) and left on
+    exit, for the CLI and a notebook alike. A group the caller joined already is left to them."""
+    joined = context.active and not dist.is_initialized()
+    if joined:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
-
-
-def shutdown() -> None:
-    """Leave the process group, if one was joined."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    try:
+        yield context
+    finally:
+        if joined and dist.is_initialized():
+            dist.destroy_process_group()

@@ -13,23 +13,11 @@ from typing import Iterable
 
 import torch
 
-TOP1_AGREEMENT = "top1_agreement"
-KL_DIVERGENCE = "kl_divergence"
-PROB_CHANGE = "prob_change"
-ACCURACY = "accuracy"
-WORST_CASE_ACCURACY = "worst_case_accuracy"
-TOP1_AGREEMENT_IF_CORRECT = "top1_agreement_if_correct"
-TOP1_AGREEMENT_IF_WRONG = "top1_agreement_if_wrong"
-CONSISTENCY = "consistency"
-CONSISTENCY_IF_CORRECT = "consistency_if_correct"
-CONSISTENCY_IF_WRONG = "consistency_if_wrong"
-WORST_CASE_AGREEMENT = "worst_case_agreement"
-JAGGEDNESS = "jaggedness"
-EQUIVARIANCE_ERROR = "equivariance_error"
-POOLED_INVARIANCE_ERROR = "pooled_invariance_error"
-
-OUTPUT_METRICS = (TOP1_AGREEMENT, KL_DIVERGENCE, PROB_CHANGE, ACCURACY)
-OUTPUT_LAYER = "output"
+from .metric_registry import (  # noqa: F401  (the names live in the registry; re-exported here)
+    ACCURACY, CONSISTENCY, CONSISTENCY_IF_CORRECT, CONSISTENCY_IF_WRONG, EQUIVARIANCE_ERROR, JAGGEDNESS,
+    KL_DIVERGENCE, OUTPUT_LAYER, POOLED_INVARIANCE_ERROR, PROB_CHANGE, TOP1_AGREEMENT, TOP1_AGREEMENT_IF_CORRECT,
+    TOP1_AGREEMENT_IF_WRONG, WORST_CASE_ACCURACY, WORST_CASE_AGREEMENT, is_proportion,
+)
 
 Shift = tuple[int, int]
 
@@ -135,10 +123,6 @@ Key = tuple[str, Shift | None, str]  # (layer, shift or None for whole-set metri
 BOOTSTRAP_REPLICATES = 100
 BOOTSTRAP_SEED = 20190411
 Z95 = 1.959963984540054
-PROPORTIONS = frozenset({TOP1_AGREEMENT, ACCURACY, WORST_CASE_ACCURACY, TOP1_AGREEMENT_IF_CORRECT,
-                         TOP1_AGREEMENT_IF_WRONG, CONSISTENCY, CONSISTENCY_IF_CORRECT, CONSISTENCY_IF_WRONG,
-                         WORST_CASE_AGREEMENT})  # 0/1 per image; jaggedness is a share per image
-
 
 def bootstrap_weights(image_ids: torch.Tensor, replicates: int = BOOTSTRAP_REPLICATES) -> torch.Tensor:
     """Poisson(1) resampling weights ``(images, replicates)``, seeded by each image's index.
@@ -239,7 +223,7 @@ class MetricState:
             layer, shift, metric = key
             mean = total / count
             var = max(squares / count - mean * mean, 0.0) * count / (count - 1) if count > 1 else 0.0
-            if metric in PROPORTIONS:
+            if is_proportion(metric):
                 low, high = wilson_interval(mean, int(count))
             else:
                 sums, weights = boot[i]

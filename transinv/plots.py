@@ -21,6 +21,7 @@ from matplotlib.figure import Figure, SubFigure
 from matplotlib.ticker import MaxNLocator
 
 from . import metrics as M
+from .metric_registry import is_proportion
 from .results import TEXT_COLUMNS, atomic_target
 
 NEEDED = ["model", "mode", "layer", "shift_x", "shift_y", "metric", "value"]
@@ -28,7 +29,6 @@ NUMBER_COLUMNS = ["shift_x", "shift_y", "value", "ci_low", "ci_high"]
 # One line / heatmap / map per distinct combination; a column joins its label only where a model
 # has several values of it (so "resnet18/blur", but not "resnet18/none" beside "vgg11/DEFAULT").
 SERIES_COLUMNS = ["model", "weights", "mode", "variant"]
-FRACTIONS = {M.TOP1_AGREEMENT, M.ACCURACY, M.WORST_CASE_ACCURACY}  # drawn on a fixed 0..1 scale
 XLABEL = {"x": "shift (px)", "y": "shift (px), along y", "diagonal": "shift (px), dx = dy"}
 CMAP = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
 DPI = 110
@@ -180,7 +180,7 @@ def _line_section(data: pd.DataFrame, layer: str, metrics: list[str], direction:
             ax.set_xlabel(XLABEL[direction])
             ax.set_xlim(*span)
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            if metric in FRACTIONS:
+            if is_proportion(metric):
                 ax.set_ylim(-0.05, 1.05)
             ax.grid(alpha=0.3)
             ax.legend(fontsize="small")
@@ -323,7 +323,7 @@ def _bar_section(data: pd.DataFrame, metric: str) -> Section:
 
 def _norm(metric: str, values: pd.Series) -> Normalize:
     """A colour scale shared by all images of one metric: 0..1 for fractions, else the data's range."""
-    if metric in FRACTIONS:
+    if is_proportion(metric):
         return Normalize(0.0, 1.0)
     finite = values[np.isfinite(values)]
     low, high = (float(finite.min()), float(finite.max())) if len(finite) else (0.0, 1.0)

@@ -1,61 +1,61 @@
-"""Published protocols as YAML presets (``configs/``): loading, validation and listing.
+"""Published protocols as YAML presets shipped inside the package (``transinv/configs/``).
 
-A preset names every ``measure`` setting it fixes; flags given on the command line override it.
+A preset fixes some ``MeasureOptions``; flags given on the command line override it. The loader
+is strict: an unknown key is an error naming the closest valid option.
 """
 
 from __future__ import annotations
 
-import inspect
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .errors import UserError
+from .options import MeasureOptions
 
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs"
 DESCRIPTIVE = ("description", "paper")
-_NOT_SETTINGS = {"model", "progress", "warn"}
 
 
-def _settings() -> set[str]:
-    from .api import measure
-
-    return set(inspect.signature(measure).parameters) - _NOT_SETTINGS
+def _preset_dir() -> Path:
+    return Path(str(resources.files("transinv") / "configs"))
 
 
 def preset_path(name: str) -> Path:
-    """A preset by file path, or by name (``zhang2019-consistency``) from ``configs/``."""
+    """A preset by file path, or by name (``zhang2019-consistency``) from the shipped presets."""
     path = Path(name).expanduser()
     if path.is_file():
         return path
-    named = PRESET_DIR / f"{name.removesuffix('.yaml')}.yaml"
+    named = _preset_dir() / f"{name.removesuffix('.yaml')}.yaml"
     if named.is_file():
         return named
-    known = ", ".join(p.stem for p in sorted(PRESET_DIR.glob("*.yaml"))) or "none found"
-    raise UserError(f"--config {name}: no such file or preset (presets: {known})")
+    known = ", ".join(p.stem for p in sorted(_preset_dir().glob("*.yaml"))) or "none found"
+    raise UserError(f"config {name}: no such file or preset (presets: {known})")
 
 
-def load_preset(name: str) -> dict[str, Any]:
-    """The settings a preset fixes, checked against ``measure``'s parameters."""
-    path = preset_path(name)
+def _document(path: Path) -> dict[str, Any]:
     try:
         document = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from exc
     if not isinstance(document, dict):
         raise UserError(f"{path}: a preset is a mapping of setting: value")
-    settings = {k: v for k, v in document.items() if k not in DESCRIPTIVE}
-    unknown = sorted(set(settings) - _settings())
-    if unknown:
-        raise UserError(f"{path}: unknown settings {', '.join(unknown)} (see `transinv measure --help`)")
-    return {k: str(v) if k in ("shift", "consistency") else v for k, v in settings.items()}
+    return document
+
+
+def load_preset(name: str) -> dict[str, Any]:
+    """The options a preset fixes, checked strictly against ``MeasureOptions``."""
+    path = preset_path(name)
+    settings = {k: v for k, v in _document(path).items() if k not in DESCRIPTIVE}
+    MeasureOptions.from_mapping(settings, source=str(path)).validate()
+    return settings
 
 
 def list_presets() -> list[dict[str, str]]:
-    """Name, description and paper of every preset in ``configs/``."""
+    """Name, description and paper of every shipped preset."""
     out = []
-    for path in sorted(PRESET_DIR.glob("*.yaml")):
-        document = yaml.safe_load(path.read_text()) or {}
+    for path in sorted(_preset_dir().glob("*.yaml")):
+        document = _document(path)
         out.append({"name": path.stem, "description": document.get("description", ""), "paper": document.get("paper", "")})
     return out

@@ -10,9 +10,9 @@ from rich.table import Table
 from rich.text import Text
 
 from . import metrics as M
+from .metric_registry import order
 from .results import Result
 
-_OUTPUT_ORDER = [M.TOP1_AGREEMENT, M.KL_DIVERGENCE, M.PROB_CHANGE, M.ACCURACY]
 
 
 def _shift_label(sx: object, sy: object) -> str:
@@ -43,7 +43,7 @@ def output_tables(rows: pd.DataFrame) -> list[Table]:
     """Output metrics by shift: one table with a column per metric for one model, or, to compare
     several models and variants side by side, one table per metric with a column per series."""
     out = rows[(rows["layer"] == M.OUTPUT_LAYER) & rows["shift_x"].notna()]
-    metrics = [m for m in _OUTPUT_ORDER if m in set(out["metric"])]
+    metrics = order(list(out["metric"]))
     series = list(dict.fromkeys(zip(out["model"], out["variant"])))
     wide = out.pivot_table(index=["shift_x", "shift_y"], columns=["model", "variant", "metric"],
                            values=["value", "ci_low", "ci_high"], sort=False)

@@ -23,6 +23,7 @@ COLUMNS = [
     "variant",
     "weights",
     "mode",
+    "direction",
     "layer",
     "stride",
     "aligned",
@@ -35,10 +36,18 @@ COLUMNS = [
     "ci_low",
     "ci_high",
     "partial",
+    "seed",
+    "size",
+    "resize",
+    "interpolation",
+    "norm_mean",
+    "norm_std",
 ]
+REQUIRED = ["model", "variant", "weights", "mode", "layer", "stride", "aligned", "shift_x", "shift_y", "metric",
+            "value", "n", "std", "ci_low", "ci_high", "partial"]  # files from older versions lack the rest
 
 
-TEXT_COLUMNS = ["model", "weights", "mode", "layer", "metric", "variant"]
+TEXT_COLUMNS = ["model", "weights", "mode", "direction", "layer", "metric", "variant", "interpolation", "norm_mean", "norm_std"]
 
 
 def versions() -> dict[str, str]:
@@ -143,12 +152,34 @@ def whole_or_float(column: pd.Series) -> pd.Series:
     return values.astype("Int64") if (present == present.round()).all() else values
 
 
+def job_rows(measured: Sequence[tuple[Any, Sequence[Any], M.MetricState]], options: Any, partial: bool) -> pd.DataFrame:
+    """The one row builder: each (job, layers, state)'s statistics with the job's identity (model
+    label, variant, resolved weights, preprocessing), the run's mode, direction and seed, and each
+    layer's stride and alignment (output rows are always aligned: they have no map to shift)."""
+    records = []
+    for job, layers, state in measured:
+        by_name = {layer.name: layer for layer in layers}
+        pre = job.model.preprocess
+        identity = {
+            "model": job.label, "variant": job.variant, "weights": job.model.weights, "mode": options.mode,
+            "direction": options.direction, "partial": partial, "seed": options.seed, "size": pre.size,
+            "resize": pre.resize, "interpolation": str(pre.interpolation.value),
+            "norm_mean": ",".join(f"{v:g}" for v in pre.mean), "norm_std": ",".join(f"{v:g}" for v in pre.std),
+        }
+        for row in state.rows():
+            layer = by_name.get(row["layer"])
+            shift = (row["shift_x"], row["shift_y"])
+            aligned = True if layer is None else layer.aligned(shift)
+            records.append({**identity, "stride": None if layer is None else layer.stride[1], "aligned": aligned, **row})
+    return make_rows(records)
+
+
 def make_rows(records: list[dict[str, Any]]) -> pd.DataFrame:
     """A tidy frame with the documented columns and dtypes (nullable ints for empty cells)."""
     frame = pd.DataFrame.from_records(records, columns=COLUMNS)
-    for column in ("stride", "shift_x", "shift_y", "n"):
+    for column in ("stride", "shift_x", "shift_y", "n", "seed", "size", "resize"):
         frame[column] = whole_or_float(frame[column])
-    frame["aligned"] = frame["aligned"].astype("boolean")
+    frame["aligned"] = frame["aligned"].astype(bool)
     frame["partial"] = frame["partial"].astype(bool)
     return frame
 
@@ -201,7 +232,7 @@ def _read_result(path: Path) -> pd.DataFrame:
     except (UnicodeDecodeError, json.JSONDecodeError, pd.errors.ParserError, pd.errors.EmptyDataError) as error:
         reason = str(error).strip().splitlines()[0]
         raise ValueError(f"{path}: not a transinv result ({reason})") from None
-    missing = [c for c in COLUMNS if c not in frame.columns]
+    missing = [c for c in REQUIRED if c not in frame.columns]
     if missing:
         raise ValueError(f"{path}: not a transinv result (missing columns: {', '.join(missing)})")
     return frame

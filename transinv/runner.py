@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import metrics as M
+from .metric_registry import METRICS
 from .data import Batch, CanvasDataset, ImageItem, Preprocess, collate
 from .errors import UserError
 from .layers import FeatureTap, LayerInfo, to_nchw
@@ -64,11 +65,9 @@ def metric_keys(
                 keys.append((layer.name, shift, M.EQUIVARIANCE_ERROR))
             keys.append((layer.name, shift, M.POOLED_INVARIANCE_ERROR))
     for shift in shifts:
-        for metric in M.OUTPUT_METRICS:
-            if metric != M.ACCURACY or labelled:
-                keys.append((M.OUTPUT_LAYER, shift, metric))
-        if by_correctness and labelled:
-            keys += [(M.OUTPUT_LAYER, shift, M.TOP1_AGREEMENT_IF_CORRECT), (M.OUTPUT_LAYER, shift, M.TOP1_AGREEMENT_IF_WRONG)]
+        for spec in METRICS.values():
+            if spec.scope == "output" and (labelled or not spec.needs_labels) and (by_correctness or not spec.by_correctness):
+                keys.append((M.OUTPUT_LAYER, shift, spec.name))
     keys.append((M.OUTPUT_LAYER, None, M.WORST_CASE_AGREEMENT))
     if labelled:
         keys.append((M.OUTPUT_LAYER, None, M.WORST_CASE_ACCURACY))

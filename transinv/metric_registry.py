@@ -1,0 +1,125 @@
+"""The one list of metrics: name, where it applies, how its interval is made, and what it means.
+
+The runner, the statistics, the tables, the plots, ``compare`` and the README's metric table all
+read ``METRICS``; adding a metric is one ``MetricSpec`` here plus the code that computes its
+per-image values. Importing this module costs nothing (no torch), so the CLI can list metrics fast.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+Scope = Literal["layer", "output", "set"]
+Kind = Literal["proportion", "mean"]
+
+OUTPUT_LAYER = "output"  # the ``layer`` value of output and whole-set rows
+
+
+@dataclass(frozen=True)
+class MetricSpec:
+    """What a metric is: ``scope`` layer (per layer and shift), output (per shift) or set (one value
+    over the whole shift set); ``kind`` proportion (0/1 per image, Wilson interval) or mean
+    (bootstrap interval); ``bounds`` the range of its values (None: unbounded); ``better`` the
+    direction of improvement; ``definition`` one line, as the README states it."""
+
+    name: str
+    scope: Scope
+    kind: Kind
+    better: Literal["higher", "lower"]
+    definition: str
+    needs_labels: bool = False
+    bounds: tuple[float, float] | None = (0.0, 1.0)
+    by_correctness: bool = False  # only with --by-correctness (a split of another metric)
+
+
+TOP1_AGREEMENT = "top1_agreement"
+KL_DIVERGENCE = "kl_divergence"
+PROB_CHANGE = "prob_change"
+ACCURACY = "accuracy"
+TOP1_AGREEMENT_IF_CORRECT = "top1_agreement_if_correct"
+TOP1_AGREEMENT_IF_WRONG = "top1_agreement_if_wrong"
+WORST_CASE_ACCURACY = "worst_case_accuracy"
+WORST_CASE_AGREEMENT = "worst_case_agreement"
+JAGGEDNESS = "jaggedness"
+CONSISTENCY = "consistency"
+CONSISTENCY_IF_CORRECT = "consistency_if_correct"
+CONSISTENCY_IF_WRONG = "consistency_if_wrong"
+EQUIVARIANCE_ERROR = "equivariance_error"
+POOLED_INVARIANCE_ERROR = "pooled_invariance_error"
+
+_SPECS = (
+    MetricSpec(EQUIVARIANCE_ERROR, "layer", "mean", "lower",
+               "`‖f_l(T_d x) − T_k f_l(x)‖₂ / ‖f_l(x)‖₂`, `k = d / s_l`, both norms on the region present in both "
+               "maps; only where `s_l` divides `dx` and `dy` (`aligned`)", bounds=(0.0, float("inf"))),
+    MetricSpec(POOLED_INVARIANCE_ERROR, "layer", "mean", "lower",
+               "`‖g_l(T_d x) − g_l(x)‖₂ / ‖g_l(x)‖₂`, `g_l` = per-channel mean over all positions; every shift",
+               bounds=(0.0, float("inf"))),
+    MetricSpec(TOP1_AGREEMENT, "output", "proportion", "higher", "`1[c(T_d x) = c(x)]`; 1 at `d = 0`"),
+    MetricSpec(KL_DIVERGENCE, "output", "mean", "lower",
+               "`KL(p(x) ‖ p(T_d x)) = Σ_k p_k(x) (log p_k(x) − log p_k(T_d x))`, natural log",
+               bounds=(0.0, float("inf"))),
+    MetricSpec(PROB_CHANGE, "output", "mean", "lower",
+               "`|p(T_d x)[c(x)] − p(x)[c(x)]|`: change of the confidence in the unshifted prediction"),
+    MetricSpec(ACCURACY, "output", "proportion", "higher", "`1[c(T_d x) = y]`", needs_labels=True),
+    MetricSpec(TOP1_AGREEMENT_IF_CORRECT, "output", "proportion", "higher",
+               "`top1_agreement` over the images whose unshifted prediction is right (`--by-correctness`)",
+               needs_labels=True, by_correctness=True),
+    MetricSpec(TOP1_AGREEMENT_IF_WRONG, "output", "proportion", "higher",
+               "`top1_agreement` over the images whose unshifted prediction is wrong (`--by-correctness`)",
+               needs_labels=True, by_correctness=True),
+    MetricSpec(WORST_CASE_AGREEMENT, "set", "proportion", "higher",
+               "`1[c(T_d x) = c(x) for every d in the shift set]`"),
+    MetricSpec(WORST_CASE_ACCURACY, "set", "proportion", "higher",
+               "`1[c(T_d x) = y for every d in the shift set, 0 included]` (worst-of-k over the set)",
+               needs_labels=True),
+    MetricSpec(JAGGEDNESS, "set", "mean", "lower",
+               "share of consecutive steps `d_i → d_{i+1}` of the path (shifts sorted along `--direction x`, `y` or "
+               "`diagonal`) where `c` changes (Azulay & Weiss 2019)"),
+    MetricSpec(CONSISTENCY, "set", "proportion", "higher",
+               "`1[c(T_{d1} x) = c(T_{d2} x)]`, `d1`, `d2` drawn per image, each axis uniform in `--consistency "
+               "LO..HI` (Zhang 2019)"),
+    MetricSpec(CONSISTENCY_IF_CORRECT, "set", "proportion", "higher",
+               "`consistency` over the images whose unshifted prediction is right (`--by-correctness`)",
+               needs_labels=True, by_correctness=True),
+    MetricSpec(CONSISTENCY_IF_WRONG, "set", "proportion", "higher",
+               "`consistency` over the images whose unshifted prediction is wrong (`--by-correctness`)",
+               needs_labels=True, by_correctness=True),
+)
+
+METRICS: dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}
+
+
+def spec(name: str) -> MetricSpec | None:
+    """The registered metric of this name (None for a name from a newer or foreign file)."""
+    return METRICS.get(name)
+
+
+def names(scope: Scope | None = None) -> list[str]:
+    """Metric names in display order, optionally of one scope."""
+    return [s.name for s in _SPECS if scope is None or s.scope == scope]
+
+
+def is_proportion(name: str) -> bool:
+    """True for 0/1-per-image metrics: a Wilson interval, and a fixed 0..1 axis in plots.
+    Unknown names count as means."""
+    found = METRICS.get(name)
+    return found is not None and found.kind == "proportion"
+
+
+def order(metric_names: list[str]) -> list[str]:
+    """``metric_names`` in registry order, unknown names last in their given order."""
+    position = {name: i for i, name in enumerate(METRICS)}
+    return sorted(dict.fromkeys(metric_names), key=lambda n: position.get(n, len(position)))
+
+
+def markdown_table() -> str:
+    """The README's metric table, generated so it cannot drift from the registry."""
+    lines = ["| metric | per image | scope | interval | better | labels |", "|---|---|---|---|---|---|"]
+    for s in _SPECS:
+        where = {"layer": "layer `l`, per shift", "output": "output, per shift", "set": "output, one row per run"}[s.scope]
+        interval = "Wilson" if s.kind == "proportion" else "bootstrap"
+        definition = s.definition.replace("|", "\\|")  # a pipe inside a table cell
+        lines.append(f"| `{s.name}` | {definition} | {where} | {interval} | {s.better} "
+                     f"| {'needed' if s.needs_labels else ''} |")
+    return "\n".join(lines)

@@ -1,0 +1,249 @@
+"""Every option of a measurement, once: its type, default, help, group and check.
+
+``MeasureOptions`` is the single home that the CLI's flags (and their help), the YAML presets,
+the settings recorded in every result file and the README's flag reference are all read from.
+``validate()`` checks everything that can be checked before a model is built; its errors name
+the option (``batch_size must be at least 1``) and the CLI turns the name into its flag.
+This module imports no torch, so ``transinv --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import difflib
+import types
+import typing
+from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
+from typing import Any, Mapping, Sequence, Union
+
+from .errors import UserError
+
+MODES: tuple[str, ...] = ("crop", "circular", "pad")
+DIRECTIONS: tuple[str, ...] = ("x", "y", "diagonal", "grid")
+SUBPIXEL_METHODS: tuple[str, ...] = ("fourier", "bilinear")
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+PADDING_MODES: tuple[str, ...] = ("zeros", "circular", "reflect", "replicate")
+
+WHAT, SHIFTS, PREPROCESS, FIXES, RUN = "What to measure", "How to shift", "Preprocessing", "Fixes", "How to run"
+GROUPS = (WHAT, SHIFTS, PREPROCESS, FIXES, RUN)
+
+
+class OptionError(UserError, ValueError):
+    """A bad value of one option: ``str()`` names the option as the library spells it
+    (``batch_size``); the CLI prints ``flag`` (``--batch-size``) instead."""
+
+    def __init__(self, option: str, detail: str) -> None:
+        super().__init__(f"{option} {detail}")
+        self.option, self.detail = option, detail
+
+    def as_flag(self) -> str:
+        return f"{flag(self.option)} {self.detail}"
+
+
+def flag(option: str) -> str:
+    """The CLI flag of an option name: ``batch_size`` -> ``--batch-size``."""
+    return "--" + option.replace("_", "-")
+
+
+def _opt(default: Any, help: str, group: str, *, choices: Sequence[str] | None = None,
+         metavar: str | None = None, repeat: bool = False) -> Any:
+    """A dataclass field carrying its help, group and choices for the CLI and the docs."""
+    meta = {"help": help, "group": group, "choices": tuple(choices) if choices else None,
+            "metavar": metavar, "repeat": repeat}
+    return field(default=default, metadata=meta)
+
+
+def _rgb(value: Any, option: str) -> tuple[float, ...] | None:
+    """Three floats (R, G, B) from ``"0.5,0.5,0.5"``, a sequence, or None."""
+    if value is None:
+        return None
+    parts = value.replace(" ", "").split(",") if isinstance(value, str) else list(value)
+    try:
+        numbers = tuple(float(v) for v in parts)
+    except (TypeError, ValueError):
+        raise OptionError(option, f"takes comma-separated numbers, e.g. 0.485,0.456,0.406 (got {value!r})") from None
+    if len(numbers) != 3:
+        raise OptionError(option, f"takes three numbers (R,G,B), got {len(numbers)}")
+    return numbers
+
+
+def _strings(value: Any) -> tuple[str, ...] | None:
+    """A tuple of strings from one string or a sequence (None stays None)."""
+    if value is None:
+        return None
+    return (value,) if isinstance(value, str) else tuple(str(v) for v in value)
+
+
+@dataclass(frozen=True)
+class MeasureOptions:
+    """How to measure: every setting of ``transinv measure`` except the models and the output file.
+
+    Build it from keywords (``MeasureOptions(shift="0..8", mean="0.5,0.5,0.5")``: strings and
+    sequences are both accepted and normalised), from a preset (``from_mapping``), or from flags.
+    """
+
+    # what to measure
+    weights: str = _opt("DEFAULT", "DEFAULT, a weights name (IMAGENET1K_V1), none (seeded random init), or a checkpoint path.", WHAT)
+    data: tuple[str, ...] | None = _opt(None, "Image folder, ImageFolder tree or file; repeat for several. Default: the built-in images.", WHAT, metavar="PATH", repeat=True)
+    num_images: int | None = _opt(None, "Measure a seeded random subset of this many images.", WHAT)
+    layers: str = _opt("default", "Layers to measure: default (stage outputs and the first layer at each new stride), all, none (output only), or names and globs (layer3.*), comma-separated.", WHAT)
+    by_correctness: bool = _opt(False, "Also split top-1 agreement and consistency by whether the unshifted prediction was correct.", WHAT)
+    label: tuple[str, ...] | None = _opt(None, "Label for the model in rows and tables (default: its short name); repeat once per model.", WHAT, repeat=True)
+    seed: int = _opt(0, "Seed for random weights, image sampling and random offsets.", WHAT)
+    # how to shift
+    shift: str = _opt("0..16", "Shifts in pixels: 0..16, -8..8, 0..32:4, 0,1,2,4,8 or 5. Shift 0 is always the reference.", SHIFTS)
+    direction: str = _opt("x", "Shift direction (grid = every (dx, dy) pair).", SHIFTS, choices=DIRECTIONS)
+    mode: str = _opt("crop", "How views are shifted (see README).", SHIFTS, choices=MODES)
+    fill: float = _opt(0.0, "Fill value for --mode pad, in normalised units (0 = the mean colour).", SHIFTS)
+    subpixel: str | None = _opt(None, "Method for fractional shifts (0..2:0.25): fourier (circular mode) or bilinear (crop, pad).", SHIFTS, choices=SUBPIXEL_METHODS)
+    consistency: str | None = _opt(None, "Also measure consistency: top-1 agreement of two views at random offsets, each axis uniform in LO..HI (e.g. -16..15).", SHIFTS, metavar="LO..HI")
+    # preprocessing
+    size: int | None = _opt(None, "View size in pixels (default: the weights' crop size, else 224).", PREPROCESS)
+    resize: int | None = _opt(None, "Shorter side after resizing, before cropping (default: the weights', else 256).", PREPROCESS)
+    mean: tuple[float, float, float] | None = _opt(None, "Normalisation mean R,G,B (default: the weights', else ImageNet).", PREPROCESS, metavar="R,G,B")
+    std: tuple[float, float, float] | None = _opt(None, "Normalisation std R,G,B (default: the weights', else ImageNet).", PREPROCESS, metavar="R,G,B")
+    # fixes
+    variants: tuple[str, ...] | None = _opt(None, "Variants measured side by side, comma-separated: base, blurpool[:K], aps, padding:MODE, joined by '+'.", FIXES, metavar="LIST")
+    antialias: str | None = _opt(None, "Anti-aliased downsampling: blurpool or blurpool:K (K = 2..7).", FIXES)
+    aps: bool = _opt(False, "Adaptive polyphase sampling at every stride-2 downsampling.", FIXES)
+    padding: str | None = _opt(None, "Padding of every convolution and pool.", FIXES, choices=PADDING_MODES)
+    # how to run
+    batch_size: int = _opt(32, "Images per batch, and views per forward pass.", RUN)
+    workers: int = _opt(0, "DataLoader worker processes decoding images.", RUN)
+    device: str = _opt("cpu", "auto, cpu, cuda, cuda:N or mps.", RUN)
+    precision: str = _opt("fp32", "Autocast precision (see README for the error floor).", RUN, choices=PRECISIONS)
+    channels_last: bool = _opt(False, "Run model and views in channels-last memory format.", RUN)
+
+    def __post_init__(self) -> None:
+        """Normalise what a notebook or a YAML file may pass in several forms."""
+        set_ = object.__setattr__
+        set_(self, "data", _strings(self.data))
+        set_(self, "label", _strings(self.label))
+        set_(self, "mean", _rgb(self.mean, "mean"))
+        set_(self, "std", _rgb(self.std, "std"))
+        variants = self.variants
+        if isinstance(variants, str):
+            variants = [v for v in variants.split(",")]
+        set_(self, "variants", None if variants is None else tuple(v.strip() for v in variants if v.strip()) or None)
+        for name in ("shift", "consistency"):  # YAML reads `shift: 5` as a number
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                set_(self, name, str(value))
+
+    def validate(self) -> "MeasureOptions":
+        """Check every value that needs no model; return self. Raises ``OptionError`` naming the option."""
+        from .shifts import make_shifts, parse_pair_offsets, parse_shift_values
+
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            value = getattr(self, f.name)
+            if choices and value is not None and value not in choices:
+                raise OptionError(f.name, f"must be one of {', '.join(choices)} (got {value!r}{_close(value, choices)})")
+        for name in ("batch_size", "num_images", "size", "resize"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise OptionError(name, f"must be a whole number of at least 1 (got {value!r})")
+        if not isinstance(self.workers, int) or self.workers < 0:
+            raise OptionError("workers", f"must be 0 or more (got {self.workers!r})")
+        if self.std is not None and any(v <= 0 for v in self.std):
+            raise OptionError("std", "values must be positive")
+        if self.label is not None and len(set(self.label)) != len(self.label):
+            raise OptionError("label", f"values must be distinct (got {', '.join(self.label)})")
+        device = self.device
+        if device not in ("auto", "cpu", "cuda", "mps") and not (device.startswith("cuda:") and device[5:].isdigit()):
+            raise OptionError("device", f"must be auto, cpu, cuda, cuda:N or mps (got {device!r})")
+        _reword("shift", lambda: make_shifts(parse_shift_values(self.shift), self.direction))
+        if self.consistency is not None:
+            _reword("consistency", lambda: parse_pair_offsets(self.consistency))
+        self.variant_specs()
+        return self
+
+    def variant_specs(self) -> list[str]:
+        """The variants to measure: ``variants`` (default ``base``), each with the fix options added."""
+        from .fixes import parse_variant
+
+        extra = [p for p in (self.antialias, "aps" if self.aps else None,
+                             f"padding:{self.padding}" if self.padding else None) if p]
+        specs = []
+        for name in self.variants or ("base",):
+            parts = [p for p in name.split("+") if p != "base"] + [p for p in extra if p not in name.split("+")]
+            spec = "+".join(parts) or "base"
+            _reword("variants", lambda: parse_variant(spec))
+            specs.append(spec)
+        return list(dict.fromkeys(specs))
+
+    def settings(self) -> dict[str, Any]:
+        """The options as plain data (lists, not tuples), as recorded in every result file."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_mapping(cls, mapping: Mapping[str, Any], source: str = "options") -> "MeasureOptions":
+        """Strict: every key must be an option; an unknown key names the closest valid one."""
+        known = option_names()
+        for key in mapping:
+            if key not in known:
+                raise UserError(f"{source}: unknown setting {key!r}{_close(key, known)}")
+        return cls(**dict(mapping))
+
+    def updated(self, **changes: Any) -> "MeasureOptions":
+        """A copy with some options changed (the object itself is frozen)."""
+        return replace(self, **changes)
+
+
+def _close(value: str, choices: Sequence[str]) -> str:
+    found = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.5)
+    return f"; did you mean {found[0]!r}?" if found else ""
+
+
+def _reword(option: str, check: Any) -> Any:
+    """Run a parser whose errors are user errors and re-raise them naming ``option``."""
+    try:
+        return check()
+    except OptionError:
+        raise
+    except UserError as exc:
+        raise OptionError(option, f"is invalid: {exc}") from None
+
+
+def option_fields() -> list[Field]:
+    """The option fields in declaration order (grouped as they read)."""
+    return list(fields(MeasureOptions))
+
+
+def option_names() -> list[str]:
+    return [f.name for f in fields(MeasureOptions)]
+
+
+def base_type(f: Field) -> type:
+    """The scalar type of a field (``int`` for ``int | None``, ``str`` for ``tuple[str, ...]``)."""
+    hint = typing.get_type_hints(MeasureOptions)[f.name]
+    args = [a for a in typing.get_args(hint) if a is not type(None)] if _is_union(hint) else [hint]
+    inner = args[0]
+    if typing.get_origin(inner) is tuple:
+        item = typing.get_args(inner)[0]
+        return str if f.name in ("mean", "std") or item is float else item
+    return inner
+
+
+def _is_union(hint: Any) -> bool:
+    return typing.get_origin(hint) in (Union, types.UnionType)
+
+
+def default_text(f: Field) -> str:
+    value = f.default if f.default is not MISSING else None
+    return "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def flag_reference() -> str:
+    """The README's flag table for ``transinv measure``, generated from the options."""
+    lines = ["| flag | default | group | what it does |", "|---|---|---|---|"]
+    for f in option_fields():
+        choices = f.metadata["choices"]
+        what = f.metadata["help"] + (f" One of: {', '.join(choices)}." if choices else "")
+        shown = f"`{flag(f.name)}`" + (" (repeatable)" if f.metadata["repeat"] else "")
+        default = default_text(f)
+        lines.append(f"| {shown} | {f'`{default}`' if default else ''} | {f.metadata['group']} | {what} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # python -m transinv.options: print the README's flag table
+    print(flag_reference())

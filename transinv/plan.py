@@ -1,0 +1,112 @@
+"""What a run will measure, decided before anything runs: models and their labels, variants,
+shift plans, and this process's share of the images.
+
+``make_plan`` builds the models (weights loaded, no forward pass) and groups every (model,
+variant) job by what decides its views (preprocessing and shift plan), so each group decodes its
+images once. Layers are chosen later, from a probe pass of each transformed model.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field, replace
+from typing import Sequence
+
+from torch import nn
+
+from .data import ImageItem, Preprocess, find_images, select_images
+from .distributed import Context
+from .errors import UserError
+from .models import LoadedModel, default_preprocess, load_model
+from .options import MeasureOptions
+from .shifts import ShiftPlan, check_shifts, make_shifts, parse_pair_offsets, parse_shift_values
+
+ModelSpec = str | nn.Module
+
+
+@dataclass(frozen=True)
+class Job:
+    """One (model, variant) pair to measure; ``label`` names its rows."""
+
+    model: LoadedModel
+    label: str
+    variant: str
+
+
+@dataclass
+class Group:
+    """Jobs measured on the same decoded canvases and views."""
+
+    preprocess: Preprocess
+    shifts: ShiftPlan
+    jobs: list[Job] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    """The whole run: groups of jobs, and the images this process measures (``ids``: their
+    positions in the whole run, which seed per-image randomness)."""
+
+    groups: list[Group]
+    items: list[ImageItem]
+    ids: list[int]
+    labelled: bool
+    total_images: int
+
+    @property
+    def jobs(self) -> list[Job]:
+        return [job for group in self.groups for job in group.jobs]
+
+
+def prepare_model(model: ModelSpec, options: MeasureOptions) -> LoadedModel:
+    """Load a model spec (or take a copy of a notebook's module, which is never changed) and
+    settle its preprocessing: the weights' own, overridden by the options."""
+    if isinstance(model, nn.Module):
+        loaded = LoadedModel(type(model).__name__, "given", copy.deepcopy(model).eval(), default_preprocess())
+    else:
+        loaded = load_model(model, options.weights, options.seed)
+    pre = loaded.preprocess
+    size = options.size or pre.size
+    resize = options.resize or (max(pre.resize, size) if options.size else pre.resize)
+    return replace(loaded, preprocess=replace(pre, size=size, resize=resize, mean=options.mean or pre.mean,
+                                              std=options.std or pre.std))
+
+
+def unique_labels(names: Sequence[str], given: Sequence[str] | None = None) -> list[str]:
+    """Row labels: ``given`` when set (one per model), else the names, a repeated one as
+    ``name#2``, ``name#3`` so two models of the same class never merge."""
+    if given is not None:
+        if len(given) != len(names):
+            raise UserError(f"label: give one label per model ({len(names)} models, {len(given)} labels)")
+        return list(given)
+    seen: dict[str, int] = {}
+    out = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        out.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return out
+
+
+def make_plan(models: Sequence[ModelSpec], options: MeasureOptions, context: Context) -> Plan:
+    """Build the models and group the jobs; no forward pass runs."""
+    if not models:
+        raise UserError("name at least one model")
+    shifts = tuple(make_shifts(parse_shift_values(options.shift), options.direction))
+    pairs = parse_pair_offsets(options.consistency) if options.consistency else None
+    variants = options.variant_specs()
+    loaded = [prepare_model(spec, options) for spec in models]
+    groups: dict[tuple[Preprocess, ShiftPlan], Group] = {}
+    for model, label in zip(loaded, unique_labels([m.name for m in loaded], options.label)):
+        pre = model.preprocess
+        plan = ShiftPlan(shifts, pre.size, options.mode, options.fill, options.subpixel, pairs)
+        check_shifts(plan.extent, pre.size, options.mode, pre.resize, options.subpixel)
+        group = groups.setdefault((pre, plan), Group(pre, plan))
+        group.jobs.extend(Job(model, label, variant) for variant in variants)
+    everything = select_images(find_images(options.data), options.num_images, options.seed)
+    return Plan(
+        groups=list(groups.values()),
+        items=context.shard(everything),
+        ids=context.shard(range(len(everything))),
+        labelled=any(item.label >= 0 for item in everything),
+        total_images=len(everything),
+    )
