@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import pandas as pd
 import torch
@@ -19,7 +19,7 @@ from .layers import LayerInfo, Probe, probe_layers, select_layers
 from .models import LoadedModel, default_preprocess, load_model
 from .results import Result, born_at, make_rows
 from .runner import PRECISIONS, Measurement, RunState, make_loader, resolve_device, run_batches
-from .shifts import ShiftPlan, check_mode, check_shifts, make_shifts, parse_pair_offsets, parse_shift_values
+from .shifts import ShiftPlan, check_draws, check_mode, make_shift_set, parse_fill, parse_pair_offsets
 
 Warn = Callable[[str], None]
 
@@ -119,6 +119,14 @@ class _Job:
     state: M.MetricState
 
 
+def _weights_for(weights: str | Mapping[str, str], spec: str | nn.Module) -> str:
+    """The weights of one model: the same name for all, or a model -> weights mapping (a preset's
+    pinned weights; a model it does not name gets ``DEFAULT``)."""
+    if isinstance(weights, str):
+        return weights
+    return str(weights.get(spec, "DEFAULT")) if isinstance(spec, str) else "DEFAULT"
+
+
 def variant_specs(variants: Sequence[str] | str | None, antialias: str | None, aps: bool, padding: str | None) -> list[str]:
     """The variants to measure: ``--variants`` (default ``base``), each with the fix flags added."""
     names = [v.strip() for v in (variants.split(",") if isinstance(variants, str) else variants or ["base"]) if v.strip()]
@@ -135,14 +143,17 @@ def variant_specs(variants: Sequence[str] | str | None, antialias: str | None, a
 def measure(
     model: str | nn.Module | Sequence[str | nn.Module] = "resnet18",
     *,
-    weights: str = "DEFAULT",
+    weights: str | Mapping[str, str] = "DEFAULT",
     data: Sequence[str] | str | None = None,
     shift: str = "0..16",
     direction: str = "x",
     mode: str = "crop",
-    fill: float = 0.0,
+    fill: float | str | Sequence[float] = 0.0,
+    embed_size: int | None = None,
     subpixel: str | None = None,
     consistency: str | None = None,
+    consistency_draws: int = 1,
+    random_shifts: int = 0,
     layers: str = "default",
     variants: Sequence[str] | str | None = None,
     antialias: str | None = None,
@@ -155,6 +166,7 @@ def measure(
     num_images: int | None = None,
     batch_size: int = 32,
     seed: int = 0,
+    sample_seed: int = 0,
     workers: int = 0,
     device: str = "cpu",
     precision: str = "fp32",
@@ -170,15 +182,18 @@ def measure(
     shifts. Returns a ``Result`` whose ``rows`` are tidy (one row per model, variant, layer, shift
     and metric); the README defines every metric. Under torchrun, each process measures its share
     of the images and every process returns the combined result. ``progress(total, start)`` may
-    return a per-batch callback that receives the number of images just finished.
+    return a per-batch callback that receives the number of images just finished. ``weights`` may
+    map model names to weights (a preset pinning what a paper measured; others get ``DEFAULT``).
+    ``seed`` seeds random weights and random offsets, ``sample_seed`` the ``num_images`` subset.
     """
     specs = [model] if isinstance(model, (str, nn.Module)) else list(model)
     if not specs:
         raise UserError("name at least one model")
-    shifts = make_shifts(parse_shift_values(shift), direction)
+    shifts = make_shift_set(shift, direction)
     overrides = Overrides(size, resize, mean, std)
     overrides.check()
     check_mode(mode)
+    check_draws(consistency_draws, random_shifts)
     if precision not in PRECISIONS:
         raise UserError(f"unknown --precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     chosen_variants = variant_specs(variants, antialias, aps, padding)
@@ -186,16 +201,17 @@ def measure(
     context = distributed.from_env()
     dev = resolve_device(device, context.local_rank if context.active else None)
     distributed.init(context, dev)
-    all_items = select_images(find_images(data), num_images, seed)
+    all_items = select_images(find_images(data), num_images, sample_seed)
     labelled = any(item.label >= 0 for item in all_items)
     items, ids = context.shard(all_items), context.shard(range(len(all_items)))
     groups: dict[tuple[Preprocess, ShiftPlan], list[_Job]] = {}
     explained: set[str] = set()  # one note per model, not one per variant
     for spec in specs:
-        loaded = prepare_model(spec, weights, seed, overrides)
+        loaded = prepare_model(spec, _weights_for(weights, spec), seed, overrides)
         pre = loaded.preprocess
-        plan = ShiftPlan(tuple(shifts), pre.size, mode, fill, subpixel, pairs)
-        check_shifts(plan.extent, pre.size, mode, pre.resize, subpixel)
+        plan = ShiftPlan(tuple(shifts), pre.size, mode, parse_fill(fill, pre.mean, pre.std), subpixel, pairs,
+                         consistency_draws, random_shifts, embed_size)
+        plan.check(pre.resize)
         for variant in chosen_variants:
             module = loaded.module if variant == "base" else apply_variant(loaded.module, variant)
             module = module.to(dev).eval()
@@ -212,7 +228,7 @@ def measure(
     run = RunState()
     advance = progress(len(items) * len(groups), 0) if progress is not None and context.is_main else None
     for (pre, plan), jobs in groups.items():
-        loader = make_loader(items, pre, plan.canvas, batch_size, workers, ids)
+        loader = make_loader(items, plan.decoding(pre), plan.canvas, batch_size, workers, ids)
         group_run = RunState()
         run_batches([j.measurement for j in jobs], [j.state for j in jobs], iter(loader), group_run, advance)
         run.images = group_run.images
@@ -232,19 +248,23 @@ def measure(
         raise UserError("no readable images: every file was skipped (see the warnings above)")
     settings = {
         "models": [spec if isinstance(spec, str) else type(spec).__name__ for spec in specs],
-        "weights": weights,
+        "weights": weights if isinstance(weights, str) else dict(weights),
         "variants": chosen_variants,
         "data": [str(d) for d in ([data] if isinstance(data, str) else (data or ["builtin"]))],
         "shift": shift,
         "direction": direction,
         "mode": mode,
-        "fill": fill,
+        "fill": fill if isinstance(fill, (int, float, str)) else list(fill),
+        "embed_size": embed_size,
         "subpixel": subpixel,
         "consistency": consistency,
+        "consistency_draws": consistency_draws,
+        "random_shifts": random_shifts,
         "layers": layers,
         "num_images": num_images,
         "batch_size": batch_size,
         "seed": seed,
+        "sample_seed": sample_seed,
         "workers": workers,
         "device": str(dev),
         "precision": precision,

@@ -24,7 +24,14 @@ CONSISTENCY = "consistency"
 CONSISTENCY_IF_CORRECT = "consistency_if_correct"
 CONSISTENCY_IF_WRONG = "consistency_if_wrong"
 WORST_CASE_AGREEMENT = "worst_case_agreement"
+WORST_CASE_ACCURACY_INTEGER = "worst_case_accuracy_integer"
+WORST_CASE_ACCURACY_FRACTIONAL = "worst_case_accuracy_fractional"
+WORST_CASE_AGREEMENT_INTEGER = "worst_case_agreement_integer"
+WORST_CASE_AGREEMENT_FRACTIONAL = "worst_case_agreement_fractional"
+RANDOM_WORST_CASE_ACCURACY = "random_worst_case_accuracy"
+RANDOM_WORST_CASE_AGREEMENT = "random_worst_case_agreement"
 JAGGEDNESS = "jaggedness"
+PATH_PROB_CHANGE = "path_prob_change"
 EQUIVARIANCE_ERROR = "equivariance_error"
 POOLED_INVARIANCE_ERROR = "pooled_invariance_error"
 
@@ -137,7 +144,11 @@ BOOTSTRAP_SEED = 20190411
 Z95 = 1.959963984540054
 PROPORTIONS = frozenset({TOP1_AGREEMENT, ACCURACY, WORST_CASE_ACCURACY, TOP1_AGREEMENT_IF_CORRECT,
                          TOP1_AGREEMENT_IF_WRONG, CONSISTENCY, CONSISTENCY_IF_CORRECT, CONSISTENCY_IF_WRONG,
-                         WORST_CASE_AGREEMENT})  # 0/1 per image; jaggedness is a share per image
+                         WORST_CASE_AGREEMENT, WORST_CASE_ACCURACY_INTEGER, WORST_CASE_ACCURACY_FRACTIONAL,
+                         WORST_CASE_AGREEMENT_INTEGER, WORST_CASE_AGREEMENT_FRACTIONAL, RANDOM_WORST_CASE_ACCURACY,
+                         RANDOM_WORST_CASE_AGREEMENT})
+# 0/1 per image (consistency: a share when several pairs are drawn per image, so its Wilson interval
+# is conservative); jaggedness and path_prob_change are means per image
 
 
 def bootstrap_weights(image_ids: torch.Tensor, replicates: int = BOOTSTRAP_REPLICATES) -> torch.Tensor:
