@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
 
 import transinv
 from transinv.data import Preprocess, builtin_images_dir, find_images, load_canvas, select_images
@@ -59,6 +61,21 @@ def test_builtin_images_and_errors(tmp_path: Path) -> None:
         find_images(str(tmp_path / "missing"))
 
 
+@pytest.mark.parametrize("size, resize", [(32, 41), (31, 40), (32, 44)])
+def test_the_view_at_shift_zero_is_torchvisions_centre_crop_whatever_the_margin(tmp_path: Path, size: int, resize: int) -> None:
+    """Odd and even sides, odd and even margins: the canvas centre is always ``center_crop`` at ``size``."""
+    source = Image.open(builtin_images_dir() / "chelsea.jpg").convert("RGB").resize((57, 43))
+    source.save(tmp_path / "odd.png")
+    pre = Preprocess(resize=resize, size=size, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
+    image = TF.resize(TF.pil_to_tensor(source), [resize], interpolation=InterpolationMode.BILINEAR, antialias=True)
+    expected = TF.normalize(TF.to_dtype(TF.center_crop(image, [size, size]), torch.float32, scale=True),
+                            list(pre.mean), list(pre.std))
+    for margin in range(0, (resize - size) // 2 + 1):
+        canvas = load_canvas(tmp_path / "odd.png", pre, size + 2 * margin)
+        assert canvas.shape[-1] == size + 2 * margin
+        assert torch.equal(canvas[:, margin : margin + size, margin : margin + size], expected), margin
+
+
 def test_subset_is_seeded_and_stable() -> None:
     items = find_images(None)
     assert select_images(items, 4, seed=1) == select_images(items, 4, seed=1)
@@ -75,3 +92,17 @@ def test_unreadable_file_is_skipped_with_a_warning_and_counted(tmp_path: Path) -
     )
     assert result.summary["images"] == 1 and result.summary["skipped"] == 1
     assert any("broken.jpg" in w for w in warnings)
+
+
+def test_sample_seed_picks_the_images_and_seed_does_not(tmp_path: Path) -> None:
+    """A new --seed (new random offsets) keeps the --num-images subset; --sample-seed changes it."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(),
+                                torch.nn.Linear(4, 5))
+    common = dict(shift="0..1", size=32, resize=40, layers="none", num_images=3)
+
+    def kl(**seeds: int) -> float:
+        rows = transinv.measure(model, **common, **seeds).rows
+        return float(rows[(rows["metric"] == "kl_divergence") & (rows["shift_x"] == 1)]["value"].iloc[0])
+
+    assert kl(seed=1) == kl(seed=2) == kl(seed=2, sample_seed=0)
+    assert len({kl(sample_seed=s) for s in range(4)}) > 1

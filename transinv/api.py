@@ -102,7 +102,8 @@ def run_plan(plan: Plan, groups: list[list[Measured]], options: MeasureOptions, 
     run = RunState()
     advance = progress(len(plan.items) * len(plan.groups), 0) if progress is not None else None
     for group, measured in zip(plan.groups, groups):
-        loader = make_loader(plan.items, group.preprocess, group.shifts.canvas, options.batch_size, options.workers, plan.ids)
+        loader = make_loader(plan.items, group.shifts.decoding(group.preprocess), group.shifts.canvas,
+                             options.batch_size, options.workers, plan.ids)
         group_run = RunState()
         run_batches([m.measurement for m in measured], [m.state for m in measured], iter(loader), group_run, advance)
         run.images, run.skipped = group_run.images, group_run.skipped

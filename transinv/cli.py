@@ -192,7 +192,7 @@ def _measure(ctx: typer.Context, models: list[str], **given: Any) -> None:
         preset: dict[str, Any] = {}
         if cli_only["config"] is not None:
             preset = load_preset(cli_only["config"])
-            for key in preset:  # flags the user typed win over the preset
+            for key in list(preset):  # flags the user typed win over the preset
                 source = ctx.get_parameter_source(key)
                 if source is not None and source.name != "DEFAULT":
                     preset.pop(key)

@@ -102,7 +102,8 @@ def find_images(data: Sequence[str] | str | None = None) -> list[ImageItem]:
 
 
 def select_images(items: list[ImageItem], num_images: int | None, seed: int) -> list[ImageItem]:
-    """A seeded random subset of ``num_images`` (all of them when None), kept in file order."""
+    """A seeded random subset of ``num_images`` (all of them when None), kept in file order
+    (``seed`` is ``--sample-seed``, apart from ``--seed``, so new offsets keep the images)."""
     if num_images is not None and num_images < 1:
         raise UserError("--num-images must be at least 1")
     if num_images is None or num_images >= len(items):
@@ -128,13 +129,30 @@ class Preprocess:
 
 
 def load_canvas(path: Path, pre: Preprocess, canvas: int) -> torch.Tensor:
-    """Decode one image to RGB (grey, CMYK and alpha converted) and make its ``canvas``-px square."""
+    """Decode one image to RGB (grey, CMYK and alpha converted) and make its ``canvas``-px square.
+
+    The square is centred on the model's standard view (torchvision's ``center_crop`` at
+    ``pre.size``), with an equal margin on every side: so the view at shift 0 is that crop
+    exactly, whatever the margin (on an odd side, centring the larger square itself would move
+    the view by a pixel).
+    """
     with Image.open(path) as opened:
         image = TF.pil_to_tensor(opened.convert("RGB"))
     image = TF.resize(image, [pre.resize], interpolation=pre.interpolation, antialias=True)
-    image = TF.center_crop(image, [canvas, canvas])
+    margin = (canvas - pre.size) // 2  # the plan makes canvases of size + 2 * margin
+    if margin <= 0:
+        image = TF.center_crop(image, [canvas, canvas])
+    else:
+        height, width = image.shape[-2:]
+        top, left = _center_crop_anchor(height, width, pre.size)
+        image = TF.crop(image, top - margin, left - margin, canvas, canvas)
     image = TF.to_dtype(image, torch.float32, scale=True)
     return TF.normalize(image, list(pre.mean), list(pre.std))
+
+
+def _center_crop_anchor(height: int, width: int, size: int) -> tuple[int, int]:
+    """Top and left of torchvision's ``center_crop`` of a ``size`` square (its rounding)."""
+    return int(round((height - size) / 2.0)), int(round((width - size) / 2.0))
 
 
 class CanvasDataset(Dataset):

@@ -41,7 +41,14 @@ TOP1_AGREEMENT_IF_CORRECT = "top1_agreement_if_correct"
 TOP1_AGREEMENT_IF_WRONG = "top1_agreement_if_wrong"
 WORST_CASE_ACCURACY = "worst_case_accuracy"
 WORST_CASE_AGREEMENT = "worst_case_agreement"
+WORST_CASE_ACCURACY_INTEGER = "worst_case_accuracy_integer"
+WORST_CASE_ACCURACY_FRACTIONAL = "worst_case_accuracy_fractional"
+WORST_CASE_AGREEMENT_INTEGER = "worst_case_agreement_integer"
+WORST_CASE_AGREEMENT_FRACTIONAL = "worst_case_agreement_fractional"
+RANDOM_WORST_CASE_ACCURACY = "random_worst_case_accuracy"
+RANDOM_WORST_CASE_AGREEMENT = "random_worst_case_agreement"
 JAGGEDNESS = "jaggedness"
+PATH_PROB_CHANGE = "path_prob_change"
 CONSISTENCY = "consistency"
 CONSISTENCY_IF_CORRECT = "consistency_if_correct"
 CONSISTENCY_IF_WRONG = "consistency_if_wrong"
@@ -69,16 +76,36 @@ _SPECS = (
                "`top1_agreement` over the images whose unshifted prediction is wrong (`--by-correctness`)",
                needs_labels=True, by_correctness=True),
     MetricSpec(WORST_CASE_AGREEMENT, "set", "proportion", "higher",
-               "`1[c(T_d x) = c(x) for every d in the shift set]`"),
+               "`1[c(T_d x) = c(x) for every d in the shift set]`; only when the set has a shift besides 0"),
     MetricSpec(WORST_CASE_ACCURACY, "set", "proportion", "higher",
-               "`1[c(T_d x) = y for every d in the shift set, 0 included]` (worst-of-k over the set)",
+               "`1[c(T_d x) = y for every d in the shift set, 0 included]` (worst-of-k over the set); only when the "
+               "set has a shift besides 0",
                needs_labels=True),
+    MetricSpec(WORST_CASE_AGREEMENT_INTEGER, "set", "proportion", "higher",
+               "`worst_case_agreement` over the whole-pixel shifts of the set (only when it also holds fractional ones)"),
+    MetricSpec(WORST_CASE_ACCURACY_INTEGER, "set", "proportion", "higher",
+               "`worst_case_accuracy` over the whole-pixel shifts of the set (only when it also holds fractional ones)",
+               needs_labels=True),
+    MetricSpec(WORST_CASE_AGREEMENT_FRACTIONAL, "set", "proportion", "higher",
+               "`worst_case_agreement` over shift 0 and the fractional shifts (Michaeli et al. 2023 report the two apart)"),
+    MetricSpec(WORST_CASE_ACCURACY_FRACTIONAL, "set", "proportion", "higher",
+               "`worst_case_accuracy` over shift 0 and the fractional shifts", needs_labels=True),
+    MetricSpec(RANDOM_WORST_CASE_AGREEMENT, "set", "proportion", "higher",
+               "`1[c(T_{r_k} x) = c(x) for k = 1..K]`, `K = --random-shifts`, each `r_k` drawn per image, each axis "
+               "uniform between the smallest and largest shift of that axis in `--shift` (whole pixels; real values "
+               "with `--subpixel`) (Engstrom et al. 2019's worst of 10)"),
+    MetricSpec(RANDOM_WORST_CASE_ACCURACY, "set", "proportion", "higher",
+               "`1[c(x) = y and c(T_{r_k} x) = y for k = 1..K]`, the same draws", needs_labels=True),
     MetricSpec(JAGGEDNESS, "set", "mean", "lower",
-               "share of consecutive steps `d_i → d_{i+1}` of the path (shifts sorted along `--direction x`, `y` or "
-               "`diagonal`) where `c` changes (Azulay & Weiss 2019)"),
+               "share of consecutive steps `d_i → d_{i+1}` of the path (shifts sorted by `dx + dy`, along `--direction "
+               "x`, `y` or `diagonal`) where `c` changes (Azulay & Weiss 2019's \"P(top-1 change)\"); two shifts or more"),
+    MetricSpec(PATH_PROB_CHANGE, "set", "mean", "lower",
+               "mean over the same steps of `|p(T_{d_{i+1}} x)[c_i] − p(T_{d_i} x)[c_i]|`, `c_i = c(T_{d_i} x)` (Azulay "
+               "& Weiss's \"mean absolute change\"; unlike `prob_change`, against the previous step, not the "
+               "unshifted view)"),
     MetricSpec(CONSISTENCY, "set", "proportion", "higher",
                "`1[c(T_{d1} x) = c(T_{d2} x)]`, `d1`, `d2` drawn per image, each axis uniform in `--consistency "
-               "LO..HI` (Zhang 2019)"),
+               "LO..HI` (Zhang 2019); with `--consistency-draws D`, the share of an image's `D` pairs that agree"),
     MetricSpec(CONSISTENCY_IF_CORRECT, "set", "proportion", "higher",
                "`consistency` over the images whose unshifted prediction is right (`--by-correctness`)",
                needs_labels=True, by_correctness=True),

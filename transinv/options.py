@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence, Union
 
 from .errors import UserError
 
-MODES: tuple[str, ...] = ("crop", "circular", "pad")
+MODES: tuple[str, ...] = ("crop", "circular", "pad", "embed")
 DIRECTIONS: tuple[str, ...] = ("x", "y", "diagonal", "grid")
 SUBPIXEL_METHODS: tuple[str, ...] = ("fourier", "bilinear")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
@@ -82,20 +82,24 @@ class MeasureOptions:
     """
 
     # what to measure
-    weights: str = _opt("DEFAULT", "DEFAULT, a weights name (IMAGENET1K_V1), none (seeded random init), or a checkpoint path.", WHAT)
+    weights: str | dict[str, str] = _opt("DEFAULT", "DEFAULT, a weights name (IMAGENET1K_V1), none (seeded random init), or a checkpoint path. A preset or notebook may give a model -> weights mapping (models it does not name get DEFAULT).", WHAT)
     data: tuple[str, ...] | None = _opt(None, "Image folder, ImageFolder tree or file; repeat for several. Default: the built-in images.", WHAT, metavar="PATH", repeat=True)
-    num_images: int | None = _opt(None, "Measure a seeded random subset of this many images.", WHAT)
+    num_images: int | None = _opt(None, "Measure a random subset of this many images (seeded by --sample-seed).", WHAT)
     layers: str = _opt("default", "Layers to measure: default (stage outputs and the first layer at each new stride), all, none (output only), or names and globs (layer3.*), comma-separated.", WHAT)
     by_correctness: bool = _opt(False, "Also split top-1 agreement and consistency by whether the unshifted prediction was correct.", WHAT)
     label: tuple[str, ...] | None = _opt(None, "Label for the model in rows and tables (default: its short name); repeat once per model.", WHAT, repeat=True)
-    seed: int = _opt(0, "Seed for random weights, image sampling and random offsets.", WHAT)
+    seed: int = _opt(0, "Seed for random weights and random offsets (--consistency, --random-shifts).", WHAT)
+    sample_seed: int = _opt(0, "Seed for the --num-images subset (apart from --seed, so new offsets keep the images).", WHAT)
     # how to shift
-    shift: str = _opt("0..16", "Shifts in pixels: 0..16, -8..8, 0..32:4, 0,1,2,4,8 or 5. Shift 0 is always the reference.", SHIFTS)
+    shift: str = _opt("0..16", "Shifts in pixels: 0..16, -8..8, 0..32:4, 0,1,2,4,8 or 5; 'A;B' for sets expanded apart. Shift 0 is always the reference.", SHIFTS)
     direction: str = _opt("x", "Shift direction (grid = every (dx, dy) pair).", SHIFTS, choices=DIRECTIONS)
     mode: str = _opt("crop", "How views are shifted (see README).", SHIFTS, choices=MODES)
-    fill: float = _opt(0.0, "Fill value for --mode pad, in normalised units (0 = the mean colour).", SHIFTS)
-    subpixel: str | None = _opt(None, "Method for fractional shifts (0..2:0.25): fourier (circular mode) or bilinear (crop, pad).", SHIFTS, choices=SUBPIXEL_METHODS)
-    consistency: str | None = _opt(None, "Also measure consistency: top-1 agreement of two views at random offsets, each axis uniform in LO..HI (e.g. -16..15).", SHIFTS, metavar="LO..HI")
+    fill: str = _opt("0", "Fill for --mode pad and embed, in normalised units: a number (0 = the mean colour), R,G,B, or black.", SHIFTS)
+    embed_size: int | None = _opt(None, "--mode embed: side in pixels of the downscaled image placed on the fill-coloured view.", SHIFTS)
+    subpixel: str | None = _opt(None, "Method for fractional shifts (0..2:0.25): fourier (circular mode) or bilinear (crop, pad, embed).", SHIFTS, choices=SUBPIXEL_METHODS)
+    consistency: str | None = _opt(None, "Also measure consistency: top-1 agreement of two views at random offsets, each axis uniform in LO..HI (e.g. -15..16).", SHIFTS, metavar="LO..HI")
+    consistency_draws: int = _opt(1, "Random pairs of views per image for --consistency (Zhang 2019 draws 5).", SHIFTS)
+    random_shifts: int = _opt(0, "Also report the worst case over this many random shifts per image, drawn in the span of --shift (Engstrom 2019: 10).", SHIFTS)
     # preprocessing
     size: int | None = _opt(None, "View size in pixels (default: the weights' crop size, else 224).", PREPROCESS)
     resize: int | None = _opt(None, "Shorter side after resizing, before cropping (default: the weights', else 256).", PREPROCESS)
@@ -124,26 +128,30 @@ class MeasureOptions:
         if isinstance(variants, str):
             variants = [v for v in variants.split(",")]
         set_(self, "variants", None if variants is None else tuple(v.strip() for v in variants if v.strip()) or None)
-        for name in ("shift", "consistency"):  # YAML reads `shift: 5` as a number
+        if isinstance(self.weights, Mapping):
+            set_(self, "weights", {str(k): str(v) for k, v in self.weights.items()})
+        for name in ("shift", "consistency", "fill"):  # YAML reads `shift: 5` as a number
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
-                set_(self, name, str(value))
+                set_(self, name, ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value))
 
     def validate(self) -> "MeasureOptions":
         """Check every value that needs no model; return self. Raises ``OptionError`` naming the option."""
-        from .shifts import make_shifts, parse_pair_offsets, parse_shift_values
+        from .shifts import make_shift_set, parse_fill, parse_pair_offsets
 
         for f in fields(self):
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
                 raise OptionError(f.name, f"must be one of {', '.join(choices)} (got {value!r}{_close(value, choices)})")
-        for name in ("batch_size", "num_images", "size", "resize"):
+        for name in ("batch_size", "num_images", "size", "resize", "embed_size", "consistency_draws"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise OptionError(name, f"must be a whole number of at least 1 (got {value!r})")
-        if not isinstance(self.workers, int) or self.workers < 0:
-            raise OptionError("workers", f"must be 0 or more (got {self.workers!r})")
+        for name in ("workers", "random_shifts"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                raise OptionError(name, f"must be 0 or more (got {value!r})")
         if self.std is not None and any(v <= 0 for v in self.std):
             raise OptionError("std", "values must be positive")
         if self.label is not None and len(set(self.label)) != len(self.label):
@@ -151,7 +159,8 @@ class MeasureOptions:
         device = self.device
         if device not in ("auto", "cpu", "cuda", "mps") and not (device.startswith("cuda:") and device[5:].isdigit()):
             raise OptionError("device", f"must be auto, cpu, cuda, cuda:N or mps (got {device!r})")
-        _reword("shift", lambda: make_shifts(parse_shift_values(self.shift), self.direction))
+        _reword("shift", lambda: make_shift_set(self.shift, self.direction))
+        _reword("fill", lambda: parse_fill(self.fill, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
         if self.consistency is not None:
             _reword("consistency", lambda: parse_pair_offsets(self.consistency))
         self.variant_specs()
@@ -171,9 +180,17 @@ class MeasureOptions:
             specs.append(spec)
         return list(dict.fromkeys(specs))
 
+    def weights_for(self, model: object) -> str:
+        """The weights of one model: the same for all, or its entry in a model -> weights mapping
+        (a preset pinning what a paper measured; a model it does not name gets ``DEFAULT``)."""
+        if isinstance(self.weights, str):
+            return self.weights
+        return self.weights.get(model, "DEFAULT") if isinstance(model, str) else "DEFAULT"
+
     def settings(self) -> dict[str, Any]:
         """The options as plain data (lists, not tuples), as recorded in every result file."""
-        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+        return {k: list(v) if isinstance(v, tuple) else dict(v) if isinstance(v, dict) else v
+                for k, v in asdict(self).items()}
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any], source: str = "options") -> "MeasureOptions":

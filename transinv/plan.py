@@ -19,7 +19,7 @@ from .distributed import Context
 from .errors import UserError
 from .models import LoadedModel, default_preprocess, load_model
 from .options import MeasureOptions
-from .shifts import ShiftPlan, check_shifts, make_shifts, parse_pair_offsets, parse_shift_values
+from .shifts import ShiftPlan, make_shift_set, parse_fill, parse_pair_offsets
 
 ModelSpec = str | nn.Module
 
@@ -64,7 +64,7 @@ def prepare_model(model: ModelSpec, options: MeasureOptions) -> LoadedModel:
     if isinstance(model, nn.Module):
         loaded = LoadedModel(type(model).__name__, "given", copy.deepcopy(model).eval(), default_preprocess())
     else:
-        loaded = load_model(model, options.weights, options.seed)
+        loaded = load_model(model, options.weights_for(model), options.seed)
     pre = loaded.preprocess
     size = options.size or pre.size
     resize = options.resize or (max(pre.resize, size) if options.size else pre.resize)
@@ -91,18 +91,19 @@ def make_plan(models: Sequence[ModelSpec], options: MeasureOptions, context: Con
     """Build the models and group the jobs; no forward pass runs."""
     if not models:
         raise UserError("name at least one model")
-    shifts = tuple(make_shifts(parse_shift_values(options.shift), options.direction))
+    shifts = tuple(make_shift_set(options.shift, options.direction))
     pairs = parse_pair_offsets(options.consistency) if options.consistency else None
     variants = options.variant_specs()
     loaded = [prepare_model(spec, options) for spec in models]
     groups: dict[tuple[Preprocess, ShiftPlan], Group] = {}
     for model, label in zip(loaded, unique_labels([m.name for m in loaded], options.label)):
         pre = model.preprocess
-        plan = ShiftPlan(shifts, pre.size, options.mode, options.fill, options.subpixel, pairs)
-        check_shifts(plan.extent, pre.size, options.mode, pre.resize, options.subpixel)
+        plan = ShiftPlan(shifts, pre.size, options.mode, parse_fill(options.fill, pre.mean, pre.std), options.subpixel,
+                         pairs, options.consistency_draws, options.random_shifts, options.embed_size)
+        plan.check(pre.resize)
         group = groups.setdefault((pre, plan), Group(pre, plan))
         group.jobs.extend(Job(model, label, variant) for variant in variants)
-    everything = select_images(find_images(options.data), options.num_images, options.seed)
+    everything = select_images(find_images(options.data), options.num_images, options.sample_seed)
     return Plan(
         groups=list(groups.values()),
         items=context.shard(everything),

@@ -21,7 +21,7 @@ from .metric_registry import METRICS
 from .data import Batch, CanvasDataset, ImageItem, Preprocess, collate
 from .errors import UserError
 from .layers import FeatureTap, LayerInfo, to_nchw
-from .shifts import Shift, ShiftPlan
+from .shifts import Shift, ShiftPlan, is_fractional
 
 ProgressHook = Callable[[int], None]
 
@@ -55,9 +55,11 @@ def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
 
 def metric_keys(
     layers: list[LayerInfo], shifts: Sequence[Shift], labelled: bool, by_correctness: bool = False,
-    path: bool = False, pairs: bool = False,
+    path: bool = False, pairs: bool = False, random: bool = False,
 ) -> list[M.Key]:
-    """Every (layer, shift, metric) the run can fill, in output order."""
+    """Every (layer, shift, metric) the run can fill, in output order. Worst cases need a shift
+    besides 0, jaggedness a path of two shifts or more; worst cases over the whole-pixel and the
+    fractional shifts come apart when the set holds both kinds."""
     keys: list[M.Key] = []
     for layer in layers:
         for shift in shifts:
@@ -68,16 +70,32 @@ def metric_keys(
         for spec in METRICS.values():
             if spec.scope == "output" and (labelled or not spec.needs_labels) and (by_correctness or not spec.by_correctness):
                 keys.append((M.OUTPUT_LAYER, shift, spec.name))
-    keys.append((M.OUTPUT_LAYER, None, M.WORST_CASE_AGREEMENT))
-    if labelled:
-        keys.append((M.OUTPUT_LAYER, None, M.WORST_CASE_ACCURACY))
+    whole: list[str] = []
+    if len(shifts) > 1:
+        for agreement, accuracy, _ in worst_case_sets(shifts):
+            whole += [agreement, accuracy] if labelled else [agreement]
     if path and len(shifts) > 1:
-        keys.append((M.OUTPUT_LAYER, None, M.JAGGEDNESS))
+        whole += [M.JAGGEDNESS, M.PATH_PROB_CHANGE]
     if pairs:
-        keys.append((M.OUTPUT_LAYER, None, M.CONSISTENCY))
+        whole.append(M.CONSISTENCY)
         if by_correctness and labelled:
-            keys += [(M.OUTPUT_LAYER, None, M.CONSISTENCY_IF_CORRECT), (M.OUTPUT_LAYER, None, M.CONSISTENCY_IF_WRONG)]
-    return keys
+            whole += [M.CONSISTENCY_IF_CORRECT, M.CONSISTENCY_IF_WRONG]
+    if random:
+        whole += [M.RANDOM_WORST_CASE_AGREEMENT, M.RANDOM_WORST_CASE_ACCURACY] if labelled else [M.RANDOM_WORST_CASE_AGREEMENT]
+    return keys + [(M.OUTPUT_LAYER, None, metric) for metric in whole]
+
+
+def worst_case_sets(shifts: Sequence[Shift]) -> list[tuple[str, str, list[Shift]]]:
+    """The worst cases a shift set gets, as (agreement metric, accuracy metric, shifts covered):
+    over the whole set, and, when it holds both kinds, over its whole-pixel shifts and over its
+    fractional shifts apart (as Michaeli et al. report them). Shift 0 is in every set."""
+    whole = [s for s in shifts if not is_fractional(s)]
+    fractional = [s for s in shifts if is_fractional(s)]
+    sets = [(M.WORST_CASE_AGREEMENT, M.WORST_CASE_ACCURACY, list(shifts))]
+    if fractional and len(whole) > 1:
+        sets += [(M.WORST_CASE_AGREEMENT_INTEGER, M.WORST_CASE_ACCURACY_INTEGER, whole),
+                 (M.WORST_CASE_AGREEMENT_FRACTIONAL, M.WORST_CASE_ACCURACY_FRACTIONAL, [(0, 0), *fractional])]
+    return sets
 
 
 def _logits(output: object) -> torch.Tensor:
@@ -159,7 +177,8 @@ class Measurement:
         self.comparer = _LayerComparer(layers, circular=plan.mode == "circular")
         self.by_correctness, self.path = by_correctness and labelled, path and len(plan.shifts) > 1
         self.seed = seed
-        self.keys = metric_keys(layers, plan.shifts, labelled, by_correctness, path, plan.pair_offsets is not None)
+        self.keys = metric_keys(layers, plan.shifts, labelled, by_correctness, path, plan.pair_offsets is not None,
+                                plan.random_shifts > 0)
 
     def _forward(self, tap: FeatureTap, views: torch.Tensor) -> torch.Tensor:
         tap.reset()
@@ -194,27 +213,75 @@ class Measurement:
             comparer.compare(layer, ref, ref.maps, (0, 0))
         ref_correct = reference.argmax(dim=1) == labels
         predictions = {(0, 0): self._add_outputs(state, (0, 0), reference, reference, labels, ref_correct)}
+        path = {(0, 0): reference}  # logits, kept only for the path metrics
         for group in self._passes(len(labels)):
             comparer.shifts = group
             logits = self._forward(tap, torch.cat([self.plan.view(canvases, shift) for shift in group]))
             for shift, shifted in zip(group, logits.chunk(len(group))):
                 predictions[shift] = self._add_outputs(state, shift, reference, shifted, labels, ref_correct)
-        stacked = torch.stack(list(predictions.values()))
-        state.add((M.OUTPUT_LAYER, None, M.WORST_CASE_AGREEMENT), (stacked == stacked[0]).all(dim=0).double())
+                if self.path:
+                    path[shift] = shifted
+        comparer.shifts = None  # random views (pairs, worst of k) are compared at the output only
+        if len(predictions) > 1:
+            self._add_worst_cases(state, predictions, labels)
+        if self.path:
+            self._add_path(state, path)
         if self.plan.pair_offsets is not None:
-            comparer.shifts = None  # the random pairs are compared at the output only
-            first, second = self.plan.pair_views(canvases, batch.indices, self.seed)
-            both = self._forward(tap, torch.cat([first, second])).argmax(dim=1)
-            consistent = both.chunk(2)[0].eq(both.chunk(2)[1]).double()
-            state.add((M.OUTPUT_LAYER, None, M.CONSISTENCY), consistent)
-            self._add_by_correctness(state, None, (M.CONSISTENCY_IF_CORRECT, M.CONSISTENCY_IF_WRONG),
-                                     consistent, labels, ref_correct)
+            self._add_consistency(tap, state, canvases, batch.indices, labels, ref_correct)
+        if self.plan.random_shifts:
+            self._add_random_worst_case(tap, state, canvases, batch.indices, labels, predictions[(0, 0)])
+
+    def _add_worst_cases(self, state: M.MetricState, predictions: dict[Shift, torch.Tensor], labels: torch.Tensor) -> None:
+        """Per image: the same class as unshifted (agreement) or the label (accuracy) at every
+        shift of each worst-case set."""
+        for agreement, accuracy, shifts in worst_case_sets(list(predictions)):
+            stacked = torch.stack([predictions[shift] for shift in shifts])
+            state.add((M.OUTPUT_LAYER, None, agreement), (stacked == predictions[(0, 0)]).all(dim=0).double())
+            if self.labelled:
+                state.add((M.OUTPUT_LAYER, None, accuracy), _where_known(labels, (stacked == labels).all(dim=0)))
+
+    def _add_path(self, state: M.MetricState, logits: dict[Shift, torch.Tensor]) -> None:
+        """Along the path (shifts sorted by ``dx + dy``), each step against the step before it: the
+        share of steps where the top-1 class changes (jaggedness) and the mean change of the
+        probability of the previous step's class (Azulay & Weiss's mean absolute change)."""
+        ordered = torch.stack([logits[s] for s in sorted(logits, key=lambda s: s[0] + s[1])])
+        steps, images, classes = ordered[1:].shape
+        out = M.compare_outputs(ordered[:-1].reshape(-1, classes), ordered[1:].reshape(-1, classes))
+        state.add((M.OUTPUT_LAYER, None, M.JAGGEDNESS), (1 - out.agreement).reshape(steps, images).mean(dim=0))
+        state.add((M.OUTPUT_LAYER, None, M.PATH_PROB_CHANGE), out.prob_change.reshape(steps, images).mean(dim=0))
+
+    def _classes(self, tap: FeatureTap, canvases: torch.Tensor, jobs: Sequence[tuple[int, Shift]]) -> torch.Tensor:
+        """Top-1 classes of the views ``(image index, shift)``, in passes of ``views_per_pass``."""
+        step = self.views_per_pass
+        return torch.cat([self._forward(tap, self.plan.views_at(canvases, jobs[i : i + step])).argmax(dim=1)
+                          for i in range(0, len(jobs), step)])
+
+    def _add_consistency(
+        self, tap: FeatureTap, state: M.MetricState, canvases: torch.Tensor, indices: torch.Tensor,
+        labels: torch.Tensor, ref_correct: torch.Tensor,
+    ) -> None:
+        """Per image: the share of its random pairs of views whose top-1 classes agree."""
+        pairs = self.plan.pair_shifts(indices, self.seed)
+        jobs = [(i, (dx, dy)) for i, draws in enumerate(pairs.tolist()) for draw in draws for dx, dy in draw]
+        classes = self._classes(tap, canvases, jobs).reshape(*pairs.shape[:2], 2)
+        consistent = (classes[..., 0] == classes[..., 1]).double().mean(dim=1)
+        state.add((M.OUTPUT_LAYER, None, M.CONSISTENCY), consistent)
+        self._add_by_correctness(state, None, (M.CONSISTENCY_IF_CORRECT, M.CONSISTENCY_IF_WRONG),
+                                 consistent, labels, ref_correct)
+
+    def _add_random_worst_case(
+        self, tap: FeatureTap, state: M.MetricState, canvases: torch.Tensor, indices: torch.Tensor,
+        labels: torch.Tensor, reference: torch.Tensor,
+    ) -> None:
+        """Per image: the unshifted class (agreement) or the label (accuracy, unshifted included)
+        at every one of its ``random_shifts`` random shifts (Engstrom et al.'s worst of k)."""
+        draws = self.plan.random_draws(indices, self.seed)
+        jobs = [(i, shift) for i, shifts in enumerate(draws) for shift in shifts]
+        classes = self._classes(tap, canvases, jobs).reshape(len(draws), self.plan.random_shifts)
+        state.add((M.OUTPUT_LAYER, None, M.RANDOM_WORST_CASE_AGREEMENT), (classes == reference[:, None]).all(dim=1).double())
         if self.labelled:
-            correct_everywhere = (stacked == labels).all(dim=0)
-            state.add((M.OUTPUT_LAYER, None, M.WORST_CASE_ACCURACY), _where_known(labels, correct_everywhere))
-        if self.path:  # the share of consecutive steps along the path where the top-1 class changes
-            ordered = torch.stack([predictions[s] for s in sorted(predictions, key=lambda s: s[0] + s[1])])
-            state.add((M.OUTPUT_LAYER, None, M.JAGGEDNESS), (ordered[1:] != ordered[:-1]).double().mean(dim=0))
+            correct = (classes == labels[:, None]).all(dim=1) & (reference == labels)
+            state.add((M.OUTPUT_LAYER, None, M.RANDOM_WORST_CASE_ACCURACY), _where_known(labels, correct))
 
     def _add_outputs(
         self, state: M.MetricState, shift: Shift, reference: torch.Tensor, shifted: torch.Tensor,

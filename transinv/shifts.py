@@ -8,21 +8,19 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
+from .data import Preprocess
 from .errors import UserError
+from .options import DIRECTIONS, MODES, SUBPIXEL_METHODS  # noqa: F401  (their one home; re-exported)
 from .subpixel import bilinear_shift, fourier_shift
-
-MODES: tuple[str, ...] = ("crop", "circular", "pad")
-DIRECTIONS: tuple[str, ...] = ("x", "y", "diagonal", "grid")
 
 Number = int | float
 Shift = tuple[Number, Number]
-SUBPIXEL_METHODS: tuple[str, ...] = ("fourier", "bilinear")
+Fill = float | tuple[float, ...]
 
 _NUMBER = r"-?\d+(?:\.\d+)?"
 _RANGE = re.compile(rf"^\s*({_NUMBER})\s*\.\.\s*({_NUMBER})\s*(?::\s*(\d+(?:\.\d+)?)\s*)?$")
@@ -65,9 +63,29 @@ def parse_shift_values(spec: str) -> list[Number]:
     return sorted(set(values))
 
 
+def parse_shift_groups(spec: str) -> list[list[Number]]:
+    """``A;B``: shift sets measured in one run, each expanded by ``--direction`` on its own, so a
+    grid never pairs a value of ``A`` with one of ``B`` (``1..31;-30.5..-0.5``)."""
+    groups = [part for part in spec.split(";") if part.strip()]
+    if not groups:
+        raise UserError("--shift is empty: give e.g. 0..16")
+    return [parse_shift_values(group) for group in groups]
+
+
+def make_shift_set(spec: str, direction: str) -> list[Shift]:
+    """Every ``(dx, dy)`` of a ``--shift`` spec along ``direction``, ``(0, 0)`` first."""
+    pairs = [p for group in parse_shift_groups(spec) for p in make_shifts(group, direction)]
+    return list(dict.fromkeys(pairs))
+
+
+def is_fractional(shift: Shift) -> bool:
+    """True when a component of ``shift`` is not a whole number of pixels."""
+    return any(isinstance(v, float) for v in shift)
+
+
 def is_subpixel(shifts: Sequence[Shift]) -> bool:
     """True when some shift is not a whole number of pixels."""
-    return any(isinstance(v, float) for shift in shifts for v in shift)
+    return any(is_fractional(shift) for shift in shifts)
 
 
 def make_shifts(values: list[Number], direction: str) -> list[Shift]:
@@ -91,9 +109,12 @@ def max_abs_shift(shifts: Sequence[Shift]) -> int:
     return math.ceil(max(max(abs(dx), abs(dy)) for dx, dy in shifts))
 
 
-def canvas_size(size: int, shifts: Sequence[Shift], mode: str) -> int:
-    """Side of the square canvas each image is decoded to: the view plus the crop margin."""
-    return size + 2 * max_abs_shift(shifts) if mode == "crop" else size
+def canvas_size(size: int, shifts: Sequence[Shift], mode: str, embed: int | None = None) -> int:
+    """Side of the square canvas each image is decoded to: the view plus the crop margin (crop),
+    the downscaled image (embed), or the view itself (circular, pad)."""
+    if mode == "crop":
+        return size + 2 * max_abs_shift(shifts)
+    return embed if mode == "embed" and embed is not None else size
 
 
 def check_mode(mode: str) -> None:
@@ -102,7 +123,9 @@ def check_mode(mode: str) -> None:
         raise UserError(f"unknown --mode {mode!r}: use one of {', '.join(MODES)}")
 
 
-def check_shifts(shifts: Sequence[Shift], size: int, mode: str, resize: int, subpixel: str | None = None) -> None:
+def check_shifts(
+    shifts: Sequence[Shift], size: int, mode: str, resize: int, subpixel: str | None = None, embed: int | None = None
+) -> None:
     """Reject shift sets the views cannot hold, and sub-pixel requests a mode cannot honour."""
     check_mode(mode)
     if subpixel is not None and subpixel not in SUBPIXEL_METHODS:
@@ -113,7 +136,9 @@ def check_shifts(shifts: Sequence[Shift], size: int, mode: str, resize: int, sub
         if subpixel == "fourier" and mode != "circular":
             raise UserError("--subpixel fourier is a circular (band-limited) shift: use it with --mode circular")
         if subpixel == "bilinear" and mode == "circular":
-            raise UserError("--subpixel bilinear resamples with borders: use it with --mode crop or pad")
+            raise UserError("--subpixel bilinear resamples with borders: use it with --mode crop, pad or embed")
+    if (embed is not None) != (mode == "embed"):
+        raise UserError("--mode embed needs --embed-size N (the side of the downscaled image), and only it takes one")
     largest = max_abs_shift(shifts)
     if mode == "crop":
         need = canvas_size(size, shifts, mode)
@@ -122,29 +147,82 @@ def check_shifts(shifts: Sequence[Shift], size: int, mode: str, resize: int, sub
                 f"shift {largest} needs a {need}-px canvas in crop mode, but images are resized to {resize} px: "
                 f"pass --resize {need} or smaller shifts"
             )
+    elif mode == "embed":
+        assert embed is not None
+        room = (size - embed) // 2
+        if embed < 1 or largest > room:
+            raise UserError(
+                f"--embed-size {embed} in a {size}-px view leaves room for shifts up to {max(room, 0)} px, not "
+                f"{largest}: use a smaller --embed-size or smaller shifts"
+            )
     elif largest >= size:
         raise UserError(f"shift {largest} is not smaller than the {size}-px view: use shifts below {size}")
 
 
-def subpixel_view(canvas: torch.Tensor, shift: Shift, size: int, mode: str, method: str, fill: float = 0.0) -> torch.Tensor:
+def parse_fill(fill: float | str | Sequence[float], mean: Sequence[float], std: Sequence[float]) -> Fill:
+    """``--fill`` in normalised units: a number (every channel), ``R,G,B``, or ``black``, which is
+    ``-mean / std`` per channel (pixel value 0 after normalisation)."""
+    if isinstance(fill, str):
+        if fill.strip().lower() == "black":
+            return tuple(-m / s for m, s in zip(mean, std))
+        try:
+            values = [float(v) for v in fill.split(",")]
+        except ValueError:
+            raise UserError(f"--fill {fill!r}: give a number, R,G,B in normalised units, or black") from None
+    else:
+        values = [float(fill)] if isinstance(fill, (int, float)) else [float(v) for v in fill]
+    if len(values) == 1:
+        return values[0]
+    if len(values) != len(mean):
+        raise UserError(f"--fill takes one number or {len(mean)} (one per channel), got {len(values)}")
+    return tuple(values)
+
+
+def _background(like: torch.Tensor, size: int, fill: Fill) -> torch.Tensor:
+    """A ``size x size`` frame with ``like``'s leading dimensions, each channel set to its fill."""
+    values = torch.as_tensor(fill, dtype=like.dtype, device=like.device).reshape(-1, 1, 1)
+    return values.expand(*like.shape[:-2], size, size).clone()
+
+
+def _place(image: torch.Tensor, size: int, top: int, left: int, fill: Fill) -> torch.Tensor:
+    """``image`` pasted with its top-left corner at ``(top, left)`` of a filled ``size x size``
+    frame; what falls outside the frame is dropped."""
+    frame = _background(image, size, fill)
+    height, width = image.shape[-2:]
+    y0, y1, x0, x1 = max(top, 0), min(top + height, size), max(left, 0), min(left + width, size)
+    if y1 > y0 and x1 > x0:
+        frame[..., y0:y1, x0:x1] = image[..., y0 - top : y1 - top, x0 - left : x1 - left]
+    return frame
+
+
+def embed_origin(size: int, embed: int) -> int:
+    """Row (and column) of the embedded image's top-left corner at shift 0: centred, rounded down."""
+    return (size - embed) // 2
+
+
+def subpixel_view(canvas: torch.Tensor, shift: Shift, size: int, mode: str, method: str, fill: Fill = 0.0) -> torch.Tensor:
     """A view moved by a fractional shift: a Fourier phase shift of the view (circular), or a
-    bilinear resampling of the canvas (crop: real content enters; pad: the mean colour enters)."""
+    bilinear resampling (crop: of the canvas, so real content enters; pad, embed: of the frame
+    at shift 0, so the fill enters)."""
     dx, dy = (float(v) for v in shift)
     if method == "fourier":
         return fourier_shift(canvas, dx, dy)
-    moved = bilinear_shift(canvas, dx, dy, "border" if mode == "crop" else "zeros")
-    if mode == "pad" and fill:
-        inside = bilinear_shift(torch.ones_like(canvas[:1, :1]), dx, dy, "zeros")
-        moved = moved + (1 - inside) * fill
-    margin = (canvas.shape[-1] - size) // 2
-    return moved[..., margin : margin + size, margin : margin + size]
+    if mode == "crop":
+        moved = bilinear_shift(canvas, dx, dy, "border")
+        margin = (canvas.shape[-1] - size) // 2
+        return moved[..., margin : margin + size, margin : margin + size]
+    frame = shifted_view(canvas, (0, 0), size, mode, fill)
+    background = _background(frame, size, fill)
+    return bilinear_shift(frame - background, dx, dy, "zeros") + background
 
 
-def shifted_view(canvas: torch.Tensor, shift: Shift, size: int, mode: str, fill: float = 0.0) -> torch.Tensor:
+def shifted_view(canvas: torch.Tensor, shift: Shift, size: int, mode: str, fill: Fill = 0.0) -> torch.Tensor:
     """The ``size x size`` view of a batch of canvases ``(N, C, S, S)`` moved by ``shift``.
 
     crop: a slice of the larger canvas, offset from the centre (nothing wraps or is filled);
-    circular: ``torch.roll`` of the view; pad: the view moved, the exposed strip set to ``fill``.
+    circular: ``torch.roll`` of the view; pad: the view moved, the exposed strip set to ``fill``;
+    embed: the ``S``-px canvas (a downscaled image) placed at the centre of a frame of ``fill``
+    (Azulay & Weiss's black canvas), moved by ``shift``. ``fill`` is one value or one per channel.
     """
     dx, dy = shift
     if mode == "crop":
@@ -154,11 +232,10 @@ def shifted_view(canvas: torch.Tensor, shift: Shift, size: int, mode: str, fill:
     if mode == "circular":
         return torch.roll(canvas, shifts=(dy, dx), dims=(-2, -1)) if (dx or dy) else canvas
     if mode == "pad":
-        if not (dx or dy):
-            return canvas
-        padded = F.pad(canvas, (max(dx, 0), max(-dx, 0), max(dy, 0), max(-dy, 0)), value=fill)
-        top, left = max(-dy, 0), max(-dx, 0)
-        return padded[..., top : top + size, left : left + size]
+        return _place(canvas, size, dy, dx, fill) if (dx or dy) else canvas
+    if mode == "embed":
+        origin = embed_origin(size, canvas.shape[-1])
+        return _place(canvas, size, origin + dy, origin + dx, fill)
     raise UserError(f"unknown --mode {mode!r}: use one of {', '.join(MODES)}")
 
 
@@ -166,25 +243,38 @@ def parse_pair_offsets(spec: str) -> tuple[int, int]:
     """``LO..HI``: the inclusive range each axis's random consistency offset is drawn from."""
     values = parse_shift_values(spec)
     if len(values) < 2 or is_subpixel([(v, 0) for v in values]):
-        raise UserError(f"--consistency {spec!r}: give a whole-pixel range LO..HI, e.g. -16..15")
+        raise UserError(f"--consistency {spec!r}: give a whole-pixel range LO..HI, e.g. -15..16")
     return int(values[0]), int(values[-1])
+
+
+_RANDOM_STREAM = 0x5DEECE66D  # keeps the random-shift draws apart from the consistency offsets
+
+
+def _image_generator(seed: int, image: int, stream: int = 0) -> torch.Generator:
+    """A generator of one image's draws: batching and sharding do not change them."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + int(image) + stream)
 
 
 @dataclass(frozen=True)
 class ShiftPlan:
-    """Everything that decides the views: shifts, view size, mode, fill, sub-pixel method and the
-    range of the random offset pairs of the consistency protocol (None: no pairs)."""
+    """Everything that decides the views: shifts, view size, mode, fill, sub-pixel method, the
+    consistency offsets' range and draws per image (None: no pairs), the number of random shifts
+    per image (0: none) and, in embed mode, the side of the embedded image."""
 
     shifts: tuple[Shift, ...]
     size: int
     mode: str = "crop"
-    fill: float = 0.0
+    fill: Fill = 0.0
     subpixel: str | None = None
     pair_offsets: tuple[int, int] | None = None
+    pair_draws: int = 1
+    random_shifts: int = 0
+    embed: int | None = None
 
     @property
     def extent(self) -> tuple[Shift, ...]:
-        """Every shift a view can take, the consistency offsets' extremes included."""
+        """Every shift a view can take, the consistency offsets' extremes included (random shifts
+        stay inside the box of ``shifts``)."""
         if self.pair_offsets is None:
             return self.shifts
         lo, hi = self.pair_offsets
@@ -192,23 +282,52 @@ class ShiftPlan:
 
     @property
     def canvas(self) -> int:
-        return canvas_size(self.size, self.extent, self.mode)
+        return canvas_size(self.size, self.extent, self.mode, self.embed)
+
+    def check(self, resize: int) -> None:
+        """Reject a plan the canvas cannot hold (``resize``: the images' shorter side)."""
+        check_shifts(self.extent, self.size, self.mode, resize, self.subpixel, self.embed)
+        if self.random_shifts and len(self.shifts) < 2:
+            raise UserError("--random-shifts draws inside the span of --shift: give a range, e.g. --shift -24..24")
+
+    def decoding(self, pre: Preprocess) -> Preprocess:
+        """How images are decoded for this plan: as ``pre`` says, or, in embed mode, resized so
+        the shorter side is the embed size and centre-cropped to a square of that side."""
+        if self.mode == "embed" and self.embed is not None:
+            return replace(pre, resize=self.embed, size=self.embed)
+        return pre
 
     def view(self, canvas: torch.Tensor, shift: Shift) -> torch.Tensor:
         """The view at ``shift``: integer shifts exactly, fractional ones by the sub-pixel method."""
-        if self.subpixel is not None and is_subpixel([shift]):
+        if self.subpixel is not None and is_fractional(shift):
             return subpixel_view(canvas, shift, self.size, self.mode, self.subpixel, self.fill)
         return shifted_view(canvas, shift, self.size, self.mode, self.fill)
 
-    def pair_views(self, canvases: torch.Tensor, image_ids: torch.Tensor, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Two views of each image at random offsets, uniform in ``pair_offsets`` per axis, drawn
-        from a generator seeded by the image id (so batching and sharding do not change them)."""
+    def views_at(self, canvases: torch.Tensor, jobs: Sequence[tuple[int, Shift]]) -> torch.Tensor:
+        """The views ``(image index, shift)``, each of its own image, stacked in order."""
+        return torch.stack([self.view(canvases[i : i + 1], shift)[0] for i, shift in jobs])
+
+    def pair_shifts(self, image_ids: torch.Tensor, seed: int) -> torch.Tensor:
+        """Each image's consistency pairs ``(N, draws, 2, 2)``: ``[image, draw, view, (dx, dy)]``,
+        every component uniform in ``pair_offsets``, from a generator seeded by the image id."""
         assert self.pair_offsets is not None
         lo, hi = self.pair_offsets
-        first, second = [], []
-        for canvas, image in zip(canvases, image_ids.tolist()):
-            generator = torch.Generator().manual_seed(seed * 1_000_003 + int(image))
-            dx1, dy1, dx2, dy2 = torch.randint(lo, hi + 1, (4,), generator=generator).tolist()
-            first.append(self.view(canvas[None], (dx1, dy1))[0])
-            second.append(self.view(canvas[None], (dx2, dy2))[0])
-        return torch.stack(first), torch.stack(second)
+        rows = [torch.randint(lo, hi + 1, (self.pair_draws, 4), generator=_image_generator(seed, image))
+                for image in image_ids.tolist()]
+        return torch.stack(rows).reshape(-1, self.pair_draws, 2, 2) if rows else torch.zeros(0, self.pair_draws, 2, 2)
+
+    def random_draws(self, image_ids: torch.Tensor, seed: int) -> list[list[Shift]]:
+        """``random_shifts`` shifts per image, each axis uniform between the smallest and largest
+        shift of that axis in ``shifts``: whole pixels, or any real value when a sub-pixel method
+        is set; from a generator seeded by the image id."""
+        lo = torch.tensor([min(s[0] for s in self.shifts), min(s[1] for s in self.shifts)], dtype=torch.float64)
+        hi = torch.tensor([max(s[0] for s in self.shifts), max(s[1] for s in self.shifts)], dtype=torch.float64)
+        draws = []
+        for image in image_ids.tolist():
+            u = torch.rand(self.random_shifts, 2, dtype=torch.float64, generator=_image_generator(seed, image, _RANDOM_STREAM))
+            if self.subpixel is None:
+                whole = torch.minimum(lo + (u * (hi - lo + 1)).floor(), hi).long()
+                draws.append([(int(dx), int(dy)) for dx, dy in whole.tolist()])
+            else:
+                draws.append([(float(dx), float(dy)) for dx, dy in (lo + u * (hi - lo)).tolist()])
+        return draws
