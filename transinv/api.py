@@ -16,7 +16,7 @@ from .data import Preprocess, find_images, select_images
 from .errors import UserError
 from .fixes import apply_variant, parse_variant
 from .layers import LayerInfo, Probe, probe_layers, select_layers
-from .models import LoadedModel, default_preprocess, load_model
+from .models import LoadedModel, load_model, wrap_module
 from .results import Result, born_at, make_rows
 from .runner import PRECISIONS, Measurement, RunState, make_loader, resolve_device, run_batches
 from .shifts import ShiftPlan, check_mode, check_shifts, make_shifts, parse_pair_offsets, parse_shift_values
@@ -65,11 +65,9 @@ def prepare_model(
     model: str | nn.Module, weights: str = "DEFAULT", seed: int = 0, overrides: Overrides = Overrides()
 ) -> LoadedModel:
     """Load a model spec (or wrap a module from a notebook) and settle its preprocessing."""
-    if isinstance(model, nn.Module):
-        loaded = LoadedModel(type(model).__name__, "given", model.eval(), default_preprocess())
-    else:
-        loaded = load_model(model, weights, seed)
-    return replace(loaded, preprocess=overrides.apply(loaded.preprocess))
+    loaded = wrap_module(model) if isinstance(model, nn.Module) else load_model(model, weights, seed)
+    given = {name for name, value in asdict(overrides).items() if value is not None}
+    return loaded.with_preprocess(overrides.apply(loaded.preprocess), given)
 
 
 def list_layers(
@@ -99,8 +97,10 @@ def list_layers(
 
 
 def _explain_probe(loaded: LoadedModel, probe: Probe, layer_spec: str, warn: Warn) -> None:
-    if loaded.scripted and layer_spec != "none":
-        warn(f"{loaded.name} is TorchScript, which takes no forward hooks: measuring output metrics only")
+    for note in loaded.notes:
+        warn(note)
+    if not loaded.hooks and layer_spec != "none":
+        warn(f"{loaded.name} ({loaded.source}) takes no forward hooks: measuring output metrics only")
     elif probe.token_layers and layer_spec != "none":
         warn(
             f"{loaded.name}: {len(probe.token_layers)} layers output token sequences with no spatial map "

@@ -20,6 +20,7 @@ from . import metrics as M
 from .data import Batch, CanvasDataset, ImageItem, Preprocess, collate
 from .errors import UserError
 from .layers import FeatureTap, LayerInfo, to_nchw
+from .outputs import class_logits as _logits
 from .shifts import Shift, ShiftPlan
 
 ProgressHook = Callable[[int], None]
@@ -79,17 +80,6 @@ def metric_keys(
         if by_correctness and labelled:
             keys += [(M.OUTPUT_LAYER, None, M.CONSISTENCY_IF_CORRECT), (M.OUTPUT_LAYER, None, M.CONSISTENCY_IF_WRONG)]
     return keys
-
-
-def _logits(output: object) -> torch.Tensor:
-    """The logits tensor of a model's output (tensors, tuples and torchvision's named outputs)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(getattr(output, "logits", None), torch.Tensor):
-        return output.logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise UserError(f"the model returned {type(output).__name__}; transinv needs logits of shape (N, classes)")
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
