@@ -201,6 +201,7 @@ def test_random_weights_follow_the_seed() -> None:
         ("{dir}/mynet.py:biuld", "has no callable 'biuld' (did you mean build?)"),
         ("{dir}/mynet.py", "mynet.py: name the function that builds the model, as {dir}/mynet.py:FACTORY (it defines build)"),
         ("{dir}/mynett.py:build", "model file {dir}/mynett.py not found (did you mean {dir}/mynet.py?)"),
+        ("{dir}/mynett.py", "model file {dir}/mynett.py not found (did you mean {dir}/mynet.py?)"),
         ("{dir}/nett.pt", "TorchScript file {dir}/nett.pt not found (did you mean {dir}/net.pt?)"),
         ("no such thing", "use a torchvision classification model (resnet18, or torchvision:NAME); example:NAME"),
     ],

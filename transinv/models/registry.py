@@ -22,7 +22,8 @@ class ModelSource(Protocol):
     hint: str  # how a spec of this source is written, for the unknown-model message
 
     def claims(self, spec: str) -> bool:
-        """Whether this source reads ``spec`` (written without a prefix); cheap, loads nothing."""
+        """Whether this source reads ``spec`` (written without a prefix): loads no model and,
+        where it can, imports no torch (torchvision's must, to know its names)."""
         ...
 
     def names(self, pattern: str = "*") -> list[str]:

@@ -23,13 +23,19 @@ def _is_file(target: str) -> bool:
     return target.endswith(".py") or "/" in target or os.sep in target
 
 
-def _defined_names(path: Path) -> list[str]:
-    """Top-level functions and classes of a Python file, read without running it."""
+def _unnamed_factory(spec: str) -> UserError:
+    """A ``.py`` file named without ``:FACTORY``: say how, listing its top-level functions and
+    classes (read with ``ast``, not run)."""
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        return no_such_file("model file", path, (".py",))
     try:
         tree = ast.parse(path.read_text())
-    except (OSError, SyntaxError, UnicodeDecodeError):
-        return []
-    return [node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.ClassDef)) and not node.name.startswith("_")]
+    except (SyntaxError, UnicodeDecodeError):
+        tree = ast.Module(body=[], type_ignores=[])
+    defined = [n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef)) and not n.name.startswith("_")]
+    listed = f" (it defines {', '.join(defined)})" if defined else ""
+    return UserError(f"{spec}: name the function that builds the model, as {spec}:FACTORY{listed}")
 
 
 def _import_file(path: Path) -> ModuleType:
@@ -78,9 +84,7 @@ class FactorySource:
 
         target, colon, attr = spec.rpartition(":")
         if not colon:
-            defined = _defined_names(Path(spec).expanduser())
-            listed = f" (it defines {', '.join(defined)})" if defined else ""
-            raise UserError(f"{spec}: name the function that builds the model, as {spec}:FACTORY{listed}")
+            raise _unnamed_factory(spec)
         checkpoint = built_weights(spec, weights)
         torch.manual_seed(seed)
         module = _import_file(Path(target).expanduser()) if _is_file(target) else _import_module(target)
