@@ -17,7 +17,8 @@ import transinv
 from transinv import cli, distributed, metric_registry
 from transinv.errors import UserError
 from transinv.options import MeasureOptions, OptionError, flag, flag_reference, option_names
-from transinv.plan import make_plan, unique_labels
+from transinv.models import LoadedModel
+from transinv.plan import labels_for, make_plan
 from transinv.presets import list_presets, load_preset
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -100,11 +101,13 @@ def test_every_shipped_preset_loads_strictly() -> None:
         MeasureOptions.from_mapping(load_preset(name)).validate()
 
 
-def test_labels_are_unique_and_given_labels_must_match_the_models() -> None:
-    assert unique_labels(["Net", "Net", "resnet18", "Net"]) == ["Net", "Net#2", "resnet18", "Net#3"]
-    assert unique_labels(["a", "b"], ["x", "y"]) == ["x", "y"]
+def test_given_labels_must_match_the_models() -> None:
+    models = [LoadedModel("a.py:build", "as-built", nn.Identity(), None, label="build"),
+              LoadedModel("b.py:build", "as-built", nn.Identity(), None, label="build")]
+    assert labels_for(models, None) == ["a.py:build", "b.py:build"]
+    assert labels_for(models, ["x", "y"]) == ["x", "y"]
     with pytest.raises(UserError, match="one label per model"):
-        unique_labels(["a", "b"], ["x"])
+        labels_for(models, ["x"])
 
 
 def test_plan_groups_jobs_by_views_and_shards_images_without_running() -> None:
@@ -114,7 +117,7 @@ def test_plan_groups_jobs_by_views_and_shards_images_without_running() -> None:
     assert [(j.label, j.variant) for j in plan.jobs] == [
         ("example:circular_gap", "base"), ("example:circular_gap", "aps"),
         ("example:constant", "base"), ("example:constant", "aps"),
-    ]
+    ]  # example labels keep their prefix (see transinv.models.source_example)
     assert plan.groups[0].shifts.shifts == ((0, 0), (1, 0), (2, 0))
     second = make_plan(["example:constant"], options, distributed.Context(rank=1, world=2))
     assert second.ids == list(range(1, plan.total_images, 2))

@@ -65,8 +65,10 @@ class Measured:
 
 
 def _explain_probe(job: Job, probe: Probe, layer_spec: str, warn: Warn) -> None:
-    if job.model.scripted and layer_spec != "none":
-        warn(f"{job.label} is TorchScript, which takes no forward hooks: measuring output metrics only")
+    for note in job.model.notes:
+        warn(note)
+    if not job.model.hooks and layer_spec != "none":
+        warn(f"{job.label} ({job.model.source}) takes no forward hooks: measuring output metrics only")
     elif probe.token_layers and layer_spec != "none":
         warn(
             f"{job.label}: {len(probe.token_layers)} layers output token sequences with no spatial map "

@@ -17,7 +17,7 @@ from torch import nn
 from .data import ImageItem, Preprocess, find_images, select_images
 from .distributed import Context
 from .errors import UserError
-from .models import LoadedModel, default_preprocess, load_model
+from .models import LoadedModel, load_model, unique_labels, wrap_module
 from .options import MeasureOptions
 from .shifts import ShiftPlan, make_shift_set, parse_fill, parse_pair_offsets
 
@@ -62,29 +62,25 @@ def prepare_model(model: ModelSpec, options: MeasureOptions) -> LoadedModel:
     """Load a model spec (or take a copy of a notebook's module, which is never changed) and
     settle its preprocessing: the weights' own, overridden by the options."""
     if isinstance(model, nn.Module):
-        loaded = LoadedModel(type(model).__name__, "given", copy.deepcopy(model).eval(), default_preprocess())
+        loaded = wrap_module(copy.deepcopy(model))
     else:
         loaded = load_model(model, options.weights_for(model), options.seed)
     pre = loaded.preprocess
     size = options.size or pre.size
     resize = options.resize or (max(pre.resize, size) if options.size else pre.resize)
-    return replace(loaded, preprocess=replace(pre, size=size, resize=resize, mean=options.mean or pre.mean,
-                                              std=options.std or pre.std))
+    given = {name for name in ("size", "resize", "mean", "std") if getattr(options, name) is not None}
+    settled = replace(pre, size=size, resize=resize, mean=options.mean or pre.mean, std=options.std or pre.std)
+    return loaded.with_preprocess(settled, given)
 
 
-def unique_labels(names: Sequence[str], given: Sequence[str] | None = None) -> list[str]:
-    """Row labels: ``given`` when set (one per model), else the names, a repeated one as
-    ``name#2``, ``name#3`` so two models of the same class never merge."""
-    if given is not None:
-        if len(given) != len(names):
-            raise UserError(f"label: give one label per model ({len(names)} models, {len(given)} labels)")
-        return list(given)
-    seen: dict[str, int] = {}
-    out = []
-    for name in names:
-        seen[name] = seen.get(name, 0) + 1
-        out.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
-    return out
+def labels_for(models: Sequence[LoadedModel], given: Sequence[str] | None) -> list[str]:
+    """Row labels: ``given`` (the ``label`` option, one per model), else the models' short,
+    unique labels (see ``unique_labels``)."""
+    if given is None:
+        return unique_labels(models)
+    if len(given) != len(models):
+        raise UserError(f"label: give one label per model ({len(models)} models, {len(given)} labels)")
+    return list(given)
 
 
 def make_plan(models: Sequence[ModelSpec], options: MeasureOptions, context: Context) -> Plan:
@@ -96,7 +92,7 @@ def make_plan(models: Sequence[ModelSpec], options: MeasureOptions, context: Con
     variants = options.variant_specs()
     loaded = [prepare_model(spec, options) for spec in models]
     groups: dict[tuple[Preprocess, ShiftPlan], Group] = {}
-    for model, label in zip(loaded, unique_labels([m.name for m in loaded], options.label)):
+    for model, label in zip(loaded, labels_for(loaded, options.label)):
         pre = model.preprocess
         plan = ShiftPlan(shifts, pre.size, options.mode, parse_fill(options.fill, pre.mean, pre.std), options.subpixel,
                          pairs, options.consistency_draws, options.random_shifts, options.embed_size)

@@ -21,6 +21,7 @@ from .metric_registry import METRICS
 from .data import Batch, CanvasDataset, ImageItem, Preprocess, collate
 from .errors import UserError
 from .layers import FeatureTap, LayerInfo, to_nchw
+from .outputs import class_logits as _logits
 from .shifts import Shift, ShiftPlan, is_fractional
 
 ProgressHook = Callable[[int], None]
@@ -96,17 +97,6 @@ def worst_case_sets(shifts: Sequence[Shift]) -> list[tuple[str, str, list[Shift]
         sets += [(M.WORST_CASE_AGREEMENT_INTEGER, M.WORST_CASE_ACCURACY_INTEGER, whole),
                  (M.WORST_CASE_AGREEMENT_FRACTIONAL, M.WORST_CASE_ACCURACY_FRACTIONAL, [(0, 0), *fractional])]
     return sets
-
-
-def _logits(output: object) -> torch.Tensor:
-    """The logits tensor of a model's output (tensors, tuples and torchvision's named outputs)."""
-    if isinstance(output, torch.Tensor):
-        return output
-    if isinstance(getattr(output, "logits", None), torch.Tensor):
-        return output.logits
-    if isinstance(output, (tuple, list)) and output and isinstance(output[0], torch.Tensor):
-        return output[0]
-    raise UserError(f"the model returned {type(output).__name__}; transinv needs logits of shape (N, classes)")
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
