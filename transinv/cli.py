@@ -23,7 +23,7 @@ from rich.table import Table
 from . import api, distributed
 from .compare import compare_results, summarize
 from .errors import UserError
-from .plots import plot_results
+from .plots import plot_results, plot_style
 from .presets import list_presets, load_preset
 from .render import print_result
 from .results import Result, load_results
@@ -161,6 +161,10 @@ def _cell(value: object) -> str:
 
 
 MODEL_HELP = "torchvision model name, FILE.py:FACTORY, package.module:FACTORY, a TorchScript file or example:NAME."
+LABEL_HELP = ("Legend label of a series: OLD=NEW (OLD a model, or model/variant as the plot names it), repeatable; "
+              "or one bare label per series, in order.")
+FIGSIZE_HELP = "Figure size W,H in inches (default: what the panels need)."
+DPI_HELP = "Figure resolution in pixels per inch (default 110)."
 
 
 @app.command()
@@ -196,12 +200,19 @@ def measure(
     fmt: Annotated[Optional[Format], typer.Option("--format", "-f", help="table, csv or json (default: table on a terminal, CSV otherwise).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Write CSV or JSON to this file (by extension unless --format says).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Also draw the results to this image file (PNG, PDF, SVG).")] = None,
+    label: Annotated[Optional[list[str]], typer.Option(help=LABEL_HELP + " With --plot.")] = None,
+    title: Annotated[Optional[str], typer.Option(help="Figure title. With --plot.")] = None,
+    figsize: Annotated[Optional[str], typer.Option(help=FIGSIZE_HELP + " With --plot.")] = None,
+    dpi: Annotated[Optional[int], typer.Option(help=DPI_HELP + " With --plot.")] = None,
     progress: Annotated[bool, typer.Option(help="Show a progress bar on stderr.")] = True,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
     """Measure output invariance and per-layer equivariance of one or more MODELs over a range of shifts."""
     with _errors(debug):
         context = distributed.from_env()
+        style = _style(label, title, figsize, dpi)
+        if style and plot is None:
+            raise UserError("--label, --title, --figsize and --dpi style the figure: add --plot FIGURE.png")
         bar, start = _progress_factory(progress and err.is_terminal and context.is_main)
         kwargs = dict(
             weights=weights, data=data, shift=shift, direction=direction, mode=mode, fill=fill, subpixel=subpixel,
@@ -224,7 +235,7 @@ def measure(
             if context.is_main:
                 _emit(result, fmt, output)
                 if plot is not None:
-                    _plot(result.rows, plot)
+                    _plot(result.rows, plot, **style)
         finally:
             distributed.shutdown()
         if result.partial:
@@ -233,13 +244,21 @@ def measure(
             raise typer.Exit(EXIT_INTERRUPTED)
 
 
-def _plot(rows, path: Path, metric: Optional[str] = None, layer: Optional[str] = None) -> None:
-    """Draw rows to ``path``; a bad metric or layer name is a one-line error."""
+def _plot(rows, path: Path, metric: Optional[str] = None, layer: Optional[str] = None, **style: object) -> None:
+    """Draw rows to ``path``; a bad metric, layer or label is a one-line error."""
     try:
-        panels = plot_results(rows, path, metric=metric, layer=layer)
+        panels = plot_results(rows, path, metric=metric, layer=layer, **style)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     err.print(f"wrote {path}: {'; '.join(panels)}", highlight=False, soft_wrap=True)
+
+
+def _style(label: Optional[list[str]], title: Optional[str], figsize: Optional[str], dpi: Optional[int]) -> dict:
+    """The figure's style flags as ``plot_results`` keywords, checked before any work."""
+    try:
+        return plot_style(label, title, figsize, dpi)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
 
 
 @app.command("plot")
@@ -248,15 +267,20 @@ def plot_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Image file to write (PNG, PDF, SVG).")],
     metric: Annotated[Optional[str], typer.Option(help="Only this metric.")] = None,
     layer: Annotated[Optional[str], typer.Option(help="Only this layer, drawn against shift.")] = None,
+    label: Annotated[Optional[list[str]], typer.Option(help=LABEL_HELP)] = None,
+    title: Annotated[Optional[str], typer.Option(help="Figure title.")] = None,
+    figsize: Annotated[Optional[str], typer.Option(help=FIGSIZE_HELP)] = None,
+    dpi: Annotated[Optional[int], typer.Option(help=DPI_HELP)] = None,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
     """Draw saved results: output metrics against shift, layer-by-shift heatmaps, (dx, dy) maps."""
     with _errors(debug):
+        style = _style(label, title, figsize, dpi)
         try:
             rows = load_results(results)
         except ValueError as exc:
             raise UserError(str(exc)) from exc
-        _plot(rows, output, metric, layer)
+        _plot(rows, output, metric, layer, **style)
 
 
 @app.command()
