@@ -36,7 +36,7 @@ FRACTIONS = {M.TOP1_AGREEMENT, M.ACCURACY, M.WORST_CASE_ACCURACY}  # drawn on a 
 XLABEL = {"x": "shift (px)", "y": "shift (px), along y", "diagonal": "shift (px), dx = dy"}
 CMAP = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
 DPI = 110
-MAX_PIXELS = 2**16  # per side: Agg cannot render a larger image
+MAX_PIXELS = 2**16  # per side: Agg renders only images smaller than this
 LEGEND_CHAR = 0.075  # inches per legend character (small font), to widen a band for its legend
 LEGEND_SHARE = 0.3  # longer legend labels wrap at this share of their band's width
 Labels = Mapping[str, str] | Sequence[str]
@@ -100,8 +100,8 @@ def draw_results(
     sections = _sections(data, metric, layer)
     natural = (max(s.width for s in sections), sum(s.height for s in sections))
     width, height = size or natural
-    if max(width, height) * dots > MAX_PIXELS:
-        raise ValueError(f"a {width:g} x {height:g} in figure at {dots} dpi exceeds {MAX_PIXELS} pixels a side")
+    if max(width, height) * dots >= MAX_PIXELS:
+        raise ValueError(f"a {width:g} x {height:g} in figure at {dots} dpi is not under {MAX_PIXELS} pixels a side")
     fig = Figure(figsize=(width, height), dpi=dots, layout="constrained")
     FigureCanvasAgg(fig)
     bands = fig.subfigures(len(sections), 1, height_ratios=[s.height for s in sections], squeeze=False)[:, 0]
