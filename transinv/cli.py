@@ -47,15 +47,6 @@ class Format(str, Enum):
     json = "json"
 
 
-def _floats(text: str | None, flag: str) -> list[float] | None:
-    if text is None:
-        return None
-    try:
-        return [float(v) for v in text.replace(" ", "").split(",")]
-    except ValueError:
-        raise UserError(f"{flag} takes comma-separated numbers, e.g. 0.485,0.456,0.406") from None
-
-
 @contextmanager
 def _errors(debug: bool) -> Iterator[None]:
     """Turn failures into one line on stderr and an exit code; ``--debug`` shows the traceback."""
@@ -135,6 +126,10 @@ def _cell(value: object) -> str:
 
 
 MODEL_HELP = "torchvision model name, FILE.py:FACTORY, package.module:FACTORY, a TorchScript file or example:NAME."
+LABEL_HELP = ("Legend label of a series: OLD=NEW (OLD a model, or model/variant as the plot names it), repeatable; "
+              "or one bare label per series, in order.")
+FIGSIZE_HELP = "Figure size W,H in inches (default: what the panels need)."
+DPI_HELP = "Figure resolution in pixels per inch (default 110)."
 
 
 def _choice_type(name: str, choices: tuple[str, ...]) -> type[Enum]:
@@ -174,6 +169,12 @@ _MEASURE_EXTRA = [
                                      rich_help_panel=_OUTPUT_PANEL)]),
     inspect.Parameter("plot", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
         Optional[Path], typer.Option(help="Also draw the results to this image file (PNG, PDF, SVG).", rich_help_panel=_OUTPUT_PANEL)]),
+    inspect.Parameter("title", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[str], typer.Option(help="Figure title. With --plot.", rich_help_panel=_OUTPUT_PANEL)]),
+    inspect.Parameter("figsize", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[str], typer.Option(help=FIGSIZE_HELP + " With --plot.", rich_help_panel=_OUTPUT_PANEL)]),
+    inspect.Parameter("dpi", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+        Optional[int], typer.Option(help=DPI_HELP + " With --plot.", rich_help_panel=_OUTPUT_PANEL)]),
     inspect.Parameter("progress", inspect.Parameter.KEYWORD_ONLY, default=True, annotation=Annotated[
         bool, typer.Option(help="Show a progress bar on stderr.", rich_help_panel=_OUTPUT_PANEL)]),
     inspect.Parameter("debug", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=Annotated[
@@ -188,6 +189,9 @@ def _measure(ctx: typer.Context, models: list[str], **given: Any) -> None:
         from . import api, distributed
         from .presets import load_preset
 
+        style = _style(None, cli_only["title"], cli_only["figsize"], cli_only["dpi"])
+        if style and cli_only["plot"] is None:
+            raise UserError("--title, --figsize and --dpi style the figure: add --plot FIGURE.png")
         chosen = {k: (v.value if isinstance(v, Enum) else v) for k, v in given.items()}
         preset: dict[str, Any] = {}
         if cli_only["config"] is not None:
@@ -208,7 +212,7 @@ def _measure(ctx: typer.Context, models: list[str], **given: Any) -> None:
         if context.is_main:
             _emit(result, cli_only["fmt"], cli_only["output"])
             if cli_only["plot"] is not None:
-                _plot(result.rows, cli_only["plot"])
+                _plot(result.rows, cli_only["plot"], **style)
         if result.partial:
             if context.is_main:
                 err.print(f"interrupted: wrote the {result.summary['images']} images finished so far (partial)")
@@ -224,15 +228,25 @@ _measure.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
 app.command("measure")(_measure)
 
 
-def _plot(rows, path: Path, metric: Optional[str] = None, layer: Optional[str] = None) -> None:
-    """Draw rows to ``path``; a bad metric or layer name is a one-line error."""
+def _plot(rows: pd.DataFrame, path: Path, metric: Optional[str] = None, layer: Optional[str] = None, **style: object) -> None:
+    """Draw rows to ``path``; a bad metric, layer or label is a one-line error."""
     from .plots import plot_results
 
     try:
-        panels = plot_results(rows, path, metric=metric, layer=layer)
+        panels = plot_results(rows, path, metric=metric, layer=layer, **style)
     except ValueError as exc:
         raise UserError(str(exc)) from exc
     err.print(f"wrote {path}: {'; '.join(panels)}", highlight=False, soft_wrap=True)
+
+
+def _style(label: Optional[list[str]], title: Optional[str], figsize: Optional[str], dpi: Optional[int]) -> dict:
+    """The figure's style flags as ``plot_results`` keywords, checked before any work."""
+    from .plots import plot_style
+
+    try:
+        return plot_style(label, title, figsize, dpi)
+    except ValueError as exc:
+        raise UserError(str(exc)) from exc
 
 
 @app.command("plot")
@@ -241,17 +255,22 @@ def plot_command(
     output: Annotated[Path, typer.Option("--output", "-o", help="Image file to write (PNG, PDF, SVG).")],
     metric: Annotated[Optional[str], typer.Option(help="Only this metric.")] = None,
     layer: Annotated[Optional[str], typer.Option(help="Only this layer, drawn against shift.")] = None,
+    label: Annotated[Optional[list[str]], typer.Option(help=LABEL_HELP)] = None,
+    title: Annotated[Optional[str], typer.Option(help="Figure title.")] = None,
+    figsize: Annotated[Optional[str], typer.Option(help=FIGSIZE_HELP)] = None,
+    dpi: Annotated[Optional[int], typer.Option(help=DPI_HELP)] = None,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
     """Draw saved results: output metrics against shift, layer-by-shift heatmaps, (dx, dy) maps."""
     with _errors(debug):
         from .results import load_results
 
+        style = _style(label, title, figsize, dpi)
         try:
             rows = load_results(results)
         except ValueError as exc:
             raise UserError(str(exc)) from exc
-        _plot(rows, output, metric, layer)
+        _plot(rows, output, metric, layer, **style)
 
 
 @app.command()

@@ -7,9 +7,12 @@ needed and pyplot's global state is never touched (safe inside a CLI, a server o
 from __future__ import annotations
 
 import math
+import re
+import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator, Mapping, Sequence
 
 import matplotlib
 import numpy as np
@@ -18,6 +21,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure, SubFigure
+from matplotlib.text import Text
 from matplotlib.ticker import MaxNLocator
 
 from . import metrics as M
@@ -32,6 +36,10 @@ SERIES_COLUMNS = ["model", "weights", "mode", "variant"]
 XLABEL = {"x": "shift (px)", "y": "shift (px), along y", "diagonal": "shift (px), dx = dy"}
 CMAP = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
 DPI = 110
+MAX_PIXELS = 2**16  # per side: Agg renders only images smaller than this
+LEGEND_CHAR = 0.075  # inches per legend character (small font), to widen a band for its legend
+LEGEND_SHARE = 0.3  # longer legend labels wrap at this share of their band's width
+Labels = Mapping[str, str] | Sequence[str]
 
 
 @dataclass(frozen=True)
@@ -45,34 +53,171 @@ class Section:
 
 
 def plot_results(
-    rows: pd.DataFrame, path: str | Path, metric: str | None = None, layer: str | None = None
+    rows: pd.DataFrame,
+    path: str | Path,
+    metric: str | None = None,
+    layer: str | None = None,
+    *,
+    labels: Labels | None = None,
+    title: str | None = None,
+    figsize: tuple[float, float] | str | None = None,
+    dpi: int | None = None,
 ) -> list[str]:
     """Draw the result rows into one figure saved at ``path`` (format from its suffix).
 
     Non-grid shifts: output metrics against shift (one panel per metric) and per-layer heatmaps
     (layers x shifts, one per model). Grid shifts: (dx, dy) maps of one output metric replace the
     line panels. ``metric`` keeps only that metric; ``layer`` draws that layer's metrics against
-    shift (a map in grid mode) instead of the heatmaps. Returns one description per band drawn.
-    Raises ``ValueError`` (one line) when the rows hold nothing to draw for the request.
+    shift (a map in grid mode) instead of the heatmaps. ``labels``, ``title``, ``figsize`` and
+    ``dpi``: see ``draw_results``. Returns one description per band drawn. Raises ``ValueError``
+    (one line) when the rows hold nothing to draw for the request or a style value is bad.
     """
-    data = _prepare(rows)
+    fig, descriptions = draw_results(rows, metric, layer, labels=labels, title=title, figsize=figsize, dpi=dpi)
+    _save(fig, Path(path))
+    return descriptions
+
+
+def draw_results(
+    rows: pd.DataFrame,
+    metric: str | None = None,
+    layer: str | None = None,
+    *,
+    labels: Labels | None = None,
+    title: str | None = None,
+    figsize: tuple[float, float] | str | None = None,
+    dpi: int | None = None,
+) -> tuple[Figure, list[str]]:
+    """The figure ``plot_results`` saves, laid out, with one description per band (for notebooks).
+
+    ``labels`` renames series (a model, or ``model/variant`` where a model has several): a mapping
+    from series name to display label, or one label per series in order of first appearance.
+    ``title`` is the figure's title; ``figsize`` its ``(width, height)`` in inches, or ``"W,H"``
+    (default: what the panels need); ``dpi`` its pixels per inch (default 110). Legends sit
+    outside the axes and titles are wrapped to their panel's width, so neither covers data.
+    """
+    size, dots = _figsize(figsize), _dpi(dpi)
+    data = _prepare(rows, labels)
     sections = _sections(data, metric, layer)
-    width = max(s.width for s in sections)
-    fig = Figure(figsize=(width, sum(s.height for s in sections)), layout="constrained")
+    natural = (max(s.width for s in sections), sum(s.height for s in sections))
+    width, height = size or natural
+    if max(width, height) * dots >= MAX_PIXELS:
+        raise ValueError(f"a {width:g} x {height:g} in figure at {dots} dpi is not under {MAX_PIXELS} pixels a side")
+    fig = Figure(figsize=(width, height), dpi=dots, layout="constrained")
     FigureCanvasAgg(fig)
     bands = fig.subfigures(len(sections), 1, height_ratios=[s.height for s in sections], squeeze=False)[:, 0]
     for section, band in zip(sections, bands):
-        if section.width < width - 0.5:  # keep a narrower band at its own width, on the left
-            band = band.subfigures(1, 2, width_ratios=[section.width, width - section.width])[0]
+        if section.width < natural[0] - 0.5:  # keep a narrower band at its own share of the width, on the left
+            band = band.subfigures(1, 2, width_ratios=[section.width, natural[0] - section.width])[0]
         section.draw(band)
-    if "partial" in data and data["partial"].astype(str).str.lower().eq("true").any():
-        fig.suptitle("partial results: the run was interrupted", color="firebrick")
-    _save(fig, Path(path))
-    return [s.description for s in sections]
+    heading = [title] if title else []
+    partial = "partial" in data and data["partial"].astype(str).str.lower().eq("true").any()
+    if partial:
+        heading.append("partial results: the run was interrupted")
+    if heading:
+        text = fig.suptitle("\n".join(heading), color="firebrick" if partial else "black")
+        _wrap(text, 0.95 * fig.bbox.width)
+    with _layout_fits(natural):
+        fig.draw_without_rendering()  # lay out once, so titles can be wrapped to their axes' width
+        for ax in fig.axes:
+            _wrap(ax.title, ax.get_window_extent().width)
+        fig.draw_without_rendering()  # the taller titles must still leave the panels room
+    return fig, [s.description for s in sections]
 
 
-def _prepare(rows: pd.DataFrame) -> pd.DataFrame:
-    """A copy with float shifts and values, text labels, a ``series`` label and a ``position`` on the shift axis."""
+def plot_style(
+    labels: Sequence[str] | None = None, title: str | None = None, figsize: str | None = None, dpi: int | None = None
+) -> dict[str, object]:
+    """``plot_results`` keywords from the command line's ``--label``, ``--title``, ``--figsize`` and
+    ``--dpi`` (only those given), checked before any work. Each ``--label`` is ``OLD=NEW`` (split at
+    the first ``=``), or every one is a bare label, in series order; ``ValueError`` otherwise."""
+    style: dict[str, object] = {}
+    if labels:
+        pairs = [label.partition("=") for label in labels]
+        if all(sep for _, sep, _ in pairs):
+            style["labels"] = {old: new for old, _, new in pairs}
+        elif not any(sep for _, sep, _ in pairs):
+            style["labels"] = list(labels)
+        else:
+            raise ValueError("--label takes OLD=NEW pairs or bare labels in series order, not a mix of both")
+    if title is not None:
+        style["title"] = title
+    if figsize is not None:
+        style["figsize"] = _figsize(figsize)
+    if dpi is not None:
+        style["dpi"] = _dpi(dpi)
+    return style
+
+
+def _figsize(value: tuple[float, float] | str | None) -> tuple[float, float] | None:
+    """``(width, height)`` in inches from a pair or ``"W,H"``; both finite and positive."""
+    if value is None:
+        return None
+    parts = value.replace(" ", "").split(",") if isinstance(value, str) else list(value)
+    try:
+        width, height = (float(v) for v in parts)
+    except (TypeError, ValueError):
+        width = height = math.nan
+    if not (math.isfinite(width) and math.isfinite(height) and width > 0 and height > 0):
+        shown = value if isinstance(value, str) else ",".join(map(str, value))
+        raise ValueError(f"figsize {shown!r}: give a positive width and height in inches, e.g. 8,5")
+    return width, height
+
+
+def _dpi(value: int | None) -> int:
+    """Pixels per inch: a positive whole number (default ``DPI``)."""
+    if value is None:
+        return DPI
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
+        raise ValueError(f"dpi {value!r}: give a positive whole number of pixels per inch, e.g. 150")
+    return int(value)
+
+
+@contextmanager
+def _layout_fits(natural: tuple[float, float] | None = None) -> Iterator[None]:
+    """Turn matplotlib's warning that the layout collapsed (a figure too small for its panels)
+    into a one-line ``ValueError`` naming the size the panels need, when known."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="constrained_layout not applied", category=UserWarning)
+        try:
+            yield
+        except UserWarning as exc:
+            need = f"{math.ceil(natural[0])},{math.ceil(natural[1])}" if natural else "a larger one"
+            raise ValueError(f"the figure is too small for its panels ({str(exc).split('.')[0]}): try figsize {need}") from None
+
+
+def _wrap(text: Text, width: float) -> None:
+    """Break ``text`` so no line is wider than ``width`` display pixels: after spaces, slashes,
+    colons, commas or underscores where possible, anywhere in a word too long for a line."""
+    renderer = text.figure.canvas.get_renderer()
+    font = text.get_fontproperties()
+
+    def fits(line: str) -> bool:
+        return renderer.get_text_width_height_descent(line.rstrip(), font, ismath=False)[0] <= width
+
+    lines = []
+    for paragraph in text.get_text().split("\n"):
+        line = ""
+        for piece in re.split(r"(?<=[ /:,_])", paragraph):
+            if fits(line + piece):
+                line += piece
+                continue
+            if line.strip():
+                lines.append(line.rstrip())
+            line = piece
+            if not fits(piece):  # a word wider than a line: break it anywhere
+                line = ""
+                for char in piece:
+                    if line and not fits(line + char):
+                        lines.append(line)
+                        line = ""
+                    line += char
+        lines.append(line.rstrip())
+    text.set_text("\n".join(lines))
+
+
+def _prepare(rows: pd.DataFrame, labels: Labels | None = None) -> pd.DataFrame:
+    """A copy with float shifts and values, text labels, a ``series`` label (renamed by ``labels``)
+    and a ``position`` on the shift axis."""
     missing = [c for c in NEEDED if c not in rows.columns]
     if missing:
         raise ValueError(f"not transinv result rows (missing columns: {', '.join(missing)})")
@@ -89,10 +234,33 @@ def _prepare(rows: pd.DataFrame) -> pd.DataFrame:
     for column in SERIES_COLUMNS[1:]:
         if column in data and data.groupby("model")[column].nunique().max() > 1:
             data["series"] = data["series"] + np.where(data[column] != "", "/" + data[column], "")
+    if labels is not None:
+        data["series"] = data["series"].map(_display_names(list(pd.unique(data["series"])), labels))
     data["position"] = data["shift_y"] if _direction(data) == "y" else data["shift_x"]
     colours = {name: f"C{i % 10}" for i, name in enumerate(pd.unique(data["series"]))}
     data["colour"] = data["series"].map(colours)  # one colour per series in every panel
     return data
+
+
+def _display_names(series: list[str], labels: Labels) -> dict[str, str]:
+    """Series name -> display label: ``labels`` maps some names, or lists one label per series in
+    order; unknown names, a wrong count or two series shown alike are errors."""
+    known = ", ".join(series)
+    if isinstance(labels, Mapping):
+        unknown = [name for name in labels if name not in series]
+        if unknown:
+            raise ValueError(f"label for {unknown[0]!r}, which is not a series here; series: {known}")
+        names = {name: str(labels.get(name, name)) for name in series}
+    elif isinstance(labels, str) or len(labels) != len(series):
+        count = 1 if isinstance(labels, str) else len(labels)
+        raise ValueError(f"{count} label(s) for {len(series)} series ({known}): give one per series, in this order")
+    else:
+        names = dict(zip(series, map(str, labels)))
+    shown = list(names.values())
+    twice = next((label for label in shown if shown.count(label) > 1), None)
+    if twice is not None:
+        raise ValueError(f"two series would both be labelled {twice!r}; series: {known}")
+    return names
 
 
 def _direction(data: pd.DataFrame) -> str:
@@ -163,15 +331,17 @@ def _line_section(data: pd.DataFrame, layer: str, metrics: list[str], direction:
     bands = [c for c in ("ci_low", "ci_high") if c in at]
     span = (data["position"].min() - 0.5, data["position"].max() + 0.5)  # every panel spans every shift
 
+    legend = {name: name + _worst_case(at, name, metrics) for name in pd.unique(at["series"])}
+
     def draw(band: SubFigure) -> None:
         axes = band.subplots(nrows, ncols, squeeze=False).ravel()
+        handles = {}
         for ax, metric in zip(axes, metrics):
             rows = at[at["metric"] == metric]
             for series, group in rows.groupby("series", sort=False):
                 curve = group.groupby("position")[["value", *bands]].mean()
                 colour = group["colour"].iloc[0]
-                label = series + _worst_case(at, series, metric)
-                ax.plot(curve.index, curve["value"], marker="o", color=colour, label=label)
+                (handles[series],) = ax.plot(curve.index, curve["value"], marker="o", color=colour, label=series)
                 if len(bands) == 2:
                     low, high = curve["ci_low"], curve["ci_high"]
                     ax.fill_between(curve.index, low, high, color=colour, alpha=0.2, linewidth=0)
@@ -183,22 +353,26 @@ def _line_section(data: pd.DataFrame, layer: str, metrics: list[str], direction:
             if is_proportion(metric):
                 ax.set_ylim(-0.05, 1.05)
             ax.grid(alpha=0.3)
-            ax.legend(fontsize="small")
         for ax in axes[len(metrics):]:
             ax.set_axis_off()
+        shown = [name for name in legend if name in handles]  # outside the axes: it never covers a line
+        key = band.legend([handles[n] for n in shown], [legend[n] for n in shown], loc="outside right upper",
+                          fontsize="small")
+        for text in key.get_texts():
+            _wrap(text, LEGEND_SHARE * band.bbox.width)
 
     return Section(
         f"{', '.join(metrics)} at {layer} against shift, one line per model: {', '.join(pd.unique(at['series']))}",
-        4.6 * ncols, 3.4 * nrows, draw,
+        4.6 * ncols + 0.8 + LEGEND_CHAR * min(max(map(len, legend.values())), 40), 3.4 * nrows, draw,
     )
 
 
-def _worst_case(rows: pd.DataFrame, series: str, metric: str) -> str:
-    """A legend suffix giving the series' worst-case accuracy on the accuracy panel."""
-    if metric != M.ACCURACY:
+def _worst_case(rows: pd.DataFrame, series: str, metrics: list[str]) -> str:
+    """A legend suffix giving the series' worst-case accuracy, when the accuracy panel is drawn."""
+    if M.ACCURACY not in metrics:
         return ""
     worst = rows.loc[(rows["metric"] == M.WORST_CASE_ACCURACY) & (rows["series"] == series), "value"]
-    return f" (worst case = {worst.mean():.2f})" if len(worst) else ""
+    return f" (worst-case accuracy {worst.mean():.2f})" if len(worst) else ""
 
 
 def _heatmap_section(data: pd.DataFrame, metrics: list[str], direction: str) -> Section:
@@ -256,7 +430,7 @@ def _heatmap_section(data: pd.DataFrame, metrics: list[str], direction: str) -> 
             band.colorbar(ScalarMappable(norm, CMAP), ax=row, label=metric, shrink=0.9)
         if has_gaps:
             note = "grey: not measured (equivariance_error exists only at shifts aligned with the layer's stride)"
-            band.supxlabel(note, fontsize="small", color="dimgrey")
+            _wrap(band.supxlabel(note, fontsize="small", color="dimgrey"), 0.95 * band.bbox.width)
 
     cell_width = min(max(2.5 + 0.32 * most_shifts, 4.5), 10.0)
     cell_height = min(max(1.6 + 0.2 * most_layers, 3.0), 15.0)
@@ -342,6 +516,6 @@ def _modes(rows: pd.DataFrame) -> str:
 
 
 def _save(fig: Figure, path: Path) -> None:
-    """Render the figure to ``path`` atomically (no half-written images)."""
-    with atomic_target(path) as tmp:
-        fig.savefig(tmp, format=path.suffix[1:].lower() or "png", dpi=DPI)
+    """Render the figure to ``path`` atomically (no half-written images), at the figure's dpi."""
+    with atomic_target(path) as tmp, _layout_fits():
+        fig.savefig(tmp, format=path.suffix[1:].lower() or "png", dpi="figure")
