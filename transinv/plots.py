@@ -67,7 +67,7 @@ def plot_results(
         section.draw(band)
     if "partial" in data and data["partial"].astype(str).str.lower().eq("true").any():
         fig.suptitle("partial results: the run was interrupted", color="firebrick")
-    _save(fig, Path(path))
+    save_figure(fig, Path(path))
     return [s.description for s in sections]
 
 
@@ -341,7 +341,7 @@ def _modes(rows: pd.DataFrame) -> str:
     return ", ".join(m for m in pd.unique(rows["mode"]) if m) or "mode unknown"
 
 
-def _save(fig: Figure, path: Path) -> None:
+def save_figure(fig: Figure, path: Path) -> None:
     """Render the figure to ``path`` atomically (no half-written images)."""
     with atomic_target(path) as tmp:
         fig.savefig(tmp, format=path.suffix[1:].lower() or "png", dpi=DPI)
