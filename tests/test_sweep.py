@@ -258,3 +258,22 @@ def test_leaderboard_warns_about_mixed_settings(tmp_path: Path) -> None:
 
 def test_time_left_is_the_mean_time_per_model_times_the_models_left() -> None:
     assert time_left(10.0, 2, 5) == "15 s" and time_left(100.0, 1, 3) == "3 min 20 s" and time_left(0.0, 0, 5) == ""
+
+
+def test_sweep_progress_has_a_models_bar_and_one_images_bar_at_a_time() -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from transinv.progress import SweepProgress
+
+    with SweepProgress(Console(file=StringIO(), force_terminal=True, width=100)) as progress:
+        progress.start(3)
+        progress.model("resnet18")
+        progress(10, 0)(10)
+        progress.model_done()
+        progress.model("vgg11")
+        progress(10, 0)(4)
+        tasks = progress.bar.tasks
+        assert [t.description for t in tasks] == ["models: vgg11", "measuring"]
+        assert tasks[0].completed == 1 and tasks[0].fields["rate"].startswith("about ") and tasks[1].completed == 4

@@ -387,6 +387,7 @@ def leaderboard_command(
     """One ranked row per model of a sweep: parameters, accuracy, the headline metric with its
     interval, worst cases, the layer where the error is born, run time."""
     with _errors(debug):
+        from . import metric_registry as R
         from .leaderboard import leaderboard, plot_leaderboard, shown
         from .results import write_atomic
 
@@ -395,7 +396,8 @@ def leaderboard_command(
             as_json = output.suffix.lower() == ".json"
             write_atomic(output, frame.to_json(orient="records", indent=2) + "\n" if as_json else frame.to_csv(index=False))
             err.print(f"wrote {output}", highlight=False)
-        _emit_frame(frame, fmt, f"{results_dir}: ranked by {headline} (output rows: at the largest shift)", shown(frame, headline))
+        where = " at the largest shift" if R.METRICS[headline].scope == "output" else ""
+        _emit_frame(frame, fmt, f"{results_dir}: ranked by {headline}{where}", shown(frame, headline))
         if plot is not None:
             try:
                 drawn = plot_leaderboard(frame, plot, x, y, headline)
@@ -422,11 +424,12 @@ def _check(ctx: typer.Context, model: str, **given: Any) -> None:
     fails (one line each), 2 on bad input (a bound the run cannot check is bad input)."""
     cli_only = {name: given.pop(name) for name in ("config", "at_most", "at_least", "output", "progress", "debug")}
     with _errors(cli_only["debug"], crash_code=EXIT_USAGE):
-        from . import api, distributed
         from .gates import check, parse_bounds
+
+        bounds = parse_bounds(cli_only["at_most"], cli_only["at_least"])  # before torch loads: a typo costs no run
+        from . import api, distributed
         from .progress import ConsoleProgress
 
-        bounds = parse_bounds(cli_only["at_most"], cli_only["at_least"])  # before measuring: a typo costs no run
         options = _build_options(ctx, given, cli_only["config"])
         context = distributed.from_env()
         shown = cli_only["progress"] and err.is_terminal and context.is_main

@@ -167,6 +167,22 @@ def shown(frame: pd.DataFrame, headline: str) -> pd.DataFrame:
     return view.loc[:, [c for c in view.columns if (view[c].astype(str) != "").any()]]
 
 
+def _label_points(ax: Any, xs: np.ndarray, ys: np.ndarray, labels: list[str], size: float = 8) -> None:
+    """Name each point; a label that would overlap one already placed moves down a line, so that
+    models with equal values (ties are common) stay readable."""
+    ax.figure.canvas.draw()  # the axes' limits and scales are final only now
+    points = ax.transData.transform(np.column_stack([xs, ys]))
+    pixels = ax.figure.dpi / 72  # per point
+    line = (size + 2) * pixels
+    placed: list[tuple[float, float, float]] = []  # each label's left, bottom and right, in pixels
+    for x, y, (px, py), label in zip(xs, ys, points, labels):
+        left, right, bottom = px + 4 * pixels, px + (4 + 0.6 * size * len(label)) * pixels, py + 3 * pixels
+        while any(a < right and left < b and abs(c - bottom) < line for a, c, b in placed):
+            bottom -= line
+        placed.append((left, bottom, right))
+        ax.annotate(label, (x, y), xytext=(4, (bottom - py) / pixels), textcoords="offset points", fontsize=size)
+
+
 def _count(value: Any) -> str:
     """'11.7M', '5.4k', '10': a parameter count for reading."""
     if pd.isna(value):
@@ -180,8 +196,9 @@ LOG_COLUMNS = ("parameters", "seconds")
 def plot_leaderboard(frame: pd.DataFrame, path: str | Path, x: str | None = None, y: str | None = None,
                      headline: str | None = None) -> str:
     """Draw one labelled point per measured row, ``y`` against ``x`` (default: the headline
-    against accuracy, or against parameters when nothing is labelled), with the headline's
-    interval as an error bar. Returns a one-line description; ``ValueError`` for a bad column."""
+    against accuracy, or against parameters when accuracy is missing or the same for all), with
+    the headline's interval as an error bar. Returns a one-line description; ``ValueError`` for a
+    bad column."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -190,7 +207,8 @@ def plot_leaderboard(frame: pd.DataFrame, path: str | Path, x: str | None = None
     data = frame[frame["status"] == DONE]
     numeric = [c for c in data.columns if c != "rank" and pd.api.types.is_numeric_dtype(data[c])
                and data[c].notna().any()]
-    x = x or ("accuracy" if "accuracy" in numeric else "parameters")
+    varies = "accuracy" in numeric and data["accuracy"].nunique() > 1  # all 0 with random weights: no axis
+    x = x or ("accuracy" if varies else "parameters")
     y = y or headline or next(c for c in numeric if c not in LOG_COLUMNS)
     for axis, column in (("x", x), ("y", y)):
         if column not in numeric:
@@ -207,9 +225,9 @@ def plot_leaderboard(frame: pd.DataFrame, path: str | Path, x: str | None = None
         if column in LOG_COLUMNS:
             (ax.set_xscale if axis == "x" else ax.set_yscale)("log")
     ax.scatter(drawn[x], drawn[y], zorder=2, color="tab:blue")
-    for row in drawn.itertuples():
-        label = row.model if row.variant == "base" else f"{row.model} [{row.variant}]"
-        ax.annotate(label, (getattr(row, x), getattr(row, y)), xytext=(4, 3), textcoords="offset points", fontsize=8)
+    ax.margins(x=0.12)  # room for the rightmost labels
+    labels = [m if v == "base" else f"{m} [{v}]" for m, v in zip(drawn["model"], drawn["variant"])]
+    _label_points(ax, drawn[x].to_numpy(float), drawn[y].to_numpy(float), labels)
     ax.set_xlabel(x)
     ax.set_ylabel(y + (" (95% interval)" if f"{y}_low" in drawn else ""))
     ax.grid(alpha=0.3)

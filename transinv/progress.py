@@ -4,7 +4,7 @@ for a sweep, a second bar counts models and estimates the time left."""
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
 from rich.console import Console
 
@@ -34,10 +34,14 @@ class ConsoleProgress:
 
         def advance(images: int) -> None:
             self.bar.advance(task, images)
-            speed = self.bar.tasks[task].speed
+            speed = self.task(task).speed
             self.bar.update(task, rate=f"{speed:.1f} img/s" if speed else "- img/s")
 
         return advance
+
+    def task(self, task_id: int) -> Any:
+        """A task by id (``bar.tasks`` is a list, whose positions shift once a task is removed)."""
+        return next(task for task in self.bar.tasks if task.id == task_id)
 
     def close(self) -> None:
         self.bar.stop()
@@ -75,7 +79,7 @@ class SweepProgress(ConsoleProgress):
         if self.models is None:
             return
         self.bar.advance(self.models)
-        task = self.bar.tasks[self.models]
+        task = self.task(self.models)
         left = time_left(time.monotonic() - self.started, int(task.completed), int(task.total or 0))
         self.bar.update(self.models, rate=f"about {left} left" if left else "")
 
