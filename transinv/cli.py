@@ -349,8 +349,9 @@ def _sweep(ctx: typer.Context, models: list[str], **given: Any) -> None:
         from .sweep import FAILED, run_sweep
 
         options = _build_options(ctx, given, cli_only["config"])
-        shown = cli_only["progress"] and err.is_terminal and distributed.from_env().is_main
-        log = lambda message: err.print(escape(message), highlight=False, soft_wrap=True)  # noqa: E731
+        main = distributed.from_env().is_main  # under torchrun, rank 0 speaks for all
+        shown = cli_only["progress"] and err.is_terminal and main
+        log = lambda message: err.print(escape(message), highlight=False, soft_wrap=True) if main else None  # noqa: E731
         with SweepProgress(err) if shown else nullcontext() as bar:
             report = run_sweep(models, options, cli_only["results_dir"], config=cli_only["config"],
                                shard=cli_only["shard"], progress=bar, log=log, warn=lambda m: log(f"warning: {m}"))
@@ -359,7 +360,7 @@ def _sweep(ctx: typer.Context, models: list[str], **given: Any) -> None:
         log(f"sweep: {measured} measured, {report.count('skipped')} done already, {len(failed)} failed"
             + (f" ({', '.join(o.model for o in failed)})" if failed else ""))
         if report.interrupted is not None:
-            err.print(f"interrupted: {escape(report.interrupted)} was not recorded; rerun the same command to go on")
+            log(f"interrupted: {report.interrupted} was not recorded; rerun the same command to go on")
             raise typer.Exit(EXIT_INTERRUPTED)
         if failed:
             raise typer.Exit(EXIT_FAILED)

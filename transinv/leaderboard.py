@@ -107,7 +107,9 @@ def leaderboard(directory: str | Path, metric: str | None = None, warn: Warn = l
         warn(f"{directory} holds results of {len(hashes)} different settings: ranks compare unlike runs")
     all_rows = pd.concat([pd.DataFrame.from_records(d["rows"]) for d in done], ignore_index=True) if done else None
     configs = list(dict.fromkeys(d["settings"].get("config") for d in done if d["settings"].get("config")))
-    headline = choose_headline(all_rows, configs, metric, warn) if all_rows is not None else (metric or SET_FALLBACK)
+    if all_rows is None:  # every model failed: nothing to rank by
+        all_rows = pd.DataFrame({"metric": [SET_FALLBACK], "layer": [R.OUTPUT_LAYER]})
+    headline = choose_headline(all_rows, configs, metric, warn)
     records = []
     for doc in docs:
         record = doc["sweep"]

@@ -92,8 +92,9 @@ class SweepProgress(ConsoleProgress):
 
 
 def time_left(elapsed: float, finished: int, total: int) -> str:
-    """'3 min 20 s': the mean time per finished model times the models left ('' before the first)."""
-    if finished <= 0:
+    """'3 min 20 s': the mean time per finished model times the models left ('' before the first
+    model or under a second)."""
+    seconds = round(elapsed / finished * max(total - finished, 0)) if finished > 0 else 0
+    if seconds < 1:
         return ""
-    seconds = round(elapsed / finished * max(total - finished, 0))
     return f"{seconds // 60} min {seconds % 60} s" if seconds >= 60 else f"{seconds} s"
