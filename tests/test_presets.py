@@ -212,3 +212,18 @@ def test_bad_presets_are_clear_errors(tmp_path: Path) -> None:
         load_preset(str(bad))
     with pytest.raises(UserError, match="zhang2019-consistency"):
         load_preset("zhang2019")
+
+
+def test_every_preset_names_a_headline_metric_and_it_sets_no_option(tmp_path: Path) -> None:
+    from transinv.metric_registry import METRICS
+    from transinv.presets import preset_headline
+
+    for preset in list_presets():
+        headline = preset_headline(preset["name"])
+        assert headline in METRICS and METRICS[headline].scope != "layer", preset["name"]
+        assert "headline" not in load_preset(preset["name"])
+    assert preset_headline("zhang2019-consistency") == "consistency"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("headline: equivariance_error\nshift: 0..2\n")
+    with pytest.raises(UserError, match="not an output or whole-set metric"):
+        preset_headline(str(bad))

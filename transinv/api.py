@@ -187,7 +187,8 @@ def _settings(plan: Plan, options: MeasureOptions, specs: list[ModelSpec], devic
         "data": list(options.data or ["builtin"]),
         "device": str(device),
         "processes": context.world,
-        "per_model": {job.label: {"weights": job.model.weights, "preprocess": job.model.preprocess.describe()}
+        "per_model": {job.label: {"weights": job.model.weights, "preprocess": job.model.preprocess.describe(),
+                                  "parameters": sum(p.numel() for p in job.model.module.parameters())}
                       for job in plan.jobs},
     }
 

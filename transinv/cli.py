@@ -48,8 +48,9 @@ class Format(str, Enum):
 
 
 @contextmanager
-def _errors(debug: bool) -> Iterator[None]:
-    """Turn failures into one line on stderr and an exit code; ``--debug`` shows the traceback."""
+def _errors(debug: bool, crash_code: int = 1) -> Iterator[None]:
+    """Turn failures into one line on stderr and an exit code; ``--debug`` shows the traceback.
+    ``crash_code``: the exit code of an unforeseen error (``check`` keeps 1 for a failed bound)."""
     try:
         yield
     except UserError as exc:
@@ -66,7 +67,7 @@ def _errors(debug: bool) -> Iterator[None]:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         err.print(f"[bold red]error:[/] {type(exc).__name__}: {first} (rerun with --debug for the traceback)",
                   highlight=False, soft_wrap=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(crash_code) from None
 
 
 def _emit(result: Result, fmt: Format | None, output: Optional[Path]) -> None:
@@ -187,20 +188,11 @@ def _measure(ctx: typer.Context, models: list[str], **given: Any) -> None:
     cli_only = {p.name: given.pop(p.name) for p in _MEASURE_EXTRA}
     with _errors(cli_only["debug"]):
         from . import api, distributed
-        from .presets import load_preset
 
         style = _style(None, cli_only["title"], cli_only["figsize"], cli_only["dpi"])
         if style and cli_only["plot"] is None:
             raise UserError("--title, --figsize and --dpi style the figure: add --plot FIGURE.png")
-        chosen = {k: (v.value if isinstance(v, Enum) else v) for k, v in given.items()}
-        preset: dict[str, Any] = {}
-        if cli_only["config"] is not None:
-            preset = load_preset(cli_only["config"])
-            for key in list(preset):  # flags the user typed win over the preset
-                source = ctx.get_parameter_source(key)
-                if source is not None and source.name != "DEFAULT":
-                    preset.pop(key)
-        options = MeasureOptions(**{**chosen, **preset}).validate()
+        options = _build_options(ctx, given, cli_only["config"])
         from .progress import ConsoleProgress
 
         context = distributed.from_env()
@@ -217,6 +209,21 @@ def _measure(ctx: typer.Context, models: list[str], **given: Any) -> None:
             if context.is_main:
                 err.print(f"interrupted: wrote the {result.summary['images']} images finished so far (partial)")
             raise typer.Exit(EXIT_INTERRUPTED)
+
+
+def _build_options(ctx: typer.Context, given: dict[str, Any], config: str | None) -> MeasureOptions:
+    """The options from the generated flags and a preset; flags the user typed win over the preset."""
+    from .presets import load_preset
+
+    chosen = {k: (v.value if isinstance(v, Enum) else v) for k, v in given.items()}
+    preset: dict[str, Any] = {}
+    if config is not None:
+        preset = load_preset(config)
+        for key in list(preset):
+            source = ctx.get_parameter_source(key)
+            if source is not None and source.name != "DEFAULT":
+                preset.pop(key)
+    return MeasureOptions(**{**chosen, **preset}).validate()
 
 
 _measure.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
@@ -324,6 +331,152 @@ def layers(
 
         frame = api.list_layers(model, weights=weights, size=size)
         _emit_frame(frame, fmt, f"{model}: layers with a spatial map")
+
+
+_EXTRA = {p.name: p for p in _MEASURE_EXTRA}  # --config, --progress and --debug, shared by the commands below
+EXIT_FAILED = 1
+
+
+def _keyword(name: str, annotation: Any, default: Any = None) -> inspect.Parameter:
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=annotation)
+
+
+def _model_arguments(metavar: str, help: str, many: bool) -> list[inspect.Parameter]:
+    return [inspect.Parameter("ctx", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=typer.Context),
+            inspect.Parameter("models" if many else "model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
+                list[str] if many else str, typer.Argument(metavar=metavar, help=help)])]
+
+
+_SWEEP_EXTRA = [
+    _keyword("results_dir", Annotated[Path, typer.Option(
+        "--output", "-o", metavar="RESULTS_DIR", help="Directory of result files, one per model (created if needed).",
+        rich_help_panel=_OUTPUT_PANEL)], ...),
+    _keyword("shard", Annotated[Optional[str], typer.Option(
+        metavar="I/N", help="Measure every N-th model from the I-th (I counts from 0), e.g. $SLURM_ARRAY_TASK_ID/4.",
+        rich_help_panel=WHAT)]),
+    _EXTRA["progress"], _EXTRA["debug"],
+]
+
+
+def _sweep(ctx: typer.Context, models: list[str], **given: Any) -> None:
+    """Measure many models, each into its own file in RESULTS_DIR as soon as it finishes; a rerun
+    skips models done with the same settings and retries failed ones."""
+    cli_only = {name: given.pop(name) for name in ("config", "results_dir", "shard", "progress", "debug")}
+    with _errors(cli_only["debug"]):
+        from . import distributed
+        from .progress import SweepProgress
+        from .sweep import FAILED, run_sweep
+
+        options = _build_options(ctx, given, cli_only["config"])
+        main = distributed.from_env().is_main  # under torchrun, rank 0 speaks for all
+        shown = cli_only["progress"] and err.is_terminal and main
+        log = lambda message: err.print(escape(message), highlight=False, soft_wrap=True) if main else None  # noqa: E731
+        with SweepProgress(err) if shown else nullcontext() as bar:
+            report = run_sweep(models, options, cli_only["results_dir"], config=cli_only["config"],
+                               shard=cli_only["shard"], progress=bar, log=log, warn=lambda m: log(f"warning: {m}"))
+        failed = [o for o in report.outcomes if o.status == FAILED]
+        measured = len(report.outcomes) - report.count("skipped") - len(failed)
+        log(f"sweep: {measured} measured, {report.count('skipped')} done already, {len(failed)} failed"
+            + (f" ({', '.join(o.model for o in failed)})" if failed else ""))
+        if report.interrupted is not None:
+            log(f"interrupted: {report.interrupted} was not recorded; rerun the same command to go on")
+            raise typer.Exit(EXIT_INTERRUPTED)
+        if failed:
+            raise typer.Exit(EXIT_FAILED)
+
+
+_sweep.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    _model_arguments("MODEL...", "Model names, globs over a source ('torchvision:*', 'example:*'; a bare glob means "
+                     f"torchvision) or text files with one per line. A model is: {MODEL_HELP}", many=True)
+    + [_EXTRA["config"]] + [_option_parameter(f) for f in option_fields()] + _SWEEP_EXTRA
+)
+app.command("sweep")(_sweep)
+
+
+@app.command("leaderboard")
+def leaderboard_command(
+    results_dir: Annotated[Path, typer.Argument(metavar="RESULTS_DIR", help="The -o directory of transinv sweep (shards' directories merged are one).")],
+    metric: Annotated[Optional[str], typer.Option(help="Rank by this output or whole-set metric (default: the preset's headline).")] = None,
+    fmt: Annotated[Optional[Format], typer.Option("--format", "-f", help="table, csv or json (default: table on a terminal, CSV otherwise).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Also write the table to this CSV or JSON file (by extension).")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Draw one labelled point per model to this image file (PNG, PDF, SVG).")] = None,
+    x: Annotated[Optional[str], typer.Option(help="The plot's x column (default: accuracy, or parameters without labels).")] = None,
+    y: Annotated[Optional[str], typer.Option(help="The plot's y column (default: the headline metric).")] = None,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """One ranked row per model of a sweep: parameters, accuracy, the headline metric with its
+    interval, worst cases, the layer where the error is born, run time."""
+    with _errors(debug):
+        from . import metric_registry as R
+        from .leaderboard import leaderboard, plot_leaderboard, shown
+        from .results import write_atomic
+
+        frame, headline = leaderboard(results_dir, metric, warn=lambda m: err.print(f"warning: {escape(m)}", highlight=False))
+        if output is not None:
+            as_json = output.suffix.lower() == ".json"
+            write_atomic(output, frame.to_json(orient="records", indent=2) + "\n" if as_json else frame.to_csv(index=False))
+            err.print(f"wrote {output}", highlight=False)
+        where = " at the largest shift" if R.METRICS[headline].scope == "output" else ""
+        _emit_frame(frame, fmt, f"{results_dir}: ranked by {headline}{where}", shown(frame, headline))
+        if plot is not None:
+            try:
+                drawn = plot_leaderboard(frame, plot, x, y, headline)
+            except ValueError as exc:
+                raise UserError(str(exc)) from exc
+            err.print(f"wrote {plot}: {drawn}", highlight=False, soft_wrap=True)
+
+
+_CHECK_EXTRA = [
+    _keyword("at_most", Annotated[Optional[list[str]], typer.Option(
+        "--max", metavar="METRIC[@LAYER][:SHIFT]=VALUE", help="Fail when a matching row is above VALUE; repeatable.",
+        rich_help_panel="Bounds")]),
+    _keyword("at_least", Annotated[Optional[list[str]], typer.Option(
+        "--min", metavar="METRIC[@LAYER][:SHIFT]=VALUE", help="Fail when a matching row is below VALUE; repeatable.",
+        rich_help_panel="Bounds")]),
+    _keyword("output", Annotated[Optional[Path], typer.Option(
+        "--output", "-o", help="Also write the measured rows to this CSV or JSON file.", rich_help_panel=_OUTPUT_PANEL)]),
+    _EXTRA["progress"], _EXTRA["debug"],
+]
+
+
+def _check(ctx: typer.Context, model: str, **given: Any) -> None:
+    """Measure MODEL and check bounds on its metrics: exit 0 when every bound holds, 1 when one
+    fails (one line each), 2 on bad input (a bound the run cannot check is bad input)."""
+    cli_only = {name: given.pop(name) for name in ("config", "at_most", "at_least", "output", "progress", "debug")}
+    with _errors(cli_only["debug"], crash_code=EXIT_USAGE):
+        from .gates import check, parse_bounds
+
+        bounds = parse_bounds(cli_only["at_most"], cli_only["at_least"])  # before torch loads: a typo costs no run
+        from . import api, distributed
+        from .progress import ConsoleProgress
+
+        options = _build_options(ctx, given, cli_only["config"])
+        context = distributed.from_env()
+        shown = cli_only["progress"] and err.is_terminal and context.is_main
+        with ConsoleProgress(err) if shown else nullcontext() as bar:
+            result = api.measure(model, options, progress=bar)
+        if result.partial:
+            err.print("interrupted: nothing was checked")
+            raise typer.Exit(EXIT_INTERRUPTED)
+        if not context.is_main:
+            return
+        if cli_only["output"] is not None:
+            _emit(result, None, cli_only["output"])
+        verdicts = check(bounds, result.rows)
+        for verdict in verdicts:
+            print(verdict.line())
+        failed = sum(not v.passed for v in verdicts)
+        err.print(f"{failed} of {len(verdicts)} bounds failed" if failed else f"all {len(verdicts)} bounds hold",
+                  highlight=False)
+        if failed:
+            raise typer.Exit(EXIT_FAILED)
+
+
+_check.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    _model_arguments("MODEL", f"The model to check: {MODEL_HELP}", many=False)
+    + [_EXTRA["config"]] + [_option_parameter(f) for f in option_fields()] + _CHECK_EXTRA
+)
+app.command("check")(_check)
 
 
 def main() -> None:

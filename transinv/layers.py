@@ -151,6 +151,8 @@ def _record(model: nn.Module, size: int, device: torch.device | str) -> tuple[li
     with FeatureTap(model, None, record), torch.inference_mode():
         try:
             model(torch.zeros(1, 3, size, size, device=device))
+        except torch.cuda.OutOfMemoryError:  # a RuntimeError, but no sign of a wrong input size
+            raise
         except (RuntimeError, ValueError, AssertionError, IndexError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"the model fails on a {size}x{size} input ({first}): it may need a larger --size") from exc

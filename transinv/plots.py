@@ -73,7 +73,7 @@ def plot_results(
     (one line) when the rows hold nothing to draw for the request or a style value is bad.
     """
     fig, descriptions = draw_results(rows, metric, layer, labels=labels, title=title, figsize=figsize, dpi=dpi)
-    _save(fig, Path(path))
+    save_figure(fig, Path(path))
     return descriptions
 
 
@@ -515,7 +515,7 @@ def _modes(rows: pd.DataFrame) -> str:
     return ", ".join(m for m in pd.unique(rows["mode"]) if m) or "mode unknown"
 
 
-def _save(fig: Figure, path: Path) -> None:
+def save_figure(fig: Figure, path: Path) -> None:
     """Render the figure to ``path`` atomically (no half-written images), at the figure's dpi."""
     with atomic_target(path) as tmp, _layout_fits():
         fig.savefig(tmp, format=path.suffix[1:].lower() or "png", dpi="figure")

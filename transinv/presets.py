@@ -15,7 +15,7 @@ import yaml
 from .errors import UserError
 from .options import MeasureOptions
 
-DESCRIPTIVE = ("description", "paper")
+DESCRIPTIVE = ("description", "paper", "headline")  # not options: what the preset is for
 
 
 def _preset_dir() -> Path:
@@ -59,3 +59,14 @@ def list_presets() -> list[dict[str, str]]:
         document = _document(path)
         out.append({"name": path.stem, "description": document.get("description", ""), "paper": document.get("paper", "")})
     return out
+
+
+def preset_headline(name: str) -> str | None:
+    """The metric a preset is about (its ``headline`` key: what a leaderboard ranks by), or None."""
+    from .metric_registry import METRICS
+
+    path = preset_path(name)
+    headline = _document(path).get("headline")
+    if headline is not None and (headline not in METRICS or METRICS[headline].scope == "layer"):
+        raise UserError(f"{path}: headline {headline!r} is not an output or whole-set metric")
+    return headline

@@ -127,10 +127,15 @@ class Result:
 
     def to_json(self, path: str | Path | None = None) -> str:
         """Rows, settings, summary and versions as JSON (written atomically to ``path`` when given)."""
-        text = json.dumps(_finite(self.to_dict()), indent=2) + "\n"
+        text = json_text(self.to_dict())
         if path is not None:
             write_atomic(path, text)
         return text
+
+
+def json_text(obj: Any) -> str:
+    """Plain data as indented JSON text; NaN and infinities become null (JSON has no NaN)."""
+    return json.dumps(_finite(obj), indent=2) + "\n"
 
 
 def _finite(obj: Any) -> Any:
