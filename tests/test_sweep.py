@@ -16,13 +16,13 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+import torchvision
 
 from transinv import metric_registry as R
 from transinv.data import builtin_images_dir, imagenet_classes
 from transinv.errors import UserError
 from transinv.examples import EXAMPLES
 from transinv.leaderboard import leaderboard, plot_leaderboard
-from transinv.models import torchvision_models
 from transinv.options import MeasureOptions, OptionError
 from transinv.progress import time_left
 from transinv.sweep import (DONE, FAILED, SKIPPED, expand_models, file_stem, parse_shard, read_record, result_files,
@@ -84,7 +84,7 @@ def build():
 
 def test_expand_models_globs_sources_and_list_files(tmp_path: Path) -> None:
     assert expand_models(["example:*"]) == EXAMPLE_SPECS
-    resnets = [n for n in torchvision_models() if n.startswith("resnet")]
+    resnets = [n for n in torchvision.models.list_models(module=torchvision.models) if n.startswith("resnet")]
     assert expand_models(["torchvision:resnet*"]) == resnets and "resnet18" in resnets
     assert expand_models(["resnet1?"]) == ["resnet18"]  # a bare glob is over torchvision
     assert expand_models(["torchvision:vgg11", "example:con*"]) == ["vgg11", "example:constant"]
@@ -269,6 +269,7 @@ def test_sweep_progress_has_a_models_bar_and_one_images_bar_at_a_time() -> None:
 
     with SweepProgress(Console(file=StringIO(), force_terminal=True, width=100)) as progress:
         progress.start(3)
+        progress.started -= 30.0  # as if the first model took half a minute
         progress.model("resnet18")
         progress(10, 0)(10)
         progress.model_done()

@@ -26,7 +26,6 @@ from .options import MeasureOptions, OptionError
 
 DONE, FAILED, SKIPPED = "done", "failed", "skipped"
 FAILED_SUFFIX = ".failed.json"
-SOURCES = ("torchvision", "example")
 GLOB = re.compile(r"[*?\[]")
 # Options that decide how fast a run goes, not its numbers: a rerun with other values still skips.
 RUN_ONLY = ("batch_size", "workers")
@@ -42,15 +41,16 @@ def _quiet(message: str) -> None:
     """Warnings of torchrun processes other than rank 0 (rank 0 gives the same ones)."""
 
 
-def _source_names(source: str) -> list[str]:
+def _listable() -> dict[str, object]:
+    """The model sources whose names a glob can expand, by prefix (``torchvision``, ``example``, ...)."""
+    from .models.registry import sources
+
+    return {source.prefix: source for source in sources() if source.prefix is not None}
+
+
+def _source_names(source: object) -> list[str]:
     """Every model a source offers, spelled as a model spec (``resnet18``, ``example:constant``)."""
-    if source == "torchvision":
-        from .models import torchvision_models
-
-        return torchvision_models()
-    from .examples import EXAMPLES
-
-    return [f"example:{name}" for name in EXAMPLES]
+    return source.names("*")  # type: ignore[attr-defined]
 
 
 def expand_models(patterns: Sequence[str]) -> list[str]:
@@ -67,16 +67,17 @@ def expand_models(patterns: Sequence[str]) -> list[str]:
                 raise UserError(f"{pattern}: lists no models (one name or glob per line)")
             out.extend(listed)
             continue
+        listable = _listable()
         source, colon, name = pattern.partition(":")
-        if not colon or source not in SOURCES:
+        if not colon or source not in listable:
             if not GLOB.search(pattern):
                 out.append(pattern)  # a name, FILE.py:FACTORY, module:factory or TorchScript file
                 continue
             if colon and "/" not in source and "." not in source:
-                raise UserError(f"{pattern}: no model source {source!r} (sources: {', '.join(SOURCES)})")
+                raise UserError(f"{pattern}: no model source {source!r} (sources: {', '.join(listable)})")
             source, name = "torchvision", pattern
-        names = _source_names(source)
-        bare = [n.removeprefix("example:") for n in names]
+        names = _source_names(listable[source])
+        bare = [n.removeprefix(f"{source}:") for n in names]
         found = [n for n, b in zip(names, bare) if fnmatch.fnmatchcase(b, name)]
         if not found:
             raise UserError(f"{pattern}: matches no {source} model")
