@@ -6,6 +6,7 @@ import sys
 from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -17,7 +18,7 @@ from .errors import UserError
 from .fixes import apply_variant, parse_variant
 from .layers import LayerInfo, Probe, probe_layers, select_layers
 from .models import LoadedModel, default_preprocess, load_model
-from .results import Result, born_at, make_rows
+from .results import Result, born_at, interval_warnings, make_rows
 from .runner import PRECISIONS, Measurement, RunState, make_loader, resolve_device, run_batches
 from .shifts import ShiftPlan, check_mode, check_shifts, make_shifts, parse_pair_offsets, parse_shift_values
 
@@ -70,6 +71,17 @@ def prepare_model(
     else:
         loaded = load_model(model, weights, seed)
     return replace(loaded, preprocess=overrides.apply(loaded.preprocess))
+
+
+def distinct_labels(names: Sequence[str]) -> list[str]:
+    """The models' row labels: a name given twice (two modules of one class, one spec repeated)
+    becomes ``Net``, ``Net#2``, ... so their rows never merge."""
+    seen: dict[str, int] = {}
+    labels = []
+    for name in names:
+        seen[name] = seen.get(name, 0) + 1
+        labels.append(name if seen[name] == 1 else f"{name}#{seen[name]}")
+    return labels
 
 
 def list_layers(
@@ -191,8 +203,9 @@ def measure(
     items, ids = context.shard(all_items), context.shard(range(len(all_items)))
     groups: dict[tuple[Preprocess, ShiftPlan], list[_Job]] = {}
     explained: set[str] = set()  # one note per model, not one per variant
-    for spec in specs:
-        loaded = prepare_model(spec, weights, seed, overrides)
+    labels = distinct_labels([spec if isinstance(spec, str) else type(spec).__name__ for spec in specs])
+    for spec, label in zip(specs, labels):
+        loaded = replace(prepare_model(spec, weights, seed, overrides), name=label)
         pre = loaded.preprocess
         plan = ShiftPlan(tuple(shifts), pre.size, mode, fill, subpixel, pairs)
         check_shifts(plan.extent, pre.size, mode, pre.resize, subpixel)
@@ -231,7 +244,7 @@ def measure(
     if images == 0 and not partial:
         raise UserError("no readable images: every file was skipped (see the warnings above)")
     settings = {
-        "models": [spec if isinstance(spec, str) else type(spec).__name__ for spec in specs],
+        "models": labels,
         "weights": weights,
         "variants": chosen_variants,
         "data": [str(d) for d in ([data] if isinstance(data, str) else (data or ["builtin"]))],
@@ -258,8 +271,10 @@ def measure(
     }
     records = [row for jobs in groups.values() for job in jobs for row in _records(job, mode, partial > 0)]
     rows = make_rows(records)
-    summary = {"images": images, "skipped": skipped, "partial": partial > 0, "born_at": born_at(rows)}
-    return Result(rows=rows, settings=settings, summary=summary)
+    summary = {"images": images, "skipped": skipped, "partial": partial > 0, "born_at": born_at(rows),
+               "interval_warnings": interval_warnings(records, warn if context.is_main else None)}
+    replicates = [job.state.replicate_means().numpy() for jobs in groups.values() for job in jobs]
+    return Result(rows=rows, settings=settings, summary=summary, replicates=np.concatenate(replicates))
 
 
 def _records(job: _Job, mode: str, partial: bool) -> list[dict[str, Any]]:
