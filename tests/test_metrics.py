@@ -220,3 +220,12 @@ def test_expanded_percentile_interval_is_the_widened_percentile() -> None:
     expected = np.quantile(replicates[0].numpy(), [a, 1 - a])
     assert abs(low[0].item() - expected[0]) < 1e-3 and abs(high[0].item() - expected[1]) < 1e-3
     assert math.isnan(low[1]) and math.isnan(high[1])  # n < 2: no interval
+
+
+def test_one_non_zero_image_leaves_the_upper_side_open() -> None:
+    """31 zeros and one 1/16: replicates that miss the one image have no spread and a lower mean
+    (t = -inf), so the bootstrap-t cannot bound the mean from above; clipped to jaggedness' [0, 1]."""
+    sparse = torch.zeros(32, dtype=torch.float64)
+    sparse[5] = 1 / 16
+    (row,) = _filled({(M.OUTPUT_LAYER, None, M.JAGGEDNESS): sparse}, torch.arange(32)).rows()
+    assert (row["ci_low"], row["ci_high"]) == (0.0, 1.0) and row["ci_warning"] == "skewed"

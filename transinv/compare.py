@@ -75,7 +75,8 @@ def unpaired_reason(a: Result, b: Result) -> str | None:
     """Why two runs' differences cannot get paired intervals, or None when they can: both must
     carry bootstrap replicates (JSON results do, CSV files do not) of the same images."""
     if a.replicates is None or b.replicates is None:
-        return "no paired intervals: they need both runs' bootstrap replicates, which JSON results carry and CSV files do not"
+        return ("no paired intervals: they need both runs' bootstrap replicates, which JSON results of this "
+                "transinv version carry and CSV files do not")
     if a.replicates.shape[1] != b.replicates.shape[1]:
         return "no paired intervals: the runs have different numbers of bootstrap replicates"
     differing = [k for k in SAME_IMAGES if a.settings.get(k) != b.settings.get(k)]

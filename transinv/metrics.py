@@ -199,6 +199,7 @@ def wilson_interval(p: float, n: int, z: float = Z95) -> tuple[float, float]:
 
 
 _ROUNDING = 64 * torch.finfo(torch.float64).eps  # relative size of float64 cancellation in E[x^2] - E[x]^2
+_UNBOUNDED = 1e300  # t of a replicate without spread: finite, so quantiles interpolate, then read as inf
 
 
 def studentized_interval(
@@ -211,8 +212,10 @@ def studentized_interval(
     ``t_r = (m_r - mean) / (s_r / sqrt(n))`` (``m_r``, ``s_r``: its weighted mean and standard
     deviation; ``n`` the run's count, the weights' expected total); the interval is
     ``[mean - q_0.975 * se, mean - q_0.025 * se]`` with ``se = s / sqrt(n)`` and ``q`` the
-    quantiles of ``t``. A spread below float64 rounding gives the point ``[mean, mean]``; keys
-    with no usable replicate (no bootstrap weights) give NaN.
+    quantiles of ``t``. A replicate without spread (it drew copies of one value) has
+    ``t_r = ±inf`` when its mean moved, so sparse values (one non-zero image) give an unbounded
+    side, clipped to the metric's range by the caller. A spread below float64 rounding gives the
+    point ``[mean, mean]``; keys with no usable replicate (no bootstrap weights) give NaN.
     """
     n = count.clamp_min(1)
     mean_square = squares / n
@@ -223,9 +226,14 @@ def studentized_interval(
     rep_mean = sums / weights
     rep_mean_square = weighted_squares / weights
     rep_var = (weighted_squares - weights * rep_mean * rep_mean) / (weights - 1)
-    usable = (weights >= 2) & (rep_var > _ROUNDING * rep_mean_square)
-    t = torch.where(usable, (rep_mean - mean[:, None]) / (rep_var / n[:, None]).sqrt(), float("nan"))
+    spread = (weights >= 2) & (rep_var > _ROUNDING * rep_mean_square)
+    gap = rep_mean - mean[:, None]
+    moved = gap.abs() > 4 * torch.finfo(torch.float64).eps * mean.abs()[:, None]
+    t = torch.where(spread, gap / (rep_var / n[:, None]).sqrt(), _UNBOUNDED * gap.sign())
+    t = torch.where((weights >= 1) & (spread | moved), t, float("nan"))
     q_low, q_high = torch.nanquantile(t, torch.tensor([0.025, 0.975], dtype=t.dtype), dim=1)
+    q_low = torch.where(q_low.abs() < _UNBOUNDED * 1e-10, q_low, q_low.sign() * math.inf)
+    q_high = torch.where(q_high.abs() < _UNBOUNDED * 1e-10, q_high, q_high.sign() * math.inf)
     low = torch.where(se > 0, mean - q_high * se, mean)
     high = torch.where(se > 0, mean - q_low * se, mean)
     return low, high

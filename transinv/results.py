@@ -14,7 +14,6 @@ from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
-
 import pandas as pd
 import torch
 import torchvision
@@ -211,12 +210,14 @@ def write_atomic(path: str | Path, text: str) -> None:
 
 def read_result(path: str | Path) -> Result:
     """One result file as a ``Result``: a JSON file gives back its settings, summary and bootstrap
-    replicates; a CSV file only its rows. Failures are one-line ``ValueError``s naming the file."""
+    replicates (when drawn by this version's scheme); a CSV file only its rows. Failures are
+    one-line ``ValueError``s naming the file."""
     path = Path(path)
     rows, doc = _read_result(path)
     saved = doc.get("replicates")
     replicates = None
-    if isinstance(saved, dict) and saved.get("encoding") == REPLICATES_ENCODING and saved.get("means"):
+    if (isinstance(saved, dict) and saved.get("encoding") == REPLICATES_ENCODING
+            and saved.get("scheme") == M.BOOTSTRAP_SCHEME and saved.get("means")):
         if len(saved["means"]) != len(rows):
             raise ValueError(f"{path}: {len(saved['means'])} rows of bootstrap replicates for {len(rows)} rows")
         replicates = np.stack([np.frombuffer(base64.b64decode(m), dtype="<f8") for m in saved["means"]])
