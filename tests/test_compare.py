@@ -292,3 +292,15 @@ def test_compare_command_on_one_file(runs: dict[str, Result], tmp_path: Path) ->
     csv = cli.invoke(app, ["compare", str(tmp_path / "both.json"), "-f", "csv"])
     frame = pd.read_csv(io.StringIO(csv.stdout))
     assert frame["diff_low"].notna().any() and (frame["variant"] == "base vs blurpool").all()
+
+
+def test_an_interrupted_run_pairs_inside_itself_but_not_with_another_file() -> None:
+    a = {("output", (1, 0), M.KL_DIVERGENCE): torch.linspace(0, 1, 40, dtype=torch.float64)}
+    run_a, run_b = _constructed(a, "base"), _constructed({k: v * 2 for k, v in a.items()}, "fixed")
+    for run in (run_a, run_b):
+        run.summary["partial"] = True
+    both = Result(pd.concat([run_a.rows, run_b.rows], ignore_index=True), run_a.settings, run_a.summary,
+                  np.concatenate([run_a.replicates, run_b.replicates]))
+    assert compare_within(both).rows["diff_low"].notna().all()
+    comparison = compare_runs(run_a, run_b)
+    assert "images measured" in comparison.note and comparison.rows["diff_low"].isna().all()

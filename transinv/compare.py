@@ -71,14 +71,17 @@ def _side_by_side(a: pd.DataFrame, b: pd.DataFrame, column: str) -> str | None:
     return None
 
 
-def unpaired_reason(a: Result, b: Result) -> str | None:
+def unpaired_reason(a: Result, b: Result, same_run: bool = False) -> str | None:
     """Why two runs' differences cannot get paired intervals, or None when they can: both must
-    carry bootstrap replicates (JSON results do, CSV files do not) of the same images."""
+    carry bootstrap replicates (JSON results do, CSV files do not) of the same images (given
+    when both are parts of ``same_run``, whose series all finished the same batches)."""
     if a.replicates is None or b.replicates is None:
         return ("no paired intervals: they need both runs' bootstrap replicates, which JSON results of this "
                 "transinv version carry and CSV files do not")
     if a.replicates.shape[1] != b.replicates.shape[1]:
         return "no paired intervals: the runs have different numbers of bootstrap replicates"
+    if same_run:
+        return None
     differing = [k for k in SAME_IMAGES if a.settings.get(k) != b.settings.get(k)]
     if a.summary.get("images") != b.summary.get("images") or a.summary.get("partial") or b.summary.get("partial"):
         differing.append("images measured")
@@ -87,7 +90,7 @@ def unpaired_reason(a: Result, b: Result) -> str | None:
     return None
 
 
-def compare_runs(a: Run, b: Run, label_a: str = "a", label_b: str = "b") -> Comparison:
+def compare_runs(a: Run, b: Run, label_a: str = "a", label_b: str = "b", same_run: bool = False) -> Comparison:
     """Match two runs row by row: both values, ``difference`` (b − a; 0 below the float64 rounding
     of the two values) with its paired 95% interval ``diff_low``..``diff_high``, ``relative`` and
     ``status``.
@@ -114,10 +117,11 @@ def compare_runs(a: Run, b: Run, label_a: str = "a", label_b: str = "b") -> Comp
     merged = merged.sort_values("_order", kind="stable").reset_index(drop=True).assign(**joined)
     value_a, value_b = merged[f"value_{label_a}"], merged[f"value_{label_b}"]
     raw = value_b - value_a
-    merged["difference"] = raw.where(raw.abs() > 4 * np.finfo(np.float64).eps * np.fmax(value_a.abs(), value_b.abs()), 0.0).where(raw.notna())
+    rounding = 4 * np.finfo(np.float64).eps * np.fmax(value_a.abs(), value_b.abs())
+    merged["difference"] = raw.where(raw.abs() > rounding, 0.0).where(raw.notna())
     merged["relative"] = merged["difference"] / value_a.abs().where(value_a != 0)
     merged["status"] = merged["_merge"].astype(str).map(_STATUS)
-    note = unpaired_reason(run_a, run_b)
+    note = unpaired_reason(run_a, run_b, same_run)
     replicates = None if note else _paired_replicates(merged, run_a.replicates, run_b.replicates)
     n = np.fmin(merged[f"n_{label_a}"].to_numpy(float), merged[f"n_{label_b}"].to_numpy(float))
     merged["diff_low"], merged["diff_high"] = _interval(replicates, n, len(merged))
@@ -182,8 +186,8 @@ def compare_within(result: Result) -> Comparison:
     the same thing). Columns as ``compare_runs`` with labels ``a`` (the reference) and ``b``."""
     rows, replicates = [], []
     for ref, other in reference_pairs(list(dict.fromkeys(zip(result.rows["model"], result.rows["variant"])))):
-        found = compare_runs(_part(result, *ref), _part(result, *other))
-        keep = (found.rows["layer"] == M.OUTPUT_LAYER).to_numpy() if ref[0] != other[0] else np.ones(len(found.rows), bool)
+        found = compare_runs(_part(result, *ref), _part(result, *other), same_run=True)
+        keep = (found.rows["layer"] == M.OUTPUT_LAYER).to_numpy() | (ref[0] == other[0])
         rows.append(found.rows[keep])
         if found.replicates is not None:
             replicates.append(found.replicates[keep])
@@ -193,7 +197,7 @@ def compare_within(result: Result) -> Comparison:
     for column in ("shift_x", "shift_y"):
         table[column] = whole_or_float(table[column])
     paired = len(replicates) == len(rows)
-    note = None if paired else unpaired_reason(result, result)
+    note = None if paired else unpaired_reason(result, result, same_run=True)
     return Comparison(table, np.concatenate(replicates) if paired else None, note)
 
 
