@@ -1,8 +1,9 @@
 """Metric definitions (per-image numbers) and their additive state (sums and counts).
 
 Every metric is reduced to one float64 number per image as soon as its inputs exist; those
-numbers are added into ``MetricState`` (sum, sum of squares, count per key), which merges by
-addition across batches, shards and processes. Means exist only in ``MetricState.rows``.
+numbers are added into ``MetricState`` (sums of x, x^2, x^3, a count and the bootstrap
+replicates' weighted sums per key), which merges by addition across batches, shards and
+processes. Means and intervals exist only in ``MetricState.rows``.
 """
 
 from __future__ import annotations
