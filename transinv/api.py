@@ -9,6 +9,7 @@ import sys
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
@@ -21,7 +22,7 @@ from .layers import LayerInfo, Probe, probe_layers, select_layers
 from .options import MeasureOptions, option_names
 from .plan import Job, ModelSpec, Plan, make_plan, prepare_model
 from .progress import ConsoleProgress, ProgressStart
-from .results import Result, born_at, job_rows
+from .results import Result, born_at, interval_warnings, job_records, make_rows
 from .runner import Measurement, RunState, make_loader, resolve_device, run_batches
 
 Warn = Callable[[str], None]
@@ -171,9 +172,14 @@ def measure(
         summary = merge(context, run, groups, device)
     if summary["images"] == 0 and not summary["partial"]:
         raise UserError("no readable images: every file was skipped (see the warnings above)")
-    rows = job_rows([(m.job, m.layers, m.state) for measured in groups for m in measured], opts, summary["partial"])
+    states = [m for measured in groups for m in measured]
+    records = job_records([(m.job, m.layers, m.state) for m in states], opts, summary["partial"])
+    rows = make_rows(records)
     summary["born_at"] = born_at(rows)
-    return Result(rows=rows, settings=_settings(plan, opts, specs, device, context), summary=summary)
+    summary["interval_warnings"] = interval_warnings(records, warn if context.is_main else None)
+    replicates = np.concatenate([m.state.replicate_means().numpy() for m in states])
+    return Result(rows=rows, settings=_settings(plan, opts, specs, device, context), summary=summary,
+                  replicates=replicates)
 
 
 def _settings(plan: Plan, options: MeasureOptions, specs: list[ModelSpec], device: torch.device,

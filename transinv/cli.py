@@ -282,26 +282,34 @@ def plot_command(
 
 @app.command()
 def compare(
-    before: Annotated[Path, typer.Argument(metavar="A", help="A result file (CSV or JSON) written by transinv measure.")],
-    after: Annotated[Path, typer.Argument(metavar="B", help="The result file to compare with A.")],
+    before: Annotated[Path, typer.Argument(metavar="A", help="A result file (JSON for paired intervals; CSV works without) written by transinv measure.")],
+    after: Annotated[Optional[Path], typer.Argument(metavar="[B]", help="The result file to compare with A; without it, each variant in A is compared with base and each model with the first.")] = None,
     fmt: Annotated[Optional[Format], typer.Option("--format", "-f", help="table (a summary per metric and layer), csv or json (every matched row).")] = None,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
-    """Per-metric differences of two saved runs (B minus A), e.g. before and after a change to a model."""
+    """Differences B minus A, with paired 95% intervals: two saved runs, or the variants and models of one."""
     with _errors(debug):
-        from .compare import compare_results, summarize
-        from .results import load_results
+        from .compare import compare_runs, compare_within, summarize
+        from .render import comparison_tables
+        from .results import read_result
 
         try:
-            a, b = load_results([before]), load_results([after])
+            a = read_result(before)
+            b = None if after is None else read_result(after)
         except ValueError as exc:
             raise UserError(str(exc)) from exc
-        label_a, label_b = before.stem, after.stem if after.stem != before.stem else f"{after.stem}-b"
-        diff = compare_results(a, b, label_a, label_b)
-        summary = summarize(diff)
-        same = [c for c in ("model", "variant", "mode") if summary[c].nunique() == 1]
-        context = ", ".join(f"{c}={summary[c].iloc[0]}" for c in same)
-        _emit_frame(diff, fmt, f"{after} minus {before} ({context})", summary.drop(columns=same))
+        if b is None:
+            label_a, label_b = "a", "b"
+            comparison = compare_within(a)
+        else:
+            label_a, label_b = before.stem, after.stem if after.stem != before.stem else f"{after.stem}-b"
+            comparison = compare_runs(a, b, label_a, label_b)
+        if comparison.note:
+            err.print(f"warning: {comparison.note}", highlight=False, soft_wrap=True)
+        if fmt == Format.table or (fmt is None and sys.stdout.isatty()):
+            Console().print(*comparison_tables(summarize(comparison), label_a, label_b, files=after is not None))
+        else:
+            _emit_frame(comparison.rows, fmt, "")
 
 
 @app.command()

@@ -21,7 +21,8 @@ class MetricSpec:
     """What a metric is: ``scope`` layer (per layer and shift), output (per shift) or set (one value
     over the whole shift set); ``kind`` proportion (0/1 per image, Wilson interval) or mean
     (bootstrap interval); ``bounds`` the range of its values (None: unbounded); ``better`` the
-    direction of improvement; ``definition`` one line, as the README states it."""
+    direction of improvement; ``definition`` one line, as the README states it; ``at_reference``
+    the value every image has at shift 0 by definition (such rows carry no interval)."""
 
     name: str
     scope: Scope
@@ -31,6 +32,7 @@ class MetricSpec:
     needs_labels: bool = False
     bounds: tuple[float, float] | None = (0.0, 1.0)
     by_correctness: bool = False  # only with --by-correctness (a split of another metric)
+    at_reference: float | None = None  # its value at shift 0 by definition (None: not fixed, or no shift)
 
 
 TOP1_AGREEMENT = "top1_agreement"
@@ -58,23 +60,25 @@ POOLED_INVARIANCE_ERROR = "pooled_invariance_error"
 _SPECS = (
     MetricSpec(EQUIVARIANCE_ERROR, "layer", "mean", "lower",
                "`‖f_l(T_d x) − T_k f_l(x)‖₂ / ‖f_l(x)‖₂`, `k = d / s_l`, both norms on the region present in both "
-               "maps; only where `s_l` divides `dx` and `dy` (`aligned`)", bounds=(0.0, float("inf"))),
+               "maps; only where `s_l` divides `dx` and `dy` (`aligned`)", bounds=(0.0, float("inf")), at_reference=0.0),
     MetricSpec(POOLED_INVARIANCE_ERROR, "layer", "mean", "lower",
                "`‖g_l(T_d x) − g_l(x)‖₂ / ‖g_l(x)‖₂`, `g_l` = per-channel mean over all positions; every shift",
-               bounds=(0.0, float("inf"))),
-    MetricSpec(TOP1_AGREEMENT, "output", "proportion", "higher", "`1[c(T_d x) = c(x)]`; 1 at `d = 0`"),
+               bounds=(0.0, float("inf")), at_reference=0.0),
+    MetricSpec(TOP1_AGREEMENT, "output", "proportion", "higher", "`1[c(T_d x) = c(x)]`; 1 at `d = 0`",
+               at_reference=1.0),
     MetricSpec(KL_DIVERGENCE, "output", "mean", "lower",
                "`KL(p(x) ‖ p(T_d x)) = Σ_k p_k(x) (log p_k(x) − log p_k(T_d x))`, natural log",
-               bounds=(0.0, float("inf"))),
+               bounds=(0.0, float("inf")), at_reference=0.0),
     MetricSpec(PROB_CHANGE, "output", "mean", "lower",
-               "`|p(T_d x)[c(x)] − p(x)[c(x)]|`: change of the confidence in the unshifted prediction"),
+               "`|p(T_d x)[c(x)] − p(x)[c(x)]|`: change of the confidence in the unshifted prediction",
+               at_reference=0.0),
     MetricSpec(ACCURACY, "output", "proportion", "higher", "`1[c(T_d x) = y]`", needs_labels=True),
     MetricSpec(TOP1_AGREEMENT_IF_CORRECT, "output", "proportion", "higher",
                "`top1_agreement` over the images whose unshifted prediction is right (`--by-correctness`)",
-               needs_labels=True, by_correctness=True),
+               needs_labels=True, by_correctness=True, at_reference=1.0),
     MetricSpec(TOP1_AGREEMENT_IF_WRONG, "output", "proportion", "higher",
                "`top1_agreement` over the images whose unshifted prediction is wrong (`--by-correctness`)",
-               needs_labels=True, by_correctness=True),
+               needs_labels=True, by_correctness=True, at_reference=1.0),
     MetricSpec(WORST_CASE_AGREEMENT, "set", "proportion", "higher",
                "`1[c(T_d x) = c(x) for every d in the shift set]`; only when the set has a shift besides 0"),
     MetricSpec(WORST_CASE_ACCURACY, "set", "proportion", "higher",
@@ -132,6 +136,18 @@ def is_proportion(name: str) -> bool:
     Unknown names count as means."""
     found = METRICS.get(name)
     return found is not None and found.kind == "proportion"
+
+
+def fixed_at_reference(name: str) -> bool:
+    """True for metrics whose value at shift 0 is fixed by definition (no interval there)."""
+    found = METRICS.get(name)
+    return found is not None and found.at_reference is not None
+
+
+def value_bounds(name: str) -> tuple[float, float]:
+    """The range a metric's values (and so its interval) cannot leave; unbounded when unknown."""
+    found = METRICS.get(name)
+    return found.bounds if found is not None and found.bounds is not None else (float("-inf"), float("inf"))
 
 
 def order(metric_names: list[str]) -> list[str]:

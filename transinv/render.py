@@ -10,6 +10,7 @@ from rich.table import Table
 from rich.text import Text
 
 from . import metrics as M
+from .compare import Comparison, compare_within, reference_pairs
 from .metric_registry import order
 from .results import Result
 
@@ -89,9 +90,98 @@ def _with_interval(values: pd.Series, key: tuple) -> str:
     return _interval_text(values[("value", *key)], values[("ci_low", *key)], values[("ci_high", *key)])
 
 
-def _interval_text(value: float, low: float, high: float) -> str:
-    """'0.969 [0.84, 0.99]': the mean and its 95% interval (Wilson or bootstrap, see README)."""
-    return f"{value:.3g} [{low:.2g}, {high:.2g}]"
+def _interval_text(value: float, low: float, high: float, sign: str = "") -> str:
+    """'0.969 [0.84, 0.99]': the mean and its 95% interval (README: Intervals); the value alone
+    where there is no interval (the reference shift). ``sign="+"`` for differences."""
+    if pd.isna(low) or pd.isna(high):
+        return f"{value:{sign}.3g}"
+    return f"{value:{sign}.3g} [{low:{sign}.2g}, {high:{sign}.2g}]"
+
+
+def comparison_tables(summary: pd.DataFrame, label_a: str, label_b: str, files: bool = True) -> list[Table | Text]:
+    """``compare``'s summary for a terminal: per compared pair, one table of output metrics and one
+    per layer metric. Headers are A and B, named in the title (run labels when ``files``, and the
+    model, variant or mode that differs), so columns stay apart in 80 columns."""
+    value_a, value_b = f"mean_{label_a}", f"mean_{label_b}"
+    caption = escape("means over the shifted views (shift 0 left out); B − A [paired 95% interval]")
+    tables = []
+    for key, pair in summary.groupby(["model", "variant", "mode"], sort=False):
+        sides = [str(v).split(" vs ", 1) for v in key]
+        common = ", ".join(v[0] for v in sides if len(v) == 1)
+        names = [" ".join(v[i] for v in sides if len(v) == 2) for i in (0, 1)]
+        if files:
+            names = [f"{label} ({name})" if name else label for label, name in zip((label_a, label_b), names)]
+        title = f"{common}: A = {names[0]}, B = {names[1]}"
+        output = pair[pair["layer"] == M.OUTPUT_LAYER]
+        parts = [("output metrics", "metric", output)] if not output.empty else []
+        parts += [(f"{metric} by layer", "layer", part)
+                  for metric, part in pair[pair["layer"] != M.OUTPUT_LAYER].groupby("metric", sort=False)]
+        if parts:
+            tables.append(Text(title, style="bold"))
+        for index, (name, first, part) in enumerate(parts):
+            table = Table(title=escape(name), title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1),
+                          pad_edge=False, collapse_padding=True,
+                          caption=caption if index == len(parts) - 1 else None, caption_justify="left")
+            table.add_column(first, no_wrap=True)
+            for header in ("A", "B", "B − A", "max |B − A|"):
+                table.add_column(header, justify="right")
+            for row in part.to_dict("records"):
+                at = "" if pd.isna(row["shift_x"]) else f" at {_shift_label(row['shift_x'], row['shift_y'])}"
+                largest = "" if pd.isna(row["max_abs_difference"]) else f"{row['max_abs_difference']:.3g}{at}"
+                difference = "" if pd.isna(row["mean_difference"]) else _interval_text(
+                    row["mean_difference"], row["diff_low"], row["diff_high"], "+")
+                table.add_row(escape(str(row[first])), _plain(row[value_a]), _plain(row[value_b]), difference, largest)
+            tables.append(table)
+    return tables
+
+
+def _plain(value: float) -> str:
+    return "" if pd.isna(value) else f"{value:.3g}"
+
+
+def _pair_label(ref: tuple[str, str], other: tuple[str, str], models: bool) -> str:
+    """'blurpool − base' (the model named only when a run holds several), or 'vgg11 − resnet18'."""
+    if ref[0] == other[0]:
+        return f"{other[0]}: {other[1]} − base" if models else f"{other[1]} − base"
+    return f"{_series_label(*other)} − {ref[0]}"
+
+
+def difference_tables(rows: pd.DataFrame, comparison: Comparison) -> list[Table]:
+    """Output metrics of several series: each series minus its reference (``reference_pairs``),
+    with the paired 95% interval; one table per per-shift metric, one for the whole-set metrics."""
+    diff = comparison.rows[comparison.rows["layer"] == M.OUTPUT_LAYER]
+    series = list(dict.fromkeys(zip(rows["model"], rows["variant"])))
+    pairs = [_pair_label(ref, other, rows["model"].nunique() > 1) for ref, other in reference_pairs(series)]
+    labels = diff["model"].str.cat(diff["variant"], sep="|")
+    series_order = list(dict.fromkeys(labels))
+    caption = escape("difference [paired 95% interval]; none at shift 0, where both are fixed by definition")
+    tables = []
+    per_shift = diff[diff["shift_x"].notna()]
+    for metric in order(list(per_shift["metric"])):
+        part = per_shift[per_shift["metric"] == metric]
+        table = Table(title=f"difference in {metric}", title_justify="left", caption=caption, caption_justify="left")
+        table.add_column("shift", justify="right")
+        for header in pairs:
+            table.add_column(escape(header), justify="right")
+        cells = {(label, r.shift_x, r.shift_y): _interval_text(r.difference, r.diff_low, r.diff_high, "+")
+                 for label, r in zip(labels[part.index], part.itertuples())}
+        for sx, sy in dict.fromkeys(zip(part["shift_x"], part["shift_y"])):
+            table.add_row(_shift_label(sx, sy), *[cells.get((label, sx, sy), "") for label in series_order])
+        tables.append(table)
+    whole = diff[diff["shift_x"].isna()]
+    if not whole.empty:
+        table = Table(title="difference over the whole shift set", title_justify="left",
+                      caption=escape("difference [paired 95% interval]"), caption_justify="left")
+        table.add_column("series")
+        metrics = list(dict.fromkeys(whole["metric"]))
+        for metric in metrics:
+            table.add_column(metric, justify="right")
+        for header, label in zip(pairs, series_order):
+            cells = whole[labels[whole.index] == label].set_index("metric")
+            table.add_row(escape(header), *[_interval_text(*cells.loc[m, ["difference", "diff_low", "diff_high"]], "+")
+                                            if m in cells.index else "" for m in metrics])
+        tables.append(table)
+    return tables
 
 
 def layer_tables(rows: pd.DataFrame, metric: str, width: int) -> list[Table]:
@@ -155,6 +245,8 @@ def render(result: Result, width: int = 120) -> Group:
     whole = whole_set_table(result.rows)
     if whole is not None:
         parts.append(whole)
+    if len(groups) > 1 and reference_pairs([series for series, _ in groups]):
+        parts.extend(difference_tables(result.rows, compare_within(result)))
     born = pd.DataFrame(result.summary.get("born_at") or [])
     if not born.empty:
         for (model, variant), entries in born.groupby(["model", "variant"], sort=False):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import os
@@ -10,8 +11,9 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import pandas as pd
 import torch
 import torchvision
@@ -98,13 +100,35 @@ def born_at(rows: pd.DataFrame) -> list[dict[str, Any]]:
     return found
 
 
+def interval_warnings(records: list[dict[str, Any]], warn: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """The rows whose 95% interval means little (``ci_warning``, README: Intervals), for the
+    summary; ``warn`` gets one line that counts them by reason."""
+    keys = ("model", "variant", "layer", "shift_x", "shift_y", "metric", "n", "ci_warning")
+    flagged = [{k: record[k] for k in keys} for record in records if record.get("ci_warning")]
+    if flagged and warn is not None:
+        reasons = {"n<10": "fewer than 10 images", "skewed": "values too skewed for n (n < 25 skewness^2)"}
+        counts = pd.Series([r["ci_warning"] for r in flagged]).value_counts()
+        detail = "; ".join(f"{reasons.get(str(k), k)}: {v}" for k, v in counts.items())
+        warn(f"{len(flagged)} of {len(records)} rows have a 95% interval that means little ({detail}); "
+             "the JSON summary lists them under interval_warnings")
+    return flagged
+
+
+REPLICATES_ENCODING = "base64 of little-endian float64, one string per row"
+
+
 @dataclass
 class Result:
-    """A finished (or interrupted) measurement: tidy rows plus the settings that produced them."""
+    """A finished (or interrupted) measurement: tidy rows plus the settings that produced them.
+
+    ``replicates`` (``rows x R``, or None) holds each row's Poisson-bootstrap replicate means,
+    the raw material of paired differences (``transinv.compare``).
+    """
 
     rows: pd.DataFrame
     settings: dict[str, Any]
     summary: dict[str, Any] = field(default_factory=dict)
+    replicates: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def partial(self) -> bool:
@@ -123,7 +147,12 @@ class Result:
 
     def to_dict(self) -> dict[str, Any]:
         records = self.rows.astype(object).where(self.rows.notna(), None).to_dict(orient="records")
-        return {"settings": self.settings, "summary": self.summary, "versions": versions(), "rows": records}
+        doc = {"settings": self.settings, "summary": self.summary, "versions": versions(), "rows": records}
+        if self.replicates is not None:
+            means = np.ascontiguousarray(self.replicates, dtype="<f8")
+            doc["replicates"] = {"count": means.shape[1], "scheme": M.BOOTSTRAP_SCHEME, "encoding": REPLICATES_ENCODING,
+                                 "means": [base64.b64encode(row.tobytes()).decode("ascii") for row in means]}
+        return doc
 
     def to_json(self, path: str | Path | None = None) -> str:
         """Rows, settings, summary and versions as JSON (written atomically to ``path`` when given)."""
@@ -157,8 +186,8 @@ def whole_or_float(column: pd.Series) -> pd.Series:
     return values.astype("Int64") if (present == present.round()).all() else values
 
 
-def job_rows(measured: Sequence[tuple[Any, Sequence[Any], M.MetricState]], options: Any, partial: bool) -> pd.DataFrame:
-    """The one row builder: each (job, layers, state)'s statistics with the job's identity (model
+def job_records(measured: Sequence[tuple[Any, Sequence[Any], M.MetricState]], options: Any, partial: bool) -> list[dict[str, Any]]:
+    """The one row builder (``make_rows`` frames it): each (job, layers, state)'s statistics with the job's identity (model
     label, variant, resolved weights, preprocessing), the run's mode, direction and seed, and each
     layer's stride and alignment (output rows are always aligned: they have no map to shift)."""
     records = []
@@ -176,7 +205,7 @@ def job_rows(measured: Sequence[tuple[Any, Sequence[Any], M.MetricState]], optio
             shift = (row["shift_x"], row["shift_y"])
             aligned = True if layer is None else layer.aligned(shift)
             records.append({**identity, "stride": None if layer is None else layer.stride[1], "aligned": aligned, **row})
-    return make_rows(records)
+    return records
 
 
 def make_rows(records: list[dict[str, Any]]) -> pd.DataFrame:
@@ -215,15 +244,34 @@ def write_atomic(path: str | Path, text: str) -> None:
         tmp.write_text(text)
 
 
+def read_result(path: str | Path) -> Result:
+    """One result file as a ``Result``: a JSON file gives back its settings, summary and bootstrap
+    replicates (when drawn by this version's scheme); a CSV file only its rows. Failures are
+    one-line ``ValueError``s naming the file."""
+    path = Path(path)
+    rows, doc = _read_result(path)
+    saved = doc.get("replicates")
+    replicates = None
+    if (isinstance(saved, dict) and saved.get("encoding") == REPLICATES_ENCODING
+            and saved.get("scheme") == M.BOOTSTRAP_SCHEME and saved.get("means")):
+        if len(saved["means"]) != len(rows):
+            raise ValueError(f"{path}: {len(saved['means'])} rows of bootstrap replicates for {len(rows)} rows")
+        replicates = np.stack([np.frombuffer(base64.b64decode(m), dtype="<f8") for m in saved["means"]])
+    return Result(rows=rows, settings=doc.get("settings") or {}, summary=doc.get("summary") or {},
+                  replicates=replicates)
+
+
 def load_results(paths: Sequence[str | Path]) -> pd.DataFrame:
     """Read transinv CSV or JSON (``{"rows": [...]}``) result files into one frame, in the given order."""
     if not paths:
         raise ValueError("no result files given")
-    return pd.concat([_read_result(Path(p)) for p in paths], ignore_index=True)
+    return pd.concat([_read_result(Path(p))[0] for p in paths], ignore_index=True)
 
 
-def _read_result(path: Path) -> pd.DataFrame:
-    """One result file; every failure becomes a one-line ``ValueError`` naming the file."""
+def _read_result(path: Path) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """One result file's rows, and its JSON document (empty for CSV); every failure becomes a
+    one-line ``ValueError`` naming the file."""
+    doc: dict[str, Any] = {}
     try:
         if path.suffix.lower() == ".json":
             doc = json.loads(path.read_text())
@@ -240,4 +288,4 @@ def _read_result(path: Path) -> pd.DataFrame:
     missing = [c for c in REQUIRED if c not in frame.columns]
     if missing:
         raise ValueError(f"{path}: not a transinv result (missing columns: {', '.join(missing)})")
-    return frame
+    return frame, doc
