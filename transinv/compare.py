@@ -25,7 +25,7 @@ from .results import Result, whole_or_float
 KEYS = ["model", "variant", "mode", "layer", "shift_x", "shift_y", "metric"]
 SIDE_BY_SIDE = ("model", "variant", "mode")
 GROUP = ["model", "variant", "mode", "metric", "layer"]
-SAME_IMAGES = ("data", "num_images", "seed")  # settings that decide which image each index is
+SAME_IMAGES = ("data", "num_images", "sample_seed")  # settings that decide which image each index is
 BOTH, ONLY_A, ONLY_B = "both", "only a", "only b"
 _STATUS = {"both": BOTH, "left_only": ONLY_A, "right_only": ONLY_B}
 Run = pd.DataFrame | Result
