@@ -79,7 +79,8 @@ def list_layers(
     seed: int = 0,
     device: str = "cpu",
 ) -> pd.DataFrame:
-    """The measurable layers in forward order: name, output shape, cumulative stride, default."""
+    """The measurable layers in forward order: name, output shape, cumulative stride, default
+    selection, and whether the layer is on the main path (not a parallel branch)."""
     loaded = prepare_model(model, weights, seed, Overrides(size=size))
     dev = resolve_device(device)
     probe = probe_layers(loaded.module.to(dev), loaded.preprocess.size, dev)
@@ -91,10 +92,11 @@ def list_layers(
                 "stride": layer.stride[1] if layer.stride[0] == layer.stride[1] else f"{layer.stride[0]}x{layer.stride[1]}",
                 "channels_last": layer.channels_last,
                 "default": layer.default,
+                "main_path": layer.main,
             }
             for layer in probe.layers
         ],
-        columns=["layer", "shape", "stride", "channels_last", "default"],
+        columns=["layer", "shape", "stride", "channels_last", "default", "main_path"],
     )
 
 
@@ -106,6 +108,8 @@ def _explain_probe(loaded: LoadedModel, probe: Probe, layer_spec: str, warn: War
             f"{loaded.name}: {len(probe.token_layers)} layers output token sequences with no spatial map "
             f"(e.g. {probe.token_layers[0]}); measuring output metrics and the 4-D maps only"
         )
+    if probe.path_note and layer_spec != "none":
+        warn(f"{loaded.name}: {probe.path_note}")
 
 
 @dataclass
@@ -258,7 +262,9 @@ def measure(
     }
     records = [row for jobs in groups.values() for job in jobs for row in _records(job, mode, partial > 0)]
     rows = make_rows(records)
-    summary = {"images": images, "skipped": skipped, "partial": partial > 0, "born_at": born_at(rows)}
+    main = {(job.loaded.name, job.variant): [layer.name for layer in job.layers if layer.main]
+            for jobs in groups.values() for job in jobs}
+    summary = {"images": images, "skipped": skipped, "partial": partial > 0, "born_at": born_at(rows, main)}
     return Result(rows=rows, settings=settings, summary=summary)
 
 
