@@ -172,6 +172,8 @@ def reference(canvases: list[np.ndarray], labels: list[int], mode: str, directio
             add(("output", d, M.PROB_CHANGE), float(abs(pd_[c0] - p0[c0])))
             if label >= 0:
                 add(("output", d, M.ACCURACY), float(classes[s] == label))
+                split = M.TOP1_AGREEMENT_IF_CORRECT if c0 == label else M.TOP1_AGREEMENT_IF_WRONG
+                add(("output", d, split), float(classes[s] == c0))
         add(("output", None, M.WORST_CASE_AGREEMENT), float(all(classes == c0)))
         if label >= 0:
             add(("output", None, M.WORST_CASE_ACCURACY), float(all(classes == label)))
@@ -179,7 +181,10 @@ def reference(canvases: list[np.ndarray], labels: list[int], mode: str, directio
         add(("output", None, M.JAGGEDNESS), float(np.mean([a != b for a, b in zip(path, path[1:])])))
         first, second = _pair_offsets(image)
         _, pair_logits = _forward(net64, [_view(canvas, first, mode), _view(canvas, second, mode)])
-        add(("output", None, M.CONSISTENCY), float(pair_logits[0].argmax() == pair_logits[1].argmax()))
+        consistent = float(pair_logits[0].argmax() == pair_logits[1].argmax())
+        add(("output", None, M.CONSISTENCY), consistent)
+        if label >= 0:
+            add(("output", None, M.CONSISTENCY_IF_CORRECT if c0 == label else M.CONSISTENCY_IF_WRONG), consistent)
     return values
 
 
@@ -200,7 +205,7 @@ def test_every_metric_matches_an_independent_numpy_computation(
     result = transinv.measure(
         _network(), data=str(tmp_path), mode=mode, direction=direction, shift=f"{SHIFTS[0]}..{SHIFTS[-1]}",
         consistency=f"{PAIRS[0]}..{PAIRS[1]}", layers="0,1,2", size=SIZE, resize=_canvas_side(mode),
-        mean=MEAN, std=STD, fill=FILL, batch_size=3, seed=SEED,
+        mean=MEAN, std=STD, fill=FILL, batch_size=3, seed=SEED, by_correctness=True,
     )
     expected = reference([_normalised(crops[k]) for k in order], [labels[k] for k in order], mode, direction)
     rows = result.rows
@@ -211,12 +216,13 @@ def test_every_metric_matches_an_independent_numpy_computation(
     assert set(got) == set(expected)
     assert set(rows["metric"]) == {M.EQUIVARIANCE_ERROR, M.POOLED_INVARIANCE_ERROR, M.TOP1_AGREEMENT, M.KL_DIVERGENCE,
                                    M.PROB_CHANGE, M.ACCURACY, M.WORST_CASE_AGREEMENT, M.WORST_CASE_ACCURACY,
-                                   M.JAGGEDNESS, M.CONSISTENCY}
+                                   M.JAGGEDNESS, M.CONSISTENCY, M.TOP1_AGREEMENT_IF_CORRECT, M.TOP1_AGREEMENT_IF_WRONG,
+                                   M.CONSISTENCY_IF_CORRECT, M.CONSISTENCY_IF_WRONG}
     for key, per_image in expected.items():
         row, values = got[key], np.array(per_image)
         assert row.n == len(values), key
         assert row.value == pytest.approx(values.mean(), abs=TOL), key
-        assert row.std == pytest.approx(values.std(ddof=1), abs=TOL), key
+        assert row.std == pytest.approx(values.std(ddof=1) if len(values) > 1 else 0.0, abs=TOL), key
         if key[2] in M.PROPORTIONS:
             assert (row.ci_low, row.ci_high) == pytest.approx(_wilson(values.mean(), len(values)), abs=1e-12), key
         else:
