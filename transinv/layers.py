@@ -172,7 +172,7 @@ class _Dataflow(TorchFunctionMode):
         self.ops: list[tuple[list[State], list[State]]] = []
         self.alive: list[torch.Tensor] = []
 
-    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001 (torch's protocol)
+    def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> object:
         kwargs = kwargs or {}
         inputs = [_state(t) for t in _tensors((args, kwargs))]
         result = func(*args, **kwargs)
@@ -183,7 +183,7 @@ class _Dataflow(TorchFunctionMode):
         return result
 
 
-def main_path(flow: _Dataflow, source: State, sink: State, weight: Callable[[State], int]) -> set[State] | None:
+def _main_path(flow: _Dataflow, source: State, sink: State, weight: Callable[[State], int]) -> set[State] | None:
     """The tensor states on the heaviest path from the input to the output (None: not connected).
 
     A path's weight is the number of measurable maps it passes through, so a residual block's main
@@ -336,7 +336,7 @@ def probe_layers(model: nn.Module, size: int, device: torch.device | str = "cpu"
             stride = (_snap(size / h), _snap(size / w))
         found.append((key, geometry, stride, state))
     weights = {state for _, geometry, _, state in found if not geometry[4]}
-    path = main_path(flow, *ends, lambda s: int(s in weights)) if ends is not None else None
+    path = _main_path(flow, *ends, lambda s: int(s in weights)) if ends is not None else None
     note = None if path is not None or not found else (
         "the forward pass could not be followed from input to output, so every layer counts as on the main "
         "path (the default layers may include parallel branches; born at compares every measured layer)")
