@@ -46,13 +46,22 @@ PRECISION_BOUNDS = {"bf16": (0.02, 1e-5), "fp16": (0.002, 1e-6)}
 CONTINUOUS = ["equivariance_error", "pooled_invariance_error", "kl_divergence", "prob_change"]
 
 
+KEYS = ["layer", "shift_x", "shift_y", "metric"]
+
+
+@pytest.fixture(scope="module")
+def fp32_rows(few_images: Path) -> pd.DataFrame:
+    return transinv.measure("resnet18", data=str(few_images), **SMALL).rows.set_index(KEYS)
+
+
 @pytest.mark.parametrize("precision", list(PRECISION_BOUNDS))
-def test_reduced_precision_stays_within_the_stated_bound_of_fp32(few_images: Path, precision: str) -> None:
-    keys = ["layer", "shift_x", "shift_y", "metric"]
-    base = transinv.measure("resnet18", data=str(few_images), **SMALL).rows.set_index(keys)
+def test_reduced_precision_stays_within_the_stated_bound_of_fp32(
+    few_images: Path, fp32_rows: pd.DataFrame, precision: str
+) -> None:
+    base = fp32_rows
     reduced = transinv.measure("resnet18", data=str(few_images), precision=precision, **SMALL)
     assert reduced.settings["precision"] == precision
-    rows = reduced.rows.set_index(keys)
+    rows = reduced.rows.set_index(KEYS)
     assert rows.index.equals(base.index) and (rows["n"] == base["n"]).all()
     continuous = base.index.get_level_values("metric").isin(CONTINUOUS)
     relative, absolute = PRECISION_BOUNDS[precision]
