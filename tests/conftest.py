@@ -1,15 +1,18 @@
-"""Shared test set-up: no downloads, small real images, paths to the shared data."""
+"""Shared test set-up: no downloads, and small labelled photographs kept in the repository."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
-from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ROOT.parent / "shared" / "data"
-IMAGENET_SAMPLE = SHARED / "imagenet-sample"
+TEST_PHOTOS = Path(__file__).resolve().parent / "data"
+FEW = ("n02123045_tabby.JPEG", "n02123045_tabby_face.JPEG", "n03773504_missile.JPEG", "n04326547_stone_wall.JPEG",
+       "n07920052_espresso.JPEG", "n07920052_espresso_cup.JPEG")
+EXTRA_IMAGES = "TRANSINV_TEST_IMAGES"  # optional: run the photo tests on another labelled folder
 
 
 @pytest.fixture(autouse=True)
@@ -21,21 +24,18 @@ def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathF
 
 @pytest.fixture(scope="session")
 def imagenet_sample() -> Path:
-    if not IMAGENET_SAMPLE.is_dir():
-        pytest.skip(f"{IMAGENET_SAMPLE} not present")
-    return IMAGENET_SAMPLE
+    """A folder of labelled photographs (``<wnid>_*.JPEG``): the eight in tests/data, or the folder
+    named by ``TRANSINV_TEST_IMAGES`` (e.g. ../shared/data/imagenet-sample) for an extra run."""
+    folder = Path(os.environ.get(EXTRA_IMAGES) or TEST_PHOTOS)
+    if not any(folder.glob("n*_*.JPEG")):
+        raise pytest.UsageError(f"{EXTRA_IMAGES}={folder}: no <wnid>_*.JPEG photographs there")
+    return folder
 
 
 @pytest.fixture(scope="session")
 def few_images(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Six real ImageNet photographs (wnid-named, so labelled), shrunk for fast tests."""
+    """Six small labelled photographs (one grayscale, three of odd sizes) in a folder of their own."""
     folder = tmp_path_factory.mktemp("few")
-    files = sorted(IMAGENET_SAMPLE.glob("*.JPEG"))[::80][:6]
-    if not files:
-        pytest.skip(f"{IMAGENET_SAMPLE} not present")
-    for f in files:
-        image = Image.open(f).convert("RGB")
-        image.thumbnail((96, 96))
-        image.save(folder / f.name, format="JPEG", quality=95)
+    for name in FEW:
+        shutil.copy(TEST_PHOTOS / name, folder / name)
     return folder
-

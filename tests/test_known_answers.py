@@ -6,9 +6,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 import transinv
 from transinv import metrics as M
+from transinv.examples import Constant
 
 SMALL = dict(size=32, resize=48, weights="none", seed=0)
 
@@ -81,28 +83,18 @@ def test_constant_model_never_changes_its_output(few_images: Path) -> None:
     assert (_values(out, M.TOP1_AGREEMENT)["value"] == 1.0).all()
 
 
-def test_accuracy_and_worst_case_follow_their_definitions(few_images: Path) -> None:
-    """The constant model predicts one class c: accuracy = share of images labelled c, at every shift."""
-    result = transinv.measure("example:constant", data=str(few_images), shift="0..2", **SMALL)
+def test_accuracy_of_a_constant_prediction_is_the_share_of_its_class(few_images: Path) -> None:
+    """A model that always predicts 'tabby' (281) is right on exactly the 2 tabby photos of 6, at
+    every shift and in the worst case over the set."""
+    model = Constant(1000)
+    with torch.no_grad():
+        model.logits.zero_()
+        model.logits[281] = 1.0
+    result = transinv.measure(model, data=str(few_images), shift="0..2", **SMALL)
     acc = _values(result.rows, M.ACCURACY)
     worst = _values(result.rows, M.WORST_CASE_ACCURACY)
-    assert len(set(acc["value"])) == 1 and len(worst) == 1
-    assert worst["value"].iloc[0] == acc["value"].iloc[0]
-    assert pd.isna(worst["shift_x"].iloc[0])
-
-
-def test_worst_case_accuracy_is_at_most_every_per_shift_accuracy(few_images: Path) -> None:
-    result = transinv.measure("resnet18", data=str(few_images), shift="0..4", layers="none", **SMALL)
-    acc = _values(result.rows, M.ACCURACY)["value"]
-    worst = _values(result.rows, M.WORST_CASE_ACCURACY)["value"].iloc[0]
-    assert worst <= acc.min() + 1e-12
-
-
-def test_batch_size_does_not_change_results(few_images: Path) -> None:
-    a = transinv.measure("resnet18", data=str(few_images), shift="0..3", batch_size=6, **SMALL).rows
-    b = transinv.measure("resnet18", data=str(few_images), shift="0..3", batch_size=4, **SMALL).rows
-    pd.testing.assert_frame_equal(a.drop(columns="value"), b.drop(columns="value"))
-    assert ((a["value"] - b["value"]).abs() <= 1e-6 + 1e-5 * a["value"].abs()).all()
+    assert len(acc) == 3 and (acc["value"] == 2 / 6).all() and (acc["n"] == 6).all()
+    assert len(worst) == 1 and worst["value"].iloc[0] == 2 / 6 and pd.isna(worst["shift_x"].iloc[0])
 
 
 def test_exactly_invariant_model_has_zero_jaggedness(few_images: Path) -> None:
@@ -110,14 +102,6 @@ def test_exactly_invariant_model_has_zero_jaggedness(few_images: Path) -> None:
                               layers="none", **SMALL)
     jag = _values(result.rows, M.JAGGEDNESS)
     assert len(jag) == 1 and jag["value"].iloc[0] == 0.0
-
-
-def test_agreement_split_by_correctness_partitions_the_images(few_images: Path) -> None:
-    result = transinv.measure("resnet18", data=str(few_images), shift="0..2", layers="none",
-                              by_correctness=True, **SMALL)
-    rows = result.rows[result.rows["shift_x"] == 2].set_index("metric")
-    n_split = rows["n"].get(M.TOP1_AGREEMENT_IF_CORRECT, 0) + rows["n"].get(M.TOP1_AGREEMENT_IF_WRONG, 0)
-    assert n_split == rows.loc[M.TOP1_AGREEMENT, "n"] == 6
 
 
 def test_fourier_subpixel_shifts_commute_with_a_circular_convolution(few_images: Path) -> None:
@@ -133,7 +117,7 @@ def test_fourier_subpixel_shifts_commute_with_a_circular_convolution(few_images:
 @pytest.mark.parametrize("kwargs, needle", [
     (dict(shift="0..1:0.5"), "--subpixel"),
     (dict(shift="0..1:0.5", subpixel="fourier", mode="crop"), "circular"),
-    (dict(shift="0..1:0.5", subpixel="bilinear", mode="circular"), "crop or pad"),
+    (dict(shift="0..1:0.5", subpixel="bilinear", mode="circular"), "crop, pad or embed"),
 ])
 def test_fractional_shifts_need_a_method_that_fits_the_mode(few_images: Path, kwargs: dict, needle: str) -> None:
     with pytest.raises(transinv.UserError, match=needle):

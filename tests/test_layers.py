@@ -1,9 +1,12 @@
-"""Layer discovery: names per call, strides from shapes, default selection, channels-last maps."""
+"""Layer discovery: names per call, strides from shapes, main path, default selection, channels-last maps."""
 
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import pytest
 import torch
+from torch import nn
 
 import transinv
 from transinv.errors import UserError
@@ -32,9 +35,105 @@ def test_reused_module_gets_one_layer_per_call(resnet18_probe) -> None:
 
 def test_default_selection_is_readable(resnet18_probe) -> None:
     default = [layer.name for layer in select_layers(resnet18_probe, "default")]
-    assert 5 <= len(default) <= 15
-    assert {"conv1", "maxpool", "layer1", "layer2", "layer3", "layer4"} <= set(default)
-    assert "bn1" not in default  # its output is changed in place by relu, which is kept instead
+    assert default == ["conv1", "relu", "maxpool", "layer1", "layer2.0.conv1", "layer2", "layer3.0.conv1", "layer3",
+                       "layer4.0.conv1", "layer4"]  # bn1's output is changed in place by relu, kept instead
+
+
+class _Block(nn.Module):
+    """An inverted-residual block as in timm's EfficientNet-Lite (a residual add when shapes allow)."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        mid = 2 * cin
+        self.conv_pw, self.bn1, self.act1 = nn.Conv2d(cin, mid, 1, bias=False), nn.BatchNorm2d(mid), nn.ReLU6(True)
+        self.conv_dw = nn.Conv2d(mid, mid, 3, stride, 1, groups=mid, bias=False)
+        self.bn2, self.act2 = nn.BatchNorm2d(mid), nn.ReLU6(True)
+        self.conv_pwl, self.bn3 = nn.Conv2d(mid, cout, 1, bias=False), nn.BatchNorm2d(cout)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.bn3(self.conv_pwl(self.act2(self.bn2(self.conv_dw(self.act1(self.bn1(self.conv_pw(x))))))))
+        return out + x if self.residual else out
+
+
+class Lite0Like(nn.Module):
+    """timm's efficientnet_lite0 layout, small: a stem with a padding module ('same' padding of a
+    stride-2 convolution) and every stage inside one ``blocks`` container."""
+
+    def __init__(self, classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(OrderedDict(pad=nn.ZeroPad2d((0, 1, 0, 1)), conv=nn.Conv2d(3, 8, 3, 2, bias=False),
+                                              bn=nn.BatchNorm2d(8), act=nn.ReLU6(inplace=True)))
+        widths = [(8, 8, 1), (8, 12, 2), (12, 16, 2), (16, 24, 2), (24, 32, 2)]
+        self.blocks = nn.Sequential(*[nn.Sequential(_Block(a, b, s), _Block(b, b, 1)) for a, b, s in widths])
+        self.conv_head = nn.Conv2d(32, 64, 1)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.classifier = nn.Linear(64, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.pool(self.conv_head(self.blocks(self.stem(x)))).flatten(1))
+
+
+def _strided(stages: str, first: str) -> list[str]:
+    """Stages 1-4 (``stages`` formatted with i), each after its strided layer (``first`` formatted with i)."""
+    return [name.format(i=i) for i in range(1, 5) for name in (f"{stages}.{first}", stages)]
+
+
+DEFAULTS = {
+    "resnet50": ["conv1", "relu", "maxpool", "layer1", *_strided("layer{i}", "0.conv2")[2:]],
+    "regnet_y_400mf": ["stem.0", "stem", *_strided("trunk_output.block{i}", "block{i}-0.f.b.0")],
+    "efficientnet_b0": ["features.0.0", "features.0", "features.1", "features.2.0.block.1.0", "features.2",
+                        "features.3.0.block.1.0", "features.3", "features.4.0.block.1.0", "features.4", "features.5",
+                        "features.6.0.block.1.0", "features.6", "features.7", "features.8"],
+    "mobilenet_v3_small": ["features.0.0", "features.0", "features.1.block.0.0", "features.1", "features.2.block.1.0",
+                           "features.2", "features.3", "features.4.block.1.0", *[f"features.{i}" for i in range(4, 9)],
+                           "features.9.block.1.0", *[f"features.{i}" for i in range(9, 13)]],
+    "convnext_tiny": ["features.0.0", *[f"features.{i}" for i in range(8)]],
+    "lite0": ["stem.conv", "stem", "blocks.0", *_strided("blocks.{i}", "0.conv_dw"), "conv_head"],
+}
+BRANCHES = {"resnet50": "layer{}.0.downsample", "regnet_y_400mf": "trunk_output.block{0}.block{0}-0.proj"}
+
+
+@pytest.mark.parametrize("name", list(DEFAULTS))
+def test_default_is_stage_outputs_and_strided_main_path_layers(name: str) -> None:
+    """Stages and the first main-path layer at each new stride (the stem's convolution included);
+    never a padding module, a container of stages, a shortcut or a fixed-size map."""
+    module = Lite0Like().eval() if name == "lite0" else load_model(name, "none").module
+    probe = probe_layers(module, 64)
+    assert probe.path_note is None
+    assert [layer.name for layer in probe.layers if layer.default] == DEFAULTS[name]
+    by_name = {layer.name: layer for layer in probe.layers}
+    strides = [max(by_name[n].stride) for n in DEFAULTS[name]]
+    assert strides == sorted(strides) and strides[-1] == 32
+    for stage in (2, 3, 4) if name in BRANCHES else ():  # the shortcut's projection runs beside the main path
+        branch = BRANCHES[name].format(stage)
+        assert not by_name[branch].main and not by_name[f"{branch}.0"].main
+        assert by_name[f"{branch}.0"].stride == (2 ** (stage + 1),) * 2  # strided, yet never a default layer
+    if name == "lite0":
+        assert by_name["stem.pad"].main and not by_name["stem.pad"].default  # padding: never a default layer
+        assert by_name["blocks"].main and not by_name["blocks"].default  # the same map as blocks.4
+
+
+class _ThroughNumpy(nn.Module):
+    """A forward pass that leaves torch (through numpy), so its dataflow cannot be followed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(3, 4, 3, 2, 1), nn.Linear(4, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.from_numpy(self.conv(x).numpy())
+        return self.head(x.mean(dim=(2, 3)))
+
+
+def test_an_untraceable_forward_pass_says_so_and_keeps_every_layer_on_the_main_path() -> None:
+    probe = probe_layers(_ThroughNumpy(), 32)
+    assert probe.path_note and "main path" in probe.path_note
+    assert [(layer.name, layer.main, layer.default) for layer in probe.layers] == [("conv", True, True)]
+    notes: list[str] = []
+    transinv.measure(_ThroughNumpy(), weights="none", data=str(transinv.data.builtin_images_dir()), num_images=1,
+                     size=32, resize=40, shift="0..1", warn=notes.append)
+    assert len(notes) == 1 and "could not be followed" in notes[0]
 
 
 def test_selection_by_glob_list_and_errors(resnet18_probe) -> None:

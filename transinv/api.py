@@ -35,7 +35,8 @@ def _stderr_warn(message: str) -> None:
 def list_layers(
     model: ModelSpec, weights: str = "none", size: int | None = None, seed: int = 0, device: str = "cpu",
 ) -> pd.DataFrame:
-    """The measurable layers in forward order: name, output shape, cumulative stride, default."""
+    """The measurable layers in forward order: name, output shape, cumulative stride, default
+    selection, and whether the layer is on the main path (not a parallel branch)."""
     options = MeasureOptions(weights=weights, size=size, seed=seed, device=device).validate()
     loaded = prepare_model(model, options)
     dev = resolve_device(device)
@@ -48,10 +49,11 @@ def list_layers(
                 "stride": layer.stride[1] if layer.stride[0] == layer.stride[1] else f"{layer.stride[0]}x{layer.stride[1]}",
                 "channels_last": layer.channels_last,
                 "default": layer.default,
+                "main_path": layer.main,
             }
             for layer in probe.layers
         ],
-        columns=["layer", "shape", "stride", "channels_last", "default"],
+        columns=["layer", "shape", "stride", "channels_last", "default", "main_path"],
     )
 
 
@@ -75,6 +77,8 @@ def _explain_probe(job: Job, probe: Probe, layer_spec: str, warn: Warn) -> None:
             f"{job.label}: {len(probe.token_layers)} layers output token sequences with no spatial map "
             f"(e.g. {probe.token_layers[0]}); measuring output metrics and the 4-D maps only"
         )
+    if probe.path_note and layer_spec != "none":
+        warn(f"{job.label}: {probe.path_note}")
 
 
 def prepare_jobs(plan: Plan, options: MeasureOptions, device: torch.device, warn: Warn) -> list[list[Measured]]:
@@ -175,7 +179,8 @@ def measure(
     states = [m for measured in groups for m in measured]
     records = job_records([(m.job, m.layers, m.state) for m in states], opts, summary["partial"])
     rows = make_rows(records)
-    summary["born_at"] = born_at(rows)
+    main = {(m.job.label, m.job.variant): [layer.name for layer in m.layers if layer.main] for m in states}
+    summary["born_at"] = born_at(rows, main)
     summary["interval_warnings"] = interval_warnings(records, warn if context.is_main else None)
     replicates = np.concatenate([m.state.replicate_means().numpy() for m in states])
     return Result(rows=rows, settings=_settings(plan, opts, specs, device, context), summary=summary,

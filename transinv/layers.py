@@ -2,20 +2,23 @@
 
 Layers are named by module path; a module that runs more than once in one forward pass (the
 ``relu`` shared inside a torchvision ResNet block) gets one layer per call, ``name#2``, ``name#3``.
-Spatial axes and cumulative strides come from the shapes seen on a probe forward pass.
+Spatial axes and cumulative strides come from the shapes seen on a probe forward pass, and the
+main path (as opposed to parallel branches such as a residual shortcut) from its dataflow.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import math
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 from .errors import UserError
 
@@ -34,6 +37,7 @@ class LayerInfo:
     channels_last: bool
     default: bool
     fixed: bool = False  # the map's size does not follow the input's (adaptive or global pooling)
+    main: bool = True  # on the main path from input to output, not on a parallel branch (a shortcut)
 
     def aligned(self, shift: tuple[int, int]) -> bool:
         """True when the stride divides the shift, so it maps to a whole feature-pixel shift.
@@ -135,67 +139,217 @@ class Probe:
 
     layers: list[LayerInfo]
     token_layers: list[str]  # 3-D outputs: sequences of tokens with no spatial map
+    path_note: str | None = None  # why the main path could not be followed, when it could not
 
 
-def _record(model: nn.Module, size: int, device: torch.device | str) -> tuple[list[tuple[str, torch.Tensor]], list[str]]:
-    """Every 4-D output (by call key) and every 3-D (token) output of one blank forward pass."""
-    maps: list[tuple[str, torch.Tensor]] = []
+State = tuple[int, int]  # a tensor's identity and version: an in-place op makes a new state
+
+
+def _state(tensor: torch.Tensor) -> State:
+    return id(tensor), tensor._version
+
+
+def _tensors(obj: object) -> list[torch.Tensor]:
+    """The tensors in a (nested) call argument or result, in order."""
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, (list, tuple)):
+        return [t for item in obj for t in _tensors(item)]
+    if isinstance(obj, dict):
+        return [t for item in obj.values() for t in _tensors(item)]
+    return []
+
+
+class _Dataflow(TorchFunctionMode):
+    """Every torch function call of one eager forward pass, as the tensor states it read and wrote.
+
+    The outermost calls only (a module's ``F.conv2d``, a residual ``+=``, a ``torch.cat``); the
+    tensors are kept alive for the pass so their ids stay unique.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[tuple[list[State], list[State]]] = []
+        self.alive: list[torch.Tensor] = []
+
+    def __torch_function__(self, func: Callable, types: tuple, args: tuple = (), kwargs: dict | None = None) -> object:
+        kwargs = kwargs or {}
+        inputs = [_state(t) for t in _tensors((args, kwargs))]
+        result = func(*args, **kwargs)
+        outputs = _tensors(result)
+        if outputs:
+            self.alive.extend(outputs)
+            self.ops.append((inputs, [_state(t) for t in outputs]))
+        return result
+
+
+def _main_path(flow: _Dataflow, source: State, sink: State, weight: Callable[[State], int]) -> set[State] | None:
+    """The tensor states on the heaviest path from the input to the output (None: not connected).
+
+    A path's weight is the number of measurable maps it passes through, so a residual block's main
+    branch outweighs its shortcut and an Inception module's deepest branch the others. A state read
+    but never written (an in-place change through a view) continues from its tensor's latest state.
+    """
+    dist: dict[State, int] = {source: 0}
+    back: dict[State, State] = {}
+    latest: dict[int, State] = {source[0]: source}
+    for inputs, outputs in flow.ops:
+        known = [s if s in dist else latest[s[0]] for s in inputs if s in dist or s[0] in latest]
+        if not known:
+            continue
+        best = max(known, key=dist.__getitem__)
+        for state in outputs:
+            if state in known:
+                continue
+            length = dist[best] + weight(state)
+            if length > dist.get(state, -1):
+                dist[state], back[state] = length, best
+                latest[state[0]] = state
+    if sink not in dist:
+        return None
+    path, state = {sink}, sink
+    while state in back:
+        state = back[state]
+        path.add(state)
+    return path
+
+
+Capture = tuple[str, torch.Tensor, State]
+
+
+def _record(model: nn.Module, size: int, device: torch.device | str, flow: _Dataflow | None = None
+            ) -> tuple[list[Capture], list[str], tuple[State, State] | None]:
+    """Every 4-D output (by call key, with its state) and every 3-D (token) output of one blank
+    forward pass; with ``flow``, also the dataflow and the (input, output) states it connects."""
+    maps: list[Capture] = []
     tokens: list[str] = []
 
     def record(key: str, output: torch.Tensor) -> None:
         if output.dim() == 4:
-            maps.append((key, output))
+            maps.append((key, output, _state(output)))
         elif output.dim() == 3:
             tokens.append(key)
 
-    with FeatureTap(model, None, record), torch.inference_mode():
+    x = torch.zeros(1, 3, size, size, device=device)
+    source = _state(x)
+    with FeatureTap(model, None, record), torch.no_grad(), flow if flow is not None else contextlib.nullcontext():
         try:
-            model(torch.zeros(1, 3, size, size, device=device))
+            output = model(x)
         except torch.cuda.OutOfMemoryError:  # a RuntimeError, but no sign of a wrong input size
             raise
         except (RuntimeError, ValueError, AssertionError, IndexError) as exc:
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise UserError(f"the model fails on a {size}x{size} input ({first}): it may need a larger --size") from exc
-    return maps, tokens
+    logits = _tensors(output)
+    ends = (source, _state(logits[0])) if flow is not None and logits else None
+    return maps, tokens, ends
+
+
+PADDING = (nn.modules.padding.ZeroPad2d, nn.modules.padding.ConstantPad2d, nn.modules.padding.ReflectionPad2d,
+           nn.modules.padding.ReplicationPad2d, nn.modules.padding.CircularPad2d)
+
+
+def _is_padding(module: nn.Module) -> bool:
+    """A module that only pads (torch's own, or one named like them: ``SamePad``, ``Pad2d``)."""
+    return isinstance(module, PADDING) or type(module).__name__.endswith(("Pad", "Pad2d"))
+
+
+def _stage_names(model: nn.Module, strides: dict[str, int]) -> set[str]:
+    """Module names at the level of stages: the top-level children, where a container of stages
+    (two or more child containers that each raise the stride, like EfficientNet's ``features`` or
+    timm's ``blocks``) is replaced by its children, recursively. ``strides``: module name -> the
+    stride of its output map (absent: no map that follows the input)."""
+    stages: set[str] = set()
+
+    def visit(children: list[tuple[str, nn.Module]], stride: int) -> None:
+        for name, module in children:
+            kids = [(f"{name}.{k}", m) for k, m in module.named_children()]
+            if _holds_stages(kids, stride, strides):
+                visit(kids, stride)
+            else:
+                stages.add(name)
+            stride = strides.get(name, stride)
+
+    visit(list(model.named_children()), 1)
+    return stages
+
+
+def _holds_stages(kids: list[tuple[str, nn.Module]], stride: int, strides: dict[str, int]) -> bool:
+    raising = 0
+    for name, module in kids:
+        out = strides.get(name, stride)
+        raising += out > stride and any(True for _ in module.children())
+        stride = out
+    return raising >= 2
+
+
+def _default_layers(model: nn.Module, layers: list[LayerInfo], tensor_of: dict[str, int]) -> set[str]:
+    """The default selection: the outputs of stages, and the first layer of the main path at each
+    new stride (the stem's strided convolution, each stage's downsampling layer); never a padding
+    module, a fixed-size map or a parallel branch. Names sharing one output tensor (a container and
+    its last child, a layer and the in-place ReLU after it) give one layer: the stage's, else the last.
+    """
+    modules = dict(model.named_modules())
+    usable = [layer for layer in layers if layer.main and not layer.fixed
+              and not _is_padding(modules[layer.name.split("#")[0]])]
+    strides = {layer.name: max(layer.stride) for layer in usable if "#" not in layer.name}
+    stages = _stage_names(model, strides)
+    last = {tensor_of[layer.name]: layer.name for layer in usable}  # the outermost name of each tensor
+    chosen: dict[int, tuple[bool, str]] = {}  # output tensor -> (is a stage, name)
+    seen: set[tuple[int, int]] = set()
+    for layer in usable:
+        tensor, stage = tensor_of[layer.name], layer.name in stages
+        if stage or not chosen.get(tensor, (False, ""))[0] and layer.stride not in seen:
+            chosen[tensor] = (True, layer.name) if stage else (False, last[tensor])
+        seen.add(layer.stride)
+    return {name for _, name in chosen.values()}
 
 
 def probe_layers(model: nn.Module, size: int, device: torch.device | str = "cpu") -> Probe:
     """Describe every 4-D output from blank forward passes at ``size`` and ``size + PROBE_STEP``.
 
     Stride = input growth / map growth between the two passes (one pass and size / map size for
-    models that take only one size). Default selection: outputs of top-level children plus the
-    first layer at each new stride; a layer whose output tensor is returned again by a later
-    module (a ``Sequential``'s last child, a ReLU applied in place) is left to that module, and
-    fixed-size maps (adaptive or global pooling) are left out.
+    models that take only one size). The first pass also records the dataflow, from which each
+    layer is placed on the main path or on a parallel branch (a shortcut's ``downsample``). Default
+    selection: see ``_default_layers``; fixed-size maps (adaptive or global pooling) are left out.
     """
     if isinstance(model, torch.jit.ScriptModule):
         return Probe(layers=[], token_layers=[])
-    maps, tokens = _record(model, size, device)
+    flow = _Dataflow()
     try:
-        larger = {key: out.shape for key, out in _record(model, size + PROBE_STEP, device)[0]}
+        maps, tokens, ends = _record(model, size, device, flow)
+    finally:
+        flow.alive.clear()
+    try:
+        larger = {key: out.shape for key, out, _ in _record(model, size + PROBE_STEP, device)[0]}
     except UserError:
         larger = {}
-    last_of = {id(out): i for i, (_, out) in enumerate(maps)}
-    layers: list[LayerInfo] = []
-    strides_seen: set[tuple[int, int]] = set()
-    for i, (key, out) in enumerate(maps):
+    found: list[tuple[str, tuple[int, int, int, bool, bool], tuple[int, int], State]] = []
+    for key, out, state in maps:
         geometry = _geometry(out.shape, larger.get(key) if larger else None, size)
         if geometry is None:
             continue
-        channels, h, w, channels_last, fixed = geometry
+        _, h, w, channels_last, fixed = geometry
         if larger and not fixed:
             grown = larger[key]
             gh, gw = (grown[1], grown[2]) if channels_last else (grown[2], grown[3])
             stride = (_snap(PROBE_STEP / (gh - h)), _snap(PROBE_STEP / (gw - w)))
         else:
             stride = (_snap(size / h), _snap(size / w))
-        candidate = last_of[id(out)] == i and not fixed
-        top = "." not in key.split("#")[0]
-        default = candidate and (top or stride not in strides_seen)
-        if candidate:
-            strides_seen.add(stride)
-        layers.append(LayerInfo(key, channels, h, w, stride, channels_last, default, fixed))
-    return Probe(layers=layers, token_layers=tokens)
+        found.append((key, geometry, stride, state))
+    weights = {state for _, geometry, _, state in found if not geometry[4]}
+    path = _main_path(flow, *ends, lambda s: int(s in weights)) if ends is not None else None
+    note = None if path is not None or not found else (
+        "the forward pass could not be followed from input to output, so every layer counts as on the main "
+        "path (the default layers may include parallel branches; born at compares every measured layer)")
+    layers = [
+        LayerInfo(key, c, h, w, stride, channels_last, default=False, fixed=fixed,
+                  main=not fixed and (path is None or state in path))
+        for key, (c, h, w, channels_last, fixed), stride, state in found
+    ]
+    default = _default_layers(model, layers, {key: state[0] for key, _, _, state in found})
+    layers = [replace(layer, default=layer.name in default) for layer in layers]
+    return Probe(layers=layers, token_layers=tokens, path_note=note)
 
 
 def select_layers(probe: Probe, spec: str) -> list[LayerInfo]:

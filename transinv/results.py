@@ -11,7 +11,7 @@ import tempfile
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Collection, Iterator, Mapping, Sequence
 
 import numpy as np
 import pandas as pd
@@ -65,36 +65,45 @@ def versions() -> dict[str, str]:
     }
 
 
-BORN_AT_FLOOR = 1e-6  # growth below this is float rounding, not a layer breaking invariance
+BORN_AT_FLOOR = 1e-6  # errors and rises below this are float rounding, not a layer breaking invariance
+
+MainPath = Mapping[tuple[str, str], Collection[str]]  # (model, variant) -> layers on the main path
 
 
-def born_at(rows: pd.DataFrame) -> list[dict[str, Any]]:
+def born_at(rows: pd.DataFrame, main: MainPath | None = None) -> list[dict[str, Any]]:
     """For each non-zero shift, the layer where ``pooled_invariance_error`` grows most.
 
-    Growth is a layer's error minus the previous measured layer's (forward order). The first
-    measured layer is not a candidate: its error mostly reflects what the shift did to the image
-    content itself (in crop mode, new content entering the view), not what the network added.
-    Shifts where no layer's error grows by more than ``BORN_AT_FLOOR`` name none.
+    Only layers on the main path are compared (``main``; without it, every measured layer), each
+    with the main-path layer measured before it (``previous``), so a shortcut branch is never
+    compared with the layer it runs beside. Growth is relative, ``e / max(e_previous, FLOOR)``, so a
+    layer is not favoured for working at a larger scale of error. A layer is a candidate only where
+    its error rises by more than ``BORN_AT_FLOOR``; the first compared layer is none (its error
+    mostly reflects what the shift did to the image content itself), and a shift where no layer
+    rises that much (an exactly invariant network) names none.
     """
-    pooled = rows[rows["metric"] == M.POOLED_INVARIANCE_ERROR]
+    pooled = rows[(rows["metric"] == M.POOLED_INVARIANCE_ERROR) & (rows["layer"] != M.OUTPUT_LAYER)]
     found = []
     for (model, variant, sx, sy), group in pooled.groupby(["model", "variant", "shift_x", "shift_y"], sort=False):
+        if main is not None:
+            group = group[group["layer"].isin(main.get((model, variant), ()))]
         if (sx == 0 and sy == 0) or len(group) < 2:
             continue
-        values = group["value"].to_numpy()
-        growth = values[1:] - values[:-1]
-        if growth.max() <= BORN_AT_FLOOR:  # nothing grows beyond float noise: no layer to name
+        values = group["value"].to_numpy(dtype=float)
+        growth = values[1:] / np.maximum(values[:-1], BORN_AT_FLOOR)
+        growth[values[1:] - values[:-1] <= BORN_AT_FLOOR] = 0.0
+        if not growth.any():  # nothing rises beyond float noise: no layer to name
             continue
-        best = int(growth.argmax()) + 1
+        best = int(growth.argmax())
         found.append(
             {
                 "model": model,
                 "variant": variant,
                 "shift_x": sx,
                 "shift_y": sy,
-                "layer": group["layer"].iloc[best],
-                "growth": float(growth[best - 1]),
-                "value": float(values[best]),
+                "layer": group["layer"].iloc[best + 1],
+                "previous": group["layer"].iloc[best],
+                "growth": float(growth[best]),
+                "value": float(values[best + 1]),
             }
         )
     return found
