@@ -177,7 +177,7 @@ def run_step(step: Step, scratch: Path) -> Run:
 
 # -- the claims -------------------------------------------------------------------------------
 
-M = "transinv.tour_models:"
+M = ""  # tour models are labelled by their factory names
 EQ, POOLED = "equivariance_error", "pooled_invariance_error"
 
 
