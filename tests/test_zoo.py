@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 import torch
 import torchvision
+from PIL import Image
 from torch import nn
 
 import transinv
@@ -24,6 +25,7 @@ from transinv.errors import UserError
 from transinv.models import list_models, load_model
 
 TINY = dict(size=32, resize=36, shift="0..2", num_images=3, batch_size=4)  # on 3 of the built-in photos
+ROOT = Path(__file__).resolve().parent.parent
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
@@ -83,6 +85,16 @@ def test_models_pretrained_filter_and_errors() -> None:
     assert proc.returncode == 2 and "no model names match" in proc.stderr
 
 
+def test_each_extra_installs_with_one_command() -> None:
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    for extra, module in (("timm", "timm"), ("hf", "transformers"), ("onnx", "onnxruntime")):
+        assert any(req.startswith(module) for req in extras[extra])  # what the missing-extra line names
+    assert extras["all"] == ["transinv[timm,hf,onnx]"]
+    recipe = (ROOT / "Makefile").read_text().split("\ntest-all:")[1].split("\n\n")[0]
+    assert "pip install --quiet -e '.[test,all]'" in recipe and recipe.index("pip install") < recipe.index("pytest")
+
+
 # --- timm -----------------------------------------------------------------------------------
 
 
@@ -125,6 +137,10 @@ def test_timm_preprocessing_is_timms_eval_transform(timm, name: str) -> None:
     assert resize.interpolation == pre.interpolation
     assert normalize.mean.tolist() == pytest.approx(list(pre.mean)) and normalize.std.tolist() == pytest.approx(list(pre.std))
     assert loaded.label == name and loaded.weights == "none" and loaded.source == "timm"
+    image = builtin_images_dir() / "chelsea.jpg"
+    theirs = timm.data.create_transform(**config)(Image.open(image).convert("RGB"))
+    ours = load_canvas(image, pre, pre.size)  # the reference view: timm's eval image up to one grey level
+    assert ours.shape == theirs.shape and (ours - theirs).abs().max() <= 1.01 / 255 / min(pre.std)
 
 
 def test_timm_crop_pct_gives_the_resize(timm) -> None:
@@ -250,11 +266,9 @@ def test_hf_folder_loads_the_saved_classifier_and_its_processor(tiny_convnext, t
     assert (pre.resize, pre.size, pre.interpolation.value) == (36, 32, "bilinear")
     assert pre.mean == (0.4, 0.5, 0.6) and pre.std == (0.2, 0.3, 0.4)
     image = builtin_images_dir() / "chelsea.jpg"
-    from PIL import Image
-
     theirs = transformers.AutoImageProcessor.from_pretrained(folder)(Image.open(image), return_tensors="pt")["pixel_values"][0]
     ours = load_canvas(image, pre, pre.size)
-    assert ours.shape == theirs.shape and (ours - theirs).abs().mean() < 0.02  # same pipeline, resized apart
+    assert ours.shape == theirs.shape and (ours - theirs).abs().max() < 1e-5  # transformers' own pipeline, to rounding
 
 
 def test_hf_random_weights_and_kinds_it_refuses(tiny_convnext, transformers, tmp_path: Path) -> None:
