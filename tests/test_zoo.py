@@ -75,6 +75,16 @@ def test_models_lists_torchvision_names_with_their_weights() -> None:
     assert frame["pretrained"].all()  # every torchvision ResNet has weights
 
 
+def test_models_leave_out_a_source_whose_extra_is_missing_with_one_note(monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "timm", None)
+    notes: list[str] = []
+    rows = list_models("resnet18", skipped=notes.append)
+    assert ("torchvision", "resnet18", True) in rows and all(source != "timm" for source, _, _ in rows)
+    assert any("pip install 'transinv[timm]'" in note for note in notes)
+    with pytest.raises(UserError, match=r"transinv\[timm\]"):
+        list_models("resnet18", "timm")
+
+
 def test_models_pretrained_filter_and_errors() -> None:
     rows = list_models("example:*", "example")
     assert rows and all(not pretrained for _, _, pretrained in rows)
@@ -287,6 +297,17 @@ def test_hf_random_weights_and_kinds_it_refuses(tiny_convnext, transformers, tmp
         load_model(f"hf:{text}", "none")
     with pytest.raises(UserError, match="has no config.json"):
         load_model(f"hf:{tmp_path}", "none")
+
+
+def test_hf_processor_sizes_that_transinv_cannot_follow_exactly_are_named(tiny_convnext, transformers) -> None:
+    folder, _ = tiny_convnext
+    transformers.ViTImageProcessor(size={"height": 40, "width": 40}, resample=3).save_pretrained(folder)
+    loaded = load_model(f"hf:{folder}", "none")
+    assert (loaded.preprocess.resize, loaded.preprocess.size, loaded.preprocess.interpolation.value) == (40, 40, "bicubic")
+    assert any("squashing them" in note for note in loaded.notes)
+    (folder / "preprocessor_config.json").unlink()
+    loaded = load_model(f"hf:{folder}", "none")
+    assert loaded.preprocess_guessed and (loaded.preprocess.resize, loaded.preprocess.size) == (256, 224)
 
 
 def test_hf_hub_ids_use_the_cache_offline(tiny_convnext, hf_home: Path) -> None:

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import fnmatch
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 from ..errors import UserError
 from .checkpoints import checkpoint_path, load_checkpoint, no_such_file
@@ -102,6 +103,19 @@ def _preprocess(transformers: ModuleType, label: str, source: str, cache: dict[s
     return Preprocess(resize, size, mean, std, mode), notes, False
 
 
+@contextmanager
+def _quiet(transformers: ModuleType) -> Iterator[None]:
+    """No "Loading weights" progress bar on stderr, where transinv draws its own."""
+    logging = transformers.utils.logging
+    shown = logging.is_progress_bar_enabled()
+    logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if shown:
+            logging.enable_progress_bar()
+
+
 def _cached_classifiers() -> list[str]:
     """Hub ids of image classifiers in the Hugging Face cache (their config.json names a
     ``...ForImageClassification`` class)."""
@@ -150,7 +164,8 @@ class HuggingFaceSource:
         torch.manual_seed(seed)
         if checkpoint is None and weights.lower() == "default":
             try:
-                module = auto.from_pretrained(source, **cache)
+                with _quiet(transformers):
+                    module = auto.from_pretrained(source, **cache)
             except OSError as exc:
                 where = source if local else hf_repo_dir(spec)
                 raise UserError(f"hf:{spec}: its weights are not in {where} and cannot be loaded: "
