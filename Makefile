@@ -24,8 +24,9 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-## test-all: every test, the slow ones included
+## test-all: install the optional model sources (timm, transformers, ONNX Runtime), then every test, slow ones included
 test-all: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,all]'
 	$(BIN)/python -m pytest -q
 
 clean:

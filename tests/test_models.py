@@ -236,9 +236,10 @@ def test_sources_and_output_kinds_import_without_torch() -> None:
         package.__path__ = [{str(ROOT / "transinv")!r}]
         sys.modules["transinv"] = package
         from transinv import models, outputs
-        assert [s.name for s in models.sources()] == ["torchvision", "example", "factory", "torchscript"]
-        assert [models.find_source(s)[0].name for s in ("example:x", "torchvision:x", "a.py:f", "m.n:f", "x.pt")] == [
-            "example", "torchvision", "factory", "factory", "torchscript"]
+        assert [s.name for s in models.sources()] == ["torchvision", "example", "factory", "torchscript", "timm", "hf", "onnx"]
+        specs = ("example:x", "torchvision:x", "a.py:f", "m.n:f", "x.pt", "timm:x", "hf-hub:o/n", "hf:o/n", "transformers:o/n", "x.onnx")
+        assert [models.find_source(s)[0].name for s in specs] == [
+            "example", "torchvision", "factory", "factory", "torchscript", "timm", "timm", "hf", "hf", "onnx"]
         assert outputs.output_kinds() == ["classification"]
         assert "torch" not in sys.modules, "torch was imported"
         """
@@ -256,7 +257,7 @@ class ZooSource:
     def claims(self, spec: str) -> bool:
         return spec.endswith(".zoo")
 
-    def names(self, pattern: str = "*") -> list[str]:
+    def names(self, pattern: str = "*", pretrained: bool = False) -> list[str]:
         return [f"zoo:{name}" for name in self.models]
 
     def load(self, spec: str, weights: str, seed: int) -> LoadedModel:

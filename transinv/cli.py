@@ -126,7 +126,8 @@ def _cell(value: object) -> str:
     return escape(str(value))
 
 
-MODEL_HELP = "torchvision model name, FILE.py:FACTORY, package.module:FACTORY, a TorchScript file or example:NAME."
+MODEL_HELP = ("torchvision model name, FILE.py:FACTORY, package.module:FACTORY, a TorchScript file, example:NAME, "
+              "timm:NAME, hf-hub:ORG/NAME, hf:ORG/NAME (transformers) or a .onnx file.")
 LABEL_HELP = ("Legend label of a series: OLD=NEW (OLD a model, or model/variant as the plot names it), repeatable; "
               "or one bare label per series, in order.")
 FIGSIZE_HELP = "Figure size W,H in inches (default: what the panels need)."
@@ -485,6 +486,27 @@ _check.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
     + [_EXTRA["config"]] + [_option_parameter(f) for f in option_fields()] + _CHECK_EXTRA
 )
 app.command("check")(_check)
+
+
+@app.command()
+def models(
+    pattern: Annotated[str, typer.Argument(help="Glob over names, with or without the source's prefix: '*convnext*'.")] = "*",
+    source: Annotated[Optional[str], typer.Option(help="Only this source: torchvision, example, timm, hf.")] = None,
+    pretrained: Annotated[bool, typer.Option(help="Only models with pretrained weights.")] = False,
+    fmt: Annotated[Optional[Format], typer.Option("--format", "-f", help="table, csv or json.")] = None,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """List the models each source can load by name (files and factories are not listed)."""
+    with _errors(debug):
+        import pandas as pd
+
+        from .models import list_models
+
+        rows = list_models(pattern, source, pretrained, skipped=lambda line: err.print(f"note: {escape(line)}", highlight=False, soft_wrap=True))
+        if not rows:
+            raise UserError(f"no model names match {pattern!r}" + (f" in {source}" if source else ""))
+        frame = pd.DataFrame(rows, columns=["source", "name", "pretrained"])
+        _emit_frame(frame, fmt, f"models matching {pattern}")
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """Models and weights: one registry of model sources (torchvision, ``example:``, a user's factory, a
-TorchScript file), each in its own module with its own "did you mean".
+TorchScript file; timm, Hugging Face transformers and ONNX files through optional extras), each in
+its own module with its own "did you mean".
 
 ``load_model(spec, weights, seed)`` resolves a spec through the registry; a new source is one
 ``register_source`` call. Importing this package loads no torch: sources import it when they load.
@@ -17,15 +18,20 @@ from .loaded import (
     unique_labels,
     wrap_module,
 )
-from .registry import ModelSource, find_source, load_model, register_source, sources
+from .registry import ModelSource, find_source, list_models, load_model, register_source, sources
 from .source_example import ExampleSource
 from .source_factory import FactorySource
+from .source_hf import HuggingFaceSource
+from .source_onnx import OnnxSource
+from .source_timm import TimmSource
 from .source_torchscript import TorchScriptSource
 from .source_torchvision import TorchvisionSource
 
 # The claims do not overlap (a known torchvision name, X:FACTORY or *.py, a .pt path or TorchScript
-# archive; examples only by prefix), so this order is only that of the hints in the unknown-model line.
-for _source in (TorchvisionSource(), ExampleSource(), FactorySource(), TorchScriptSource()):
+# archive, hf-hub:ID, a .onnx path; examples, timm and hf also by prefix), so this order is only
+# that of the hints in the unknown-model line.
+for _source in (TorchvisionSource(), ExampleSource(), FactorySource(), TorchScriptSource(), TimmSource(),
+                HuggingFaceSource(), OnnxSource()):
     register_source(_source)
 
 __all__ = [
@@ -36,6 +42,7 @@ __all__ = [
     "default_preprocess",
     "find_source",
     "guessed_preprocess_note",
+    "list_models",
     "load_checkpoint",
     "load_model",
     "register_source",

@@ -5,6 +5,7 @@ Light to import (no torch): the CLI lists sources and labels without loading a n
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Collection, Sequence
@@ -13,6 +14,7 @@ from ..outputs import CLASSIFICATION
 
 if TYPE_CHECKING:
     from torch import nn
+    from torchvision.transforms import InterpolationMode
 
     from ..data import Preprocess
 
@@ -29,6 +31,30 @@ def default_preprocess() -> Preprocess:
     from ..data import Preprocess
 
     return Preprocess(DEFAULT_RESIZE, DEFAULT_SIZE, IMAGENET_MEAN, IMAGENET_STD, InterpolationMode.BILINEAR)
+
+
+# Resampling filters by the names timm uses and the numbers of PIL's ``Image.Resampling`` (transformers').
+_FILTERS = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3, "box": 4, "hamming": 5}
+_ON_TENSORS = ("nearest", "bilinear", "bicubic")  # what torchvision resizes a tensor with
+
+
+def resize_for_crop(size: int, crop_pct: float) -> int:
+    """The shorter side an image is resized to before its centre ``size`` crop keeps ``crop_pct``
+    of it: ``floor(size / crop_pct)``, as timm's eval transform and transformers' ConvNeXt do."""
+    return math.floor(size / crop_pct)
+
+
+def interpolation(label: str, value: str | int) -> tuple[InterpolationMode, str | None]:
+    """The resize filter named ``value`` (a name, or a PIL resampling number), with a note where
+    transinv must use another: views are resized as tensors, which know only nearest, bilinear
+    and bicubic (bicubic stands in for lanczos, box and hamming)."""
+    from torchvision.transforms import InterpolationMode
+
+    names = {number: name for name, number in _FILTERS.items()}
+    name = names.get(value, "") if isinstance(value, int) else str(getattr(value, "value", value)).lower()
+    if name in _ON_TENSORS:
+        return InterpolationMode(name), None
+    return InterpolationMode.BICUBIC, f"{label}: its images are resized with {name or value!r}, which transinv cannot use on tensors: using bicubic"
 
 
 def _numbers(values: Sequence[float]) -> str:

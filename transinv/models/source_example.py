@@ -21,10 +21,10 @@ class ExampleSource:
     def claims(self, spec: str) -> bool:
         return False  # only ever named with its prefix
 
-    def names(self, pattern: str = "*") -> list[str]:
+    def names(self, pattern: str = "*", pretrained: bool = False) -> list[str]:
         from ..examples import EXAMPLES
 
-        return fnmatch.filter([f"{PREFIX}:{name}" for name in EXAMPLES], pattern)
+        return [] if pretrained else fnmatch.filter([f"{PREFIX}:{name}" for name in EXAMPLES], pattern)
 
     def load(self, spec: str, weights: str, seed: int) -> LoadedModel:
         import torch

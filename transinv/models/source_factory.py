@@ -75,7 +75,7 @@ class FactorySource:
             return spec.endswith(".py")  # a file without its factory: say how to name it
         return attr.isidentifier() and bool(target) and (_is_file(target) or all(p.isidentifier() for p in target.split(".")))
 
-    def names(self, pattern: str = "*") -> list[str]:
+    def names(self, pattern: str = "*", pretrained: bool = False) -> list[str]:
         return []  # any importable callable: not enumerable
 
     def load(self, spec: str, weights: str, seed: int) -> LoadedModel:

@@ -34,7 +34,7 @@ class TorchScriptSource:
         path = Path(spec).expanduser()
         return path.suffix.lower() in SUFFIXES or (path.is_file() and is_torchscript(path))
 
-    def names(self, pattern: str = "*") -> list[str]:
+    def names(self, pattern: str = "*", pretrained: bool = False) -> list[str]:
         return []  # files: not enumerable
 
     def load(self, spec: str, weights: str, seed: int) -> LoadedModel:

@@ -67,6 +67,14 @@ def _preprocess_from_entry(entry: Any) -> Preprocess:
     )
 
 
+def _detection_names() -> list[str]:
+    """torchvision's detection models (Faster/Mask/Keypoint R-CNN, RetinaNet, SSD, FCOS): named
+    only to say they are not supported."""
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models.detection)
+
+
 class TorchvisionSource:
     """Every model of ``torchvision.models.list_models(module=torchvision.models)``."""
 
@@ -75,17 +83,20 @@ class TorchvisionSource:
     hint = "a torchvision classification model (resnet18, or torchvision:NAME)"
 
     def claims(self, spec: str) -> bool:
-        return spec.isidentifier() and spec in self.names()
+        return spec.isidentifier() and (spec in self.names() or spec in _detection_names())
 
-    def names(self, pattern: str = "*") -> list[str]:
+    def names(self, pattern: str = "*", pretrained: bool = False) -> list[str]:
         import torchvision
 
-        return fnmatch.filter(torchvision.models.list_models(module=torchvision.models), pattern)
+        names = fnmatch.filter(torchvision.models.list_models(module=torchvision.models), pattern)
+        return [n for n in names if len(torchvision.models.get_model_weights(n))] if pretrained else names
 
     def load(self, spec: str, weights: str, seed: int) -> LoadedModel:
         import torch
         import torchvision
 
+        if spec in _detection_names():
+            raise UserError(f"{spec}: detection models are not supported yet (transinv measures image classifiers)")
         names = self.names()
         if spec not in names:
             raise UserError(f"unknown torchvision model {spec!r}{did_you_mean(spec, names)}: see torchvision.models.list_models()")
