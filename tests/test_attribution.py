@@ -7,10 +7,13 @@ of the shifts against difference quotients of the shifts themselves.
 
 from __future__ import annotations
 
+import io
+
 import pandas as pd
 import pytest
 import torch
 import torchvision
+from rich.console import Console
 from torch import nn
 
 import transinv
@@ -18,6 +21,7 @@ from transinv.attribution import attribute, generator
 from transinv.examples import circular_gap
 from transinv.metric_registry import LIE_CONTRIBUTION, LIE_DERIVATIVE, LIE_UNATTRIBUTED, OUTPUT_LAYER
 from transinv.options import MeasureOptions, OptionError
+from transinv.render import print_result
 from transinv.shifts import ShiftPlan
 from transinv.subpixel import bilinear_shift, bilinear_shift_derivative, fourier_shift, fourier_shift_derivative
 
@@ -230,6 +234,13 @@ def test_born_at_lie_names_the_aliasing_layer() -> None:
     assert born["layer"] == "1" and born["share"] == pytest.approx(1.0, abs=1e-4)
     values = _lie(result.rows, LIE_CONTRIBUTION).set_index("layer")["value"]
     assert values.drop("1").abs().max() <= 1e-4 * values["1"]
+    console = Console(width=160, record=True, file=io.StringIO())
+    print_result(result, console)
+    text = console.export_text()
+    assert "born at (Lie)" in text and "): 1 (100% of lie_derivative)" in text
+    assert "lie_contribution" in text and "100.0%" in text
+    output_table = text.split("output")[1].split("lie_contribution")[0]
+    assert LIE_DERIVATIVE not in output_table  # the Lie rows hold a direction, not a shift: their own table
 
 
 def test_the_lie_derivative_must_differentiate_the_modes_own_shift() -> None:

@@ -164,6 +164,7 @@ def markdown_table() -> str:
     lines = ["| metric | per image | scope | interval | better | labels |", "|---|---|---|---|---|---|"]
     for s in _SPECS:
         where = {"layer": "layer `l`, per shift", "output": "output, per shift", "set": "output, one row per run"}[s.scope]
+        where = where.replace("shift", "direction") if s.attribution else where
         interval = "Wilson" if s.kind == "proportion" else "bootstrap"
         definition = s.definition.replace("|", "\\|")  # a pipe inside a table cell
         lines.append(f"| `{s.name}` | {definition} | {where} | {interval} | {s.better} "
