@@ -58,7 +58,7 @@ def _image(size: int = 16, images: int = 3, seed: int = 0) -> torch.Tensor:
 def _attribute(model: nn.Module, x: torch.Tensor, method: str, velocity=(1, 0)):
     torch.manual_seed(0)
     model = model.double().eval()
-    return attribute(model, x, generator(x, velocity, x.shape[-1], method), velocity, method)
+    return attribute(model, x, generator(x, velocity, x.shape[-2:], method), velocity, method)
 
 
 def _assert_adds_up(found, rel: float = 1e-9) -> None:
@@ -118,8 +118,8 @@ def test_generator_follows_the_stride() -> None:
     smooth = torch.fft.ifft2(spectrum).real
     for velocity in [(1, 0), (0, 1), (1, 1)]:
         sub = smooth[..., ::2, ::2]
-        torch.testing.assert_close(generator(sub, velocity, 16, "fourier"),
-                                   generator(smooth, velocity, 16, "fourier")[..., ::2, ::2], atol=1e-10, rtol=0)
+        torch.testing.assert_close(generator(sub, velocity, (16, 16), "fourier"),
+                                   generator(smooth, velocity, (16, 16), "fourier")[..., ::2, ::2], atol=1e-10, rtol=0)
 
 
 # --- known answers of the attribution ------------------------------------------------------
@@ -249,3 +249,31 @@ def test_the_lie_derivative_must_differentiate_the_modes_own_shift() -> None:
     with pytest.raises(OptionError, match="attribution"):
         MeasureOptions(attribution="lie", mode="circular", subpixel="bilinear").validate()
     MeasureOptions(attribution="lie", mode="circular", subpixel="fourier").validate()
+
+
+class _SquareNoForwardRule(torch.autograd.Function):
+    """``x²`` with a backward rule but no forward-mode (``jvp``) rule."""
+
+    @staticmethod
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return x * x
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (x,) = ctx.saved_tensors
+        return 2 * x * grad
+
+
+class _NoForwardRule(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _SquareNoForwardRule.apply(x)
+
+
+def test_an_operation_without_a_forward_mode_rule_is_a_one_line_error() -> None:
+    model = nn.Sequential(_circular(3, 4), _NoForwardRule(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    with pytest.raises(transinv.UserError, match=r"^--attribution lie: .* forward mode \(You must implement the jvp"):
+        transinv.measure(model, mode="circular", **SMALL)

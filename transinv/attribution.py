@@ -39,16 +39,16 @@ def velocities(direction: str) -> list[Velocity]:
     return VELOCITIES[direction]
 
 
-def generator(h: torch.Tensor, velocity: tuple[float, float], size: int, method: str) -> torch.Tensor:
-    """``A h``: how a map ``(N, C, h, w)`` moves when a ``size``-px input moves by ``t·velocity``.
+def generator(h: torch.Tensor, velocity: tuple[float, float], size: tuple[int, int], method: str) -> torch.Tensor:
+    """``A h``: how a map ``(N, C, h, w)`` moves when an input of ``size = (H, W)`` moves by ``t·velocity``.
 
-    Its stride per axis is ``size / h`` (snapped as probed strides are), a function of the shape
-    alone, so a map gets the same ``A`` whether it leaves one layer or enters the next. Maps that
-    are not 4-D (vectors, tokens) do not move: ``A h = 0``.
+    Its stride per axis is ``H / h`` and ``W / w`` (snapped as probed strides are), a function of
+    the shape alone, so a map gets the same ``A`` whether it leaves one layer or enters the next.
+    Maps that are not 4-D (vectors, tokens) do not move: ``A h = 0``.
     """
     if h.dim() != 4:
         return torch.zeros_like(h)
-    sy, sx = _snap(size / h.shape[-2]), _snap(size / h.shape[-1])
+    sy, sx = _snap(size[0] / h.shape[-2]), _snap(size[1] / h.shape[-1])
     vx, vy = velocity[0] / sx, velocity[1] / sy
     if method == "fourier":
         return fourier_shift_derivative(h, vx, vy)
@@ -82,7 +82,7 @@ class _Hooks:
     x: torch.Tensor
     x_tangent: torch.Tensor
     velocity: tuple[float, float]
-    size: int
+    size: tuple[int, int]
     method: str
     names: dict[nn.Module, str]
     calls: dict[str, int] = field(default_factory=lambda: defaultdict(int))
@@ -104,7 +104,7 @@ class _Hooks:
         self.busy = True
         try:
             with torch.no_grad():
-                out, moved = jvp(module, primals, tangents)
+                out, moved = _jvp(module, primals, tangents, f"layer {name}")
         finally:
             self.busy = False
         if isinstance(out, torch.Tensor) and out.is_floating_point():
@@ -122,6 +122,15 @@ class _Hooks:
                           requires_grad=True)
         self.eps[key] = eps
         return output + eps * own
+
+
+def _jvp(function: Any, primals: tuple[torch.Tensor, ...], tangents: tuple[torch.Tensor, ...], what: str) -> Any:
+    """``torch.func.jvp``, its failures (an operation without a forward-mode rule) as one line."""
+    try:
+        return jvp(function, primals, tangents)
+    except (RuntimeError, NotImplementedError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UserError(f"--attribution lie: {what} cannot be differentiated in forward mode ({first})") from exc
 
 
 def leaf_calls(model: nn.Module, size: int, device: torch.device | str) -> list[str]:
@@ -153,11 +162,11 @@ def attribute(
     ``method``: ``fourier`` or ``bilinear``, the generator of feature maps (see ``generator``).
     Runs with autograd on even inside ``inference_mode``; the model is left as it was.
     """
-    size = x.shape[-1]
+    size = (x.shape[-2], x.shape[-1])
     with torch.inference_mode(False), torch.enable_grad():
         x, x_tangent = x.clone(), x_tangent.clone()  # ordinary tensors: inference tensors cannot enter autograd
         with torch.no_grad():
-            _, moved = jvp(lambda v: probabilities(model, v), (x,), (x_tangent,))
+            _, moved = _jvp(lambda v: probabilities(model, v), (x,), (x_tangent,), "the model")
         total = torch.linalg.vector_norm(moved.flatten(1), dim=1)
         direction = torch.where(total[:, None] > 0, moved / total.clamp_min(torch.finfo(moved.dtype).tiny)[:, None], 0.0)
         leaves = leaf_modules(model)
@@ -169,7 +178,7 @@ def attribute(
         finally:
             for handle in handles:
                 handle.remove()
-        keys = list(hooks.eps)
+        keys = list(hooks.eps) if projected.requires_grad else []  # no leaf output reached the output
         grads = torch.autograd.grad(projected, [hooks.eps[k] for k in keys], allow_unused=True) if keys else []
     contributions = {k: torch.zeros_like(total) if g is None else g.flatten(1).sum(1) for k, g in zip(keys, grads)}
     attributed = torch.stack(list(contributions.values())).sum(0) if contributions else torch.zeros_like(total)

@@ -107,9 +107,9 @@ def born_at_lie(rows: pd.DataFrame) -> list[dict[str, Any]]:
     totals = rows[rows["metric"] == LIE_DERIVATIVE].set_index(["model", "variant", "shift_x", "shift_y"])["value"]
     for (model, variant, sx, sy), group in parts.groupby(["model", "variant", "shift_x", "shift_y"], sort=False):
         total = float(totals.get((model, variant, sx, sy), float("nan")))
-        best = group.loc[group["value"].idxmax()]
         if not total > BORN_AT_FLOOR:  # an (almost) invariant output: nothing is born
             continue
+        best = group.loc[group["value"].idxmax()]
         found.append({"model": model, "variant": variant, "shift_x": sx, "shift_y": sy, "layer": best["layer"],
                       "contribution": float(best["value"]), "share": float(best["value"]) / total})
     return found
