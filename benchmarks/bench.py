@@ -8,7 +8,9 @@ threads, warm-up excluded) in images/s; ``measure`` with output metrics only and
 per-layer metrics, in shifted images/s (every forward pass counted, the reference included), and
 the ratio of each to the bare pass; peak memory (RSS, and CUDA peak where used) of a fresh process
 measuring 64 and 256 images, so a reader can check that memory does not grow with the image count;
-and the start-up time of the light commands (help, presets, a bad flag) beside ``import torch``.
+the cost of ``--attribution lie`` on resnet18 (the default run with and without it, the extra
+seconds per image over its leaf layers, in bare forward passes per layer); and the start-up time of
+the light commands (help, presets, a bad flag) beside ``import torch``.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from rich.console import Console
 from rich.table import Table
 
 import transinv
+from transinv.attribution import leaf_calls
 from transinv.data import find_images, load_canvas, select_images
 from transinv.models import load_model
 from transinv.runner import resolve_device
@@ -61,10 +64,10 @@ def bare_forward(model: torch.nn.Module, images: torch.Tensor, device: torch.dev
     return repeats * len(images) / (time.perf_counter() - start)
 
 
-def timed_measure(model: torch.nn.Module, layers: str, args: argparse.Namespace) -> float:
+def timed_measure(model: torch.nn.Module, layers: str, args: argparse.Namespace, attribution: str | None = None) -> float:
     """Shifted images per second through ``transinv.measure`` (decoding included; warm-up excluded)."""
     common = dict(data=args.data, shift=args.shift, layers=layers, size=SIZE, resize=256, batch_size=BATCH,
-                  device=args.device, workers=args.workers, warn=lambda _: None)
+                  device=args.device, workers=args.workers, attribution=attribution, warn=lambda _: None)
     transinv.measure(model, num_images=BATCH, **common)  # warm-up: allocator, kernels, probe
     _sync(resolve_device(args.device))
     start = time.perf_counter()
@@ -72,6 +75,20 @@ def timed_measure(model: torch.nn.Module, layers: str, args: argparse.Namespace)
     _sync(resolve_device(args.device))
     views = args.images * len(make_shifts(parse_shift_values(args.shift), "x"))
     return views / (time.perf_counter() - start)
+
+
+LIE_MODEL = "resnet18"
+
+
+def lie_cost(model: torch.nn.Module, bare: float, per_layer: float, args: argparse.Namespace) -> dict[str, float]:
+    """``--attribution lie`` on the default run: its views per second, and the extra seconds per
+    image it adds, per attributed leaf layer, in units of one bare forward pass of an image."""
+    with_lie = timed_measure(model, "default", args, attribution="lie")
+    views = len(make_shifts(parse_shift_values(args.shift), "x"))
+    extra = views / with_lie - views / per_layer  # seconds per image
+    layers = len(leaf_calls(model, SIZE, next(model.parameters()).device))
+    return {"lie_views_per_s": with_lie, "lie_layers": layers, "lie_extra_s_per_image": extra,
+            "lie_forwards_per_image": extra * bare, "lie_forwards_per_layer": extra * bare / layers}
 
 
 def peak_memory(name: str, images: int, args: argparse.Namespace) -> dict[str, float]:
@@ -169,6 +186,7 @@ def main() -> None:
             "output_views_per_s": output_only, "output_ratio": output_only / bare,
             "layers_views_per_s": per_layer, "layers_ratio": per_layer / bare,
             "peak_memory": memory,
+            **(lie_cost(model, bare, per_layer, args) if name == LIE_MODEL else {}),
         })
     report = {
         "machine": machine(device),
@@ -191,6 +209,11 @@ def main() -> None:
                       *(f"{m['rss_peak_mib']:.0f}" + (f" (cuda {m['cuda_mib']:.0f})" if m["cuda_mib"] else "")
                         for m in r["peak_memory"].values()))
     Console().print(table)
+    for r in results:
+        if "lie_layers" in r:
+            print(f"{r['model']} --attribution lie: {r['lie_views_per_s']:.1f} views/s; +{r['lie_extra_s_per_image']:.3f} "
+                  f"s per image = {r['lie_forwards_per_image']:.1f} bare forward passes, "
+                  f"{r['lie_forwards_per_layer']:.2f} per attributed layer ({r['lie_layers']} leaf layers)")
     startup = Table(title="start-up time of light commands (best of 3, fresh process)")
     startup.add_column("command")
     startup.add_column("seconds", justify="right")

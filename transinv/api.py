@@ -16,13 +16,14 @@ from torch import nn
 
 from . import distributed
 from . import metrics as M
+from .attribution import LieAttribution, velocities
 from .errors import UserError
 from .fixes import apply_variant
 from .layers import LayerInfo, Probe, probe_layers, select_layers
 from .options import MeasureOptions, option_names
 from .plan import Job, ModelSpec, Plan, make_plan, prepare_model
 from .progress import ConsoleProgress, ProgressStart
-from .results import Result, born_at, interval_warnings, job_records, make_rows
+from .results import Result, born_at, born_at_lie, interval_warnings, job_records, make_rows
 from .runner import Measurement, RunState, make_loader, resolve_device, run_batches
 
 Warn = Callable[[str], None]
@@ -95,11 +96,15 @@ def prepare_jobs(plan: Plan, options: MeasureOptions, device: torch.device, warn
                 explained.add(job.label)
                 _explain_probe(job, probe, options.layers, warn)
             layers = select_layers(probe, options.layers)
+            lie = (LieAttribution(module, group.shifts, velocities(options.direction), probe.layers, device, job.label)
+                   if options.attribution == "lie" else None)
             measurement = Measurement(
                 module, group.shifts, layers, plan.labelled, device, options.batch_size, options.precision,
                 options.channels_last, options.by_correctness, path=options.direction != "grid", seed=options.seed,
+                attribution=lie,
             )
-            measured.append(Measured(job, layers, measurement, M.MetricState(measurement.keys, device)))
+            rows_layers = layers + (lie.layers if lie is not None else [])  # strides of the attributed leaves
+            measured.append(Measured(job, rows_layers, measurement, M.MetricState(measurement.keys, device)))
         out.append(measured)
     return out
 
@@ -181,6 +186,8 @@ def measure(
     rows = make_rows(records)
     main = {(m.job.label, m.job.variant): [layer.name for layer in m.layers if layer.main] for m in states}
     summary["born_at"] = born_at(rows, main)
+    if opts.attribution == "lie":
+        summary["born_at_lie"] = born_at_lie(rows)
     summary["interval_warnings"] = interval_warnings(records, warn if context.is_main else None)
     replicates = np.concatenate([m.state.replicate_means().numpy() for m in states])
     return Result(rows=rows, settings=_settings(plan, opts, specs, device, context), summary=summary,

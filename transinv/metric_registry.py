@@ -33,6 +33,7 @@ class MetricSpec:
     bounds: tuple[float, float] | None = (0.0, 1.0)
     by_correctness: bool = False  # only with --by-correctness (a split of another metric)
     at_reference: float | None = None  # its value at shift 0 by definition (None: not fixed, or no shift)
+    attribution: bool = False  # only with --attribution lie; shift columns hold the direction of an infinitesimal shift
 
 
 TOP1_AGREEMENT = "top1_agreement"
@@ -56,6 +57,9 @@ CONSISTENCY_IF_CORRECT = "consistency_if_correct"
 CONSISTENCY_IF_WRONG = "consistency_if_wrong"
 EQUIVARIANCE_ERROR = "equivariance_error"
 POOLED_INVARIANCE_ERROR = "pooled_invariance_error"
+LIE_DERIVATIVE = "lie_derivative"
+LIE_CONTRIBUTION = "lie_contribution"
+LIE_UNATTRIBUTED = "lie_unattributed"
 
 _SPECS = (
     MetricSpec(EQUIVARIANCE_ERROR, "layer", "mean", "lower",
@@ -116,6 +120,21 @@ _SPECS = (
     MetricSpec(CONSISTENCY_IF_WRONG, "set", "proportion", "higher",
                "`consistency` over the images whose unshifted prediction is wrong (`--by-correctness`)",
                needs_labels=True, by_correctness=True),
+    MetricSpec(LIE_DERIVATIVE, "output", "mean", "lower",
+               "`‖L p(x)‖₂`, `L p = d/dt p(T_{t·v} x)` at `t = 0`: `p` the softmax probabilities, `v` the direction "
+               "in `shift_x`, `shift_y` (input pixels per unit `t`); the band-limited derivative in circular mode, "
+               "the central difference of the bilinear shift otherwise (`--attribution lie`)",
+               bounds=(0.0, float("inf")), attribution=True),
+    MetricSpec(LIE_CONTRIBUTION, "layer", "mean", "lower",
+               "`c_l = ⟨J_{>l} e_l, L p⟩ / ‖L p‖`, signed: `e_l = d/dt T_{-t·v/s_l} f_l(T_{t·v/s_in} h)` is leaf layer "
+               "`l`'s own Lie derivative at its input `h`, `J_{>l}` the Jacobian of the rest of the network; per image "
+               "`Σ_l c_l + lie_unattributed = lie_derivative` (0 where `L p = 0`)",
+               bounds=None, attribution=True),
+    MetricSpec(LIE_UNATTRIBUTED, "output", "mean", "lower",
+               "`‖L p‖ − Σ_l c_l`: the part made outside leaf modules (functional ops in `forward`, such as "
+               "`torch.flatten` of a spatial map); 0 up to rounding where leaf modules hold every op that is not "
+               "exactly equivariant (torchvision ResNets, `nn.Sequential` CNNs)",
+               bounds=None, attribution=True),
 )
 
 METRICS: dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}
@@ -161,6 +180,7 @@ def markdown_table() -> str:
     lines = ["| metric | per image | scope | interval | better | labels |", "|---|---|---|---|---|---|"]
     for s in _SPECS:
         where = {"layer": "layer `l`, per shift", "output": "output, per shift", "set": "output, one row per run"}[s.scope]
+        where = where.replace("shift", "direction") if s.attribution else where
         interval = "Wilson" if s.kind == "proportion" else "bootstrap"
         definition = s.definition.replace("|", "\\|")  # a pipe inside a table cell
         lines.append(f"| `{s.name}` | {definition} | {where} | {interval} | {s.better} "

@@ -87,6 +87,7 @@ class MeasureOptions:
     num_images: int | None = _opt(None, "Measure a random subset of this many images (seeded by --sample-seed).", WHAT)
     layers: str = _opt("default", "Layers to measure: default (stage outputs and the first layer at each new stride), all, none (output only), or names and globs (layer3.*), comma-separated.", WHAT)
     by_correctness: bool = _opt(False, "Also split top-1 agreement and consistency by whether the unshifted prediction was correct.", WHAT)
+    attribution: str | None = _opt(None, "Also split the output's Lie derivative (an infinitesimal shift along --direction) into contributions of every leaf layer that add up to it: lie (Gruver et al. 2023; see README).", WHAT, choices=("lie",))
     label: tuple[str, ...] | None = _opt(None, "Label for the model in rows and tables (default: its short name); repeat once per model.", WHAT, repeat=True)
     seed: int = _opt(0, "Seed for random weights and random offsets (--consistency, --random-shifts).", WHAT)
     sample_seed: int = _opt(0, "Seed for the --num-images subset (apart from --seed, so new offsets keep the images).", WHAT)
@@ -163,6 +164,9 @@ class MeasureOptions:
         _reword("fill", lambda: parse_fill(self.fill, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)))
         if self.consistency is not None:
             _reword("consistency", lambda: parse_pair_offsets(self.consistency))
+        if self.attribution and self.subpixel and (self.subpixel == "fourier") != (self.mode == "circular"):
+            raise OptionError("attribution", f"lie differentiates the {'fourier' if self.mode == 'circular' else 'bilinear'} "
+                                             f"shift in --mode {self.mode}, not --subpixel {self.subpixel}")
         self.variant_specs()
         return self
 

@@ -25,7 +25,7 @@ from matplotlib.text import Text
 from matplotlib.ticker import MaxNLocator
 
 from . import metrics as M
-from .metric_registry import is_proportion
+from .metric_registry import is_proportion, spec
 from .results import TEXT_COLUMNS, atomic_target
 
 NEEDED = ["model", "mode", "layer", "shift_x", "shift_y", "metric", "value"]
@@ -314,8 +314,10 @@ def _sections(data: pd.DataFrame, metric: str | None, layer: str | None) -> list
 
 
 def _shifted_metrics(rows: pd.DataFrame) -> list[str]:
-    """Metrics with rows at some shift, in order of appearance (worst_case_accuracy has none)."""
-    return list(pd.unique(rows.loc[rows["shift_x"].notna(), "metric"]))
+    """Metrics with rows at some shift, in order of appearance (worst_case_accuracy has none; the
+    Lie rows' shift columns hold a direction, not a shift, so they are not drawn against shift)."""
+    shifted = pd.unique(rows.loc[rows["shift_x"].notna(), "metric"])
+    return [m for m in shifted if not (spec(m) is not None and spec(m).attribution)]
 
 
 def _map_default(metrics: list[str]) -> str:

@@ -11,7 +11,7 @@ from rich.text import Text
 
 from . import metrics as M
 from .compare import Comparison, compare_within, reference_pairs
-from .metric_registry import order
+from .metric_registry import LIE_CONTRIBUTION, LIE_DERIVATIVE, LIE_UNATTRIBUTED, order, spec
 from .results import Result
 
 
@@ -43,7 +43,9 @@ def _header(result: Result) -> Text:
 def output_tables(rows: pd.DataFrame) -> list[Table]:
     """Output metrics by shift: one table with a column per metric for one model, or, to compare
     several models and variants side by side, one table per metric with a column per series."""
-    out = rows[(rows["layer"] == M.OUTPUT_LAYER) & rows["shift_x"].notna()]
+    out = rows[(rows["layer"] == M.OUTPUT_LAYER) & rows["shift_x"].notna() & ~rows["metric"].map(_is_lie)]
+    if out.empty:
+        return []
     metrics = order(list(out["metric"]))
     series = list(dict.fromkeys(zip(out["model"], out["variant"])))
     wide = out.pivot_table(index=["shift_x", "shift_y"], columns=["model", "variant", "metric"],
@@ -62,6 +64,45 @@ def output_tables(rows: pd.DataFrame) -> list[Table]:
         for (sx, sy), values in wide.iterrows():
             row = [_with_interval(values, (m, v, metric)) for (m, v), metric in cells]
             table.add_row(_shift_label(sx, sy), *row, str(counts[(sx, sy)]))
+        tables.append(table)
+    return tables
+
+
+def _is_lie(metric: str) -> bool:
+    found = spec(metric)
+    return found is not None and found.attribution
+
+
+LIE_SHOWN = 0.005  # contributions below this share of the total stay in the CSV/JSON only
+
+
+def lie_tables(rows: pd.DataFrame) -> list[Table]:
+    """``--attribution lie``: per series and direction, the total, the unattributed part, and each
+    leaf layer's contribution with its share of the total (layers under ``LIE_SHOWN`` left out)."""
+    tables = []
+    for (model, variant, sx, sy), part in rows[rows["metric"].map(_is_lie)].groupby(
+            ["model", "variant", "shift_x", "shift_y"], sort=False):
+        cells = {(r.layer, r.metric): r for r in part.itertuples()}
+        total = cells.get((M.OUTPUT_LAYER, LIE_DERIVATIVE))
+        if total is None:
+            continue
+        layers = part[part["metric"] == LIE_CONTRIBUTION]
+        shown = layers[(layers["value"].abs() >= LIE_SHOWN * total.value)] if total.value > 0 else layers.iloc[:0]
+        table = Table(title=f"lie_contribution, {_series_label(model, variant)}, along ({sx},{sy}) "
+                            f"(signed; the rows add up to lie_derivative)", title_justify="left",
+                      caption=f"n = {total.n}; {len(layers) - len(shown)} layers under {LIE_SHOWN:.1%} of the total "
+                              f"not shown (see the CSV/JSON)", caption_justify="left", box=box.SIMPLE_HEAD)
+        for column in ("layer", "stride", "value [95% interval]", "share"):
+            table.add_column(column, justify="left" if column == "layer" else "right")
+        for r in shown.itertuples():
+            table.add_row(escape(r.layer), "" if pd.isna(r.stride) else str(r.stride),
+                          _interval_text(r.value, r.ci_low, r.ci_high), f"{r.value / total.value:.1%}")
+        unattributed = cells.get((M.OUTPUT_LAYER, LIE_UNATTRIBUTED))
+        if unattributed is not None:
+            table.add_row("(outside leaf layers)", "", _interval_text(unattributed.value, unattributed.ci_low,
+                          unattributed.ci_high), f"{unattributed.value / total.value:.1%}" if total.value > 0 else "")
+        table.add_row(LIE_DERIVATIVE, "", _interval_text(total.value, total.ci_low, total.ci_high), "100%",
+                      style="bold")
         tables.append(table)
     return tables
 
@@ -247,11 +288,16 @@ def render(result: Result, width: int = 120) -> Group:
         parts.append(whole)
     if len(groups) > 1 and reference_pairs([series for series, _ in groups]):
         parts.extend(difference_tables(result.rows, compare_within(result)))
+    parts.extend(lie_tables(result.rows))
     born = pd.DataFrame(result.summary.get("born_at") or [])
     if not born.empty:
         for (model, variant), entries in born.groupby(["model", "variant"], sort=False):
             parts.append(Text(f"born at, {_series_label(model, variant)} (layer where pooled_invariance_error "
                               f"grows most): {_born_line(entries.to_dict('records'))}"))
+    for entry in result.summary.get("born_at_lie") or []:
+        parts.append(Text(f"born at (Lie), {_series_label(entry['model'], entry['variant'])} along "
+                          f"({entry['shift_x']},{entry['shift_y']}) (largest lie_contribution): {entry['layer']} "
+                          f"({entry['share']:.0%} of lie_derivative)"))
     return Group(*parts)
 
 

@@ -19,6 +19,7 @@ import torch
 import torchvision
 
 from . import metrics as M
+from .metric_registry import LIE_CONTRIBUTION, LIE_DERIVATIVE, spec
 
 COLUMNS = [
     "model",
@@ -126,6 +127,22 @@ def interval_warnings(records: list[dict[str, Any]], warn: Callable[[str], None]
 REPLICATES_ENCODING = "base64 of little-endian float64, one string per row"
 
 
+def born_at_lie(rows: pd.DataFrame) -> list[dict[str, Any]]:
+    """For each direction of ``--attribution lie``, the layer with the largest mean ``lie_contribution``
+    and its share of the mean ``lie_derivative`` (contributions add up, so shares do too)."""
+    found = []
+    parts = rows[rows["metric"] == LIE_CONTRIBUTION]
+    totals = rows[rows["metric"] == LIE_DERIVATIVE].set_index(["model", "variant", "shift_x", "shift_y"])["value"]
+    for (model, variant, sx, sy), group in parts.groupby(["model", "variant", "shift_x", "shift_y"], sort=False):
+        total = float(totals.get((model, variant, sx, sy), float("nan")))
+        if not total > BORN_AT_FLOOR:  # an (almost) invariant output: nothing is born
+            continue
+        best = group.loc[group["value"].idxmax()]
+        found.append({"model": model, "variant": variant, "shift_x": sx, "shift_y": sy, "layer": best["layer"],
+                      "contribution": float(best["value"]), "share": float(best["value"]) / total})
+    return found
+
+
 @dataclass
 class Result:
     """A finished (or interrupted) measurement: tidy rows plus the settings that produced them.
@@ -212,7 +229,8 @@ def job_records(measured: Sequence[tuple[Any, Sequence[Any], M.MetricState]], op
         for row in state.rows():
             layer = by_name.get(row["layer"])
             shift = (row["shift_x"], row["shift_y"])
-            aligned = True if layer is None else layer.aligned(shift)
+            found = spec(row["metric"])  # an infinitesimal shift (Lie rows) is defined at every stride
+            aligned = True if layer is None or (found is not None and found.attribution) else layer.aligned(shift)
             records.append({**identity, "stride": None if layer is None else layer.stride[1], "aligned": aligned, **row})
     return records
 

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from . import metrics as M
 from .metric_registry import METRICS
+from .attribution import LieAttribution
 from .data import Batch, CanvasDataset, ImageItem, Preprocess, collate
 from .errors import UserError
 from .layers import FeatureTap, LayerInfo, to_nchw
@@ -69,7 +70,8 @@ def metric_keys(
             keys.append((layer.name, shift, M.POOLED_INVARIANCE_ERROR))
     for shift in shifts:
         for spec in METRICS.values():
-            if spec.scope == "output" and (labelled or not spec.needs_labels) and (by_correctness or not spec.by_correctness):
+            if (spec.scope == "output" and not spec.attribution and (labelled or not spec.needs_labels)
+                    and (by_correctness or not spec.by_correctness)):
                 keys.append((M.OUTPUT_LAYER, shift, spec.name))
     whole: list[str] = []
     if len(shifts) > 1:
@@ -157,6 +159,7 @@ class Measurement:
         by_correctness: bool = False,
         path: bool = False,
         seed: int = 0,
+        attribution: LieAttribution | None = None,
     ) -> None:
         self.model, self.plan, self.layers, self.device = model, plan, layers, device
         self.labelled, self.views_per_pass = labelled, views_per_pass
@@ -168,7 +171,8 @@ class Measurement:
         self.by_correctness, self.path = by_correctness and labelled, path and len(plan.shifts) > 1
         self.seed = seed
         self.keys = metric_keys(layers, plan.shifts, labelled, by_correctness, path, plan.pair_offsets is not None,
-                                plan.random_shifts > 0)
+                                plan.random_shifts > 0) + (attribution.keys if attribution is not None else [])
+        self.attribution = attribution
 
     def _forward(self, tap: FeatureTap, views: torch.Tensor) -> torch.Tensor:
         tap.reset()
@@ -220,6 +224,8 @@ class Measurement:
             self._add_consistency(tap, state, canvases, batch.indices, labels, ref_correct)
         if self.plan.random_shifts:
             self._add_random_worst_case(tap, state, canvases, batch.indices, labels, predictions[(0, 0)])
+        if self.attribution is not None:
+            self.attribution.add(canvases, state)
 
     def _add_worst_cases(self, state: M.MetricState, predictions: dict[Shift, torch.Tensor], labels: torch.Tensor) -> None:
         """Per image: the same class as unshifted (agreement) or the label (accuracy) at every

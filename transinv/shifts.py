@@ -16,7 +16,7 @@ import torch
 from .data import Preprocess
 from .errors import UserError
 from .options import DIRECTIONS, MODES, SUBPIXEL_METHODS  # noqa: F401  (their one home; re-exported)
-from .subpixel import bilinear_shift, fourier_shift
+from .subpixel import bilinear_shift, bilinear_shift_derivative, fourier_shift, fourier_shift_derivative
 
 Number = int | float
 Shift = tuple[Number, Number]
@@ -216,6 +216,23 @@ def subpixel_view(canvas: torch.Tensor, shift: Shift, size: int, mode: str, meth
     return bilinear_shift(frame - background, dx, dy, "zeros") + background
 
 
+def subpixel_view_derivative(
+    canvas: torch.Tensor, velocity: tuple[float, float], size: int, mode: str, method: str, fill: Fill = 0.0
+) -> torch.Tensor:
+    """``d/dt subpixel_view(canvas, t·velocity)`` at ``t = 0``: how the view moves under a continuous
+    shift (the derivative of the Fourier shift, or the central difference of the bilinear one, with
+    the same canvas, crop and fill as ``subpixel_view``)."""
+    vx, vy = (float(v) for v in velocity)
+    if method == "fourier":
+        return fourier_shift_derivative(canvas, vx, vy)
+    if mode == "crop":
+        moving = bilinear_shift_derivative(canvas, vx, vy, "border")
+        margin = (canvas.shape[-1] - size) // 2
+        return moving[..., margin : margin + size, margin : margin + size]
+    frame = shifted_view(canvas, (0, 0), size, mode, fill)
+    return bilinear_shift_derivative(frame - _background(frame, size, fill), vx, vy, "zeros")
+
+
 def shifted_view(canvas: torch.Tensor, shift: Shift, size: int, mode: str, fill: Fill = 0.0) -> torch.Tensor:
     """The ``size x size`` view of a batch of canvases ``(N, C, S, S)`` moved by ``shift``.
 
@@ -302,6 +319,16 @@ class ShiftPlan:
         if self.subpixel is not None and is_fractional(shift):
             return subpixel_view(canvas, shift, self.size, self.mode, self.subpixel, self.fill)
         return shifted_view(canvas, shift, self.size, self.mode, self.fill)
+
+    @property
+    def continuous(self) -> str:
+        """The sub-pixel method of infinitesimal shifts (the Lie derivative): ``subpixel`` when set,
+        else the one the mode allows (fourier for circular views, bilinear for the others)."""
+        return self.subpixel or ("fourier" if self.mode == "circular" else "bilinear")
+
+    def view_derivative(self, canvas: torch.Tensor, velocity: tuple[float, float]) -> torch.Tensor:
+        """``d/dt view(canvas, t·velocity)`` at ``t = 0`` (see ``subpixel_view_derivative``)."""
+        return subpixel_view_derivative(canvas, velocity, self.size, self.mode, self.continuous, self.fill)
 
     def views_at(self, canvases: torch.Tensor, jobs: Sequence[tuple[int, Shift]]) -> torch.Tensor:
         """The views ``(image index, shift)``, each of its own image, stacked in order."""

@@ -21,15 +21,16 @@ def _floating(x: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what} needs images of shape (..., H, W), got shape {tuple(x.shape)}")
 
 
-def _phase(n: int, d: float, full: bool, device: torch.device) -> torch.Tensor:
-    """The phase factors ``exp(-2πi k d / n)`` of one axis, the Nyquist bin made real (see ``fourier_shift``).
-
-    ``full`` gives all ``n`` bins (the ``fft`` axis); otherwise the ``n // 2 + 1`` bins of the ``rfft`` axis.
-    """
+def _wavenumbers(n: int, full: bool, device: torch.device) -> torch.Tensor:
+    """The integer frequencies ``k`` of one axis: all ``n`` bins (``full``, the ``fft`` axis), otherwise
+    the ``n // 2 + 1`` bins of the ``rfft`` axis."""
     k = torch.fft.fftfreq(n, d=1.0 / n, dtype=torch.float64, device=device)
-    if not full:
-        k = k[: n // 2 + 1].abs()  # the rfft axis holds 0..n//2; fftfreq lists n//2 as -n//2 for even n
-    angle = -2.0 * math.pi * d * k / n
+    return k if full else k[: n // 2 + 1].abs()  # fftfreq lists n//2 as -n//2 for even n
+
+
+def _phase(n: int, d: float, full: bool, device: torch.device) -> torch.Tensor:
+    """The phase factors ``exp(-2πi k d / n)`` of one axis, the Nyquist bin made real (see ``fourier_shift``)."""
+    angle = -2.0 * math.pi * d * _wavenumbers(n, full, device) / n
     factor = torch.polar(torch.ones_like(angle), angle)
     if n % 2 == 0:
         factor[n // 2] = math.cos(math.pi * d)
@@ -63,6 +64,28 @@ def fourier_shift(x: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
     return torch.fft.irfft2(shifted, s=(height, width)).to(x.dtype)
 
 
+def fourier_shift_derivative(x: torch.Tensor, vx: float, vy: float) -> torch.Tensor:
+    """``d/dt fourier_shift(x, t·vx, t·vy)`` at ``t = 0``: the band-limited (spectral) derivative.
+
+    Each frequency is multiplied by ``-2πi (kx·vx/W + ky·vy/H)``; the Nyquist bins get 0, the
+    derivative of their ``cos(πd)`` factor at ``d = 0``. The operator is skew-symmetric, so
+    ``<x, A x> = 0``: the energy of a map does not change to first order. Returns ``x``'s dtype.
+    """
+    _floating(x, "fourier_shift_derivative")
+    height, width = x.shape[-2:]
+    work = x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+    def rate(n: int, full: bool) -> torch.Tensor:
+        r = -2.0 * math.pi * _wavenumbers(n, full, x.device) / n
+        if n % 2 == 0:
+            r[n // 2] = 0.0
+        return r
+
+    factor = 1j * (vy * rate(height, True)[:, None] + vx * rate(width, False)[None, :])
+    spectrum = torch.fft.rfft2(work)
+    return torch.fft.irfft2(spectrum * factor.to(spectrum.dtype), s=(height, width)).to(x.dtype)
+
+
 def bilinear_shift(x: torch.Tensor, dx: float, dy: float, padding_mode: str = "zeros") -> torch.Tensor:
     """Shift images ``(..., H, W)`` by ``(dx, dy)`` pixels with bilinear resampling (Gruver et al. 2023).
 
@@ -86,3 +109,28 @@ def bilinear_shift(x: torch.Tensor, dx: float, dy: float, padding_mode: str = "z
     flat = x.reshape(1, -1, height, width).to(torch.float64)
     out = F.grid_sample(flat, grid, mode="bilinear", padding_mode=padding_mode, align_corners=False)
     return out.reshape(x.shape).to(x.dtype)
+
+
+def bilinear_shift_derivative(x: torch.Tensor, vx: float, vy: float, padding_mode: str = "zeros") -> torch.Tensor:
+    """``d/dt bilinear_shift(x, t·vx, t·vy, padding_mode)`` at ``t = 0``, as the central difference
+    ``-(vx·(x[j+1] - x[j-1]) + vy·(x[i+1] - x[i-1])) / 2``.
+
+    The bilinear interpolant has a kink at every pixel centre, so its left and right derivatives
+    there differ (a backward and a forward difference); this is their mean. Along one axis it
+    equals the symmetric quotient ``(bilinear_shift(x, ε·v) - bilinear_shift(x, -ε·v)) / 2ε``
+    exactly for any ``0 < ε·|v| ≤ 1``; along both, in the limit ``ε → 0``. Outside the image: 0
+    (``zeros``) or the edge pixel (``border``, and ``reflection``, which reflects about the pixel
+    edge). Returns ``x``'s dtype.
+    """
+    _floating(x, "bilinear_shift_derivative")
+    if padding_mode not in PADDING_MODES:
+        raise ValueError(f"unknown padding_mode {padding_mode!r}: use one of {', '.join(PADDING_MODES)}")
+    height, width = x.shape[-2:]
+    flat = x.reshape(1, -1, height, width)
+    padded = F.pad(flat, (1, 1, 1, 1), mode="constant" if padding_mode == "zeros" else "replicate")
+    out = torch.zeros_like(flat)
+    if vx:
+        out -= 0.5 * vx * (padded[..., 1:-1, 2:] - padded[..., 1:-1, :-2])
+    if vy:
+        out -= 0.5 * vy * (padded[..., 2:, 1:-1] - padded[..., :-2, 1:-1])
+    return out.reshape(x.shape)
