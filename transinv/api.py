@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import sys
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import pandas as pd
 import torch
@@ -12,9 +13,10 @@ from torch import nn
 
 from . import distributed
 from . import metrics as M
-from .data import Preprocess, find_images, select_images
+from .data import Batch, ImageItem, Preprocess, find_images, select_images
 from .errors import UserError
-from .fixes import apply_variant, parse_variant
+from .fixes import apply_variant, parse_variant, recalibrate_batchnorm
+from .fixes.report import CollapseCheck
 from .layers import LayerInfo, Probe, probe_layers, select_layers
 from .models import LoadedModel, default_preprocess, load_model
 from .results import Result, born_at, make_rows
@@ -132,6 +134,26 @@ def variant_specs(variants: Sequence[str] | str | None, antialias: str | None, a
     return list(dict.fromkeys(specs))
 
 
+def _collapse_checks(jobs: list[_Job], device: torch.device) -> list[tuple[_Job, _Job, CollapseCheck]]:
+    """Each variant measured beside its base model, paired with it for ``CollapseCheck``."""
+    bases = {id(job.loaded): job for job in jobs if job.variant == "base"}
+    return [(bases[id(job.loaded)], job, CollapseCheck(f"{job.variant} of {job.loaded.name}", device))
+            for job in jobs if job.variant != "base" and id(job.loaded) in bases]
+
+
+def _compare_with_base(pairs: list[tuple[_Job, _Job, CollapseCheck]], batch: Batch) -> None:
+    for base, job, check in pairs:
+        check.add(base.measurement.prediction, job.measurement.prediction, batch.labels.to(check.counts.device))
+
+
+def _unshifted_views(
+    items: list[ImageItem], pre: Preprocess, plan: ShiftPlan, batch_size: int, workers: int, device: torch.device
+) -> Iterator[torch.Tensor]:
+    """The reference views (shift 0) of ``items``, batch by batch, on ``device``."""
+    for batch in make_loader(items, pre, plan.canvas, batch_size, workers):
+        yield plan.view(batch.canvases.to(device), (0, 0))
+
+
 def measure(
     model: str | nn.Module | Sequence[str | nn.Module] = "resnet18",
     *,
@@ -148,6 +170,8 @@ def measure(
     antialias: str | None = None,
     aps: bool = False,
     padding: str | None = None,
+    fix_layers: Sequence[str] | str | None = None,
+    recalibrate_bn: bool = False,
     size: int | None = None,
     resize: int | None = None,
     mean: Sequence[float] | None = None,
@@ -166,7 +190,9 @@ def measure(
     """Measure how models' layers and outputs respond to shifting their input images.
 
     ``model`` is one model or several (a list); ``variants`` (e.g. ``"base,blurpool,aps"``) and the
-    fix flags transform each (see ``transinv.fixes``). All are measured on the same images and
+    fix flags transform each (see ``transinv.fixes``; ``fix_layers``: glob patterns of the strided
+    layers BlurPool and APS may change; ``recalibrate_bn``: re-estimate each variant's batch-norm
+    statistics on the measured images). All are measured on the same images and
     shifts. Returns a ``Result`` whose ``rows`` are tidy (one row per model, variant, layer, shift
     and metric); the README defines every metric. Under torchrun, each process measures its share
     of the images and every process returns the combined result. ``progress(total, start)`` may
@@ -182,6 +208,7 @@ def measure(
     if precision not in PRECISIONS:
         raise UserError(f"unknown --precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     chosen_variants = variant_specs(variants, antialias, aps, padding)
+    fix_globs = [g.strip() for g in (fix_layers.split(",") if isinstance(fix_layers, str) else fix_layers or []) if g.strip()]
     pairs = parse_pair_offsets(consistency) if consistency else None
     context = distributed.from_env()
     dev = resolve_device(device, context.local_rank if context.active else None)
@@ -197,8 +224,14 @@ def measure(
         plan = ShiftPlan(tuple(shifts), pre.size, mode, fill, subpixel, pairs)
         check_shifts(plan.extent, pre.size, mode, pre.resize, subpixel)
         for variant in chosen_variants:
-            module = loaded.module if variant == "base" else apply_variant(loaded.module, variant)
+            module = loaded.module if variant == "base" else apply_variant(
+                loaded.module, variant, fix_globs, pre.size, warn, loaded.name
+            )
             module = module.to(dev).eval()
+            if recalibrate_bn and variant != "base":
+                views = _unshifted_views(all_items, pre, plan, batch_size, workers, dev)
+                count = recalibrate_batchnorm(module, views)
+                warn(f"re-estimated {count} batch norms of {loaded.name} [{variant}] on {len(all_items)} images")
             probe = probe_layers(module, pre.size, dev)
             if loaded.name not in explained:
                 explained.add(loaded.name)
@@ -211,10 +244,12 @@ def measure(
             )
     run = RunState()
     advance = progress(len(items) * len(groups), 0) if progress is not None and context.is_main else None
+    checks = {key: _collapse_checks(jobs, dev) for key, jobs in groups.items()}
     for (pre, plan), jobs in groups.items():
         loader = make_loader(items, pre, plan.canvas, batch_size, workers, ids)
         group_run = RunState()
-        run_batches([j.measurement for j in jobs], [j.state for j in jobs], iter(loader), group_run, advance)
+        compare = functools.partial(_compare_with_base, checks[(pre, plan)])
+        run_batches([j.measurement for j in jobs], [j.state for j in jobs], iter(loader), group_run, advance, compare)
         run.images = group_run.images
         run.skipped = group_run.skipped
         run.partial = run.partial or group_run.partial
@@ -222,6 +257,10 @@ def measure(
             break
     for message in run.skipped:
         warn(f"skipped unreadable image {message}")
+    for check in (check for pairs in checks.values() for _, _, check in pairs):
+        context.sum(check.counts)
+        if (message := check.message()) is not None:
+            warn(message)
     counts = context.sum(torch.tensor([run.images, len(run.skipped), int(run.partial)], dtype=torch.float64, device=dev))
     for jobs in groups.values():
         for job in jobs:
@@ -234,6 +273,8 @@ def measure(
         "models": [spec if isinstance(spec, str) else type(spec).__name__ for spec in specs],
         "weights": weights,
         "variants": chosen_variants,
+        "fix_layers": fix_globs,
+        "recalibrate_bn": recalibrate_bn,
         "data": [str(d) for d in ([data] if isinstance(data, str) else (data or ["builtin"]))],
         "shift": shift,
         "direction": direction,
