@@ -149,7 +149,10 @@ def test_plot_compare_and_several_models(tmp_path: Path, few_images: Path) -> No
     proc = run("compare", str(a), str(b), "-f", "csv")
     assert proc.returncode == 0, proc.stderr
     diff = pd.read_csv(io.StringIO(proc.stdout))
-    assert (diff["status"] == "both").all() and diff["difference"].abs().max() > 0
+    # BlurPool's blurs become the first layers at strides 8-32 (measured by default) instead of
+    # layerN.0.conv1: those rows are only in one file; the outputs and top-level layers are in both
+    both = diff[diff["status"] == "both"]
+    assert {"output", "layer4"} <= set(both["layer"]) and both["difference"].abs().max() > 0
     replot = tmp_path / "again.png"
     proc = run("plot", str(a), "-o", str(replot), "--layer", "conv1")
     assert proc.returncode == 0 and replot.exists(), proc.stderr

@@ -25,11 +25,12 @@ def _saved(rows: pd.DataFrame) -> pd.DataFrame:
 def runs(imagenet_sample: Path) -> dict[str, pd.DataFrame]:
     """resnet18 base and blurpool, an identical second resnet18 run, and vgg11: each as its CSV reads."""
     settings = dict(weights="none", data=str(imagenet_sample), num_images=2, size=32, resize=40, shift="0..2")
-    both = transinv.measure("resnet18", variants="base,blurpool", layers="default", **settings).rows
+    layers = "conv1,maxpool,layer1,layer2,layer3,layer4"  # in both variants (BlurPool adds layers of its own)
+    both = transinv.measure("resnet18", variants="base,blurpool", layers=layers, **settings).rows
     return {
         "base": _saved(both[both["variant"] == "base"]),
         "blurpool": _saved(both[both["variant"] == "blurpool"]),
-        "again": _saved(transinv.measure("resnet18", layers="default", **settings).rows),
+        "again": _saved(transinv.measure("resnet18", layers=layers, **settings).rows),
         "vgg11": _saved(transinv.measure("vgg11", layers="default", **settings).rows),
     }
 

@@ -135,8 +135,9 @@ def variant_specs(variants: Sequence[str] | str | None, antialias: str | None, a
 
 
 def _collapse_checks(jobs: list[_Job], device: torch.device) -> list[tuple[_Job, _Job, CollapseCheck]]:
-    """Each variant measured beside its base model, paired with it for ``CollapseCheck``."""
-    bases = {id(job.loaded): job for job in jobs if job.variant == "base"}
+    """Each variant measured beside its base model, paired with it for ``CollapseCheck`` (not for
+    random weights: they have learned nothing a fix could wreck)."""
+    bases = {id(job.loaded): job for job in jobs if job.variant == "base" and job.loaded.weights.lower() != "none"}
     return [(bases[id(job.loaded)], job, CollapseCheck(f"{job.variant} of {job.loaded.name}", device))
             for job in jobs if job.variant != "base" and id(job.loaded) in bases]
 
