@@ -209,7 +209,8 @@ def measure(
     if precision not in PRECISIONS:
         raise UserError(f"unknown --precision {precision!r}: use one of {', '.join(PRECISIONS)}")
     chosen_variants = variant_specs(variants, antialias, aps, padding)
-    fix_globs = [g.strip() for g in (fix_layers.split(",") if isinstance(fix_layers, str) else fix_layers or []) if g.strip()]
+    globs = fix_layers.split(",") if isinstance(fix_layers, str) else fix_layers or []
+    fix_globs = [g.strip() for g in globs if g.strip()]
     pairs = parse_pair_offsets(consistency) if consistency else None
     context = distributed.from_env()
     dev = resolve_device(device, context.local_rank if context.active else None)

@@ -67,12 +67,13 @@ def antialias_in_place(
     analysis = analyse(model, conv_strides=(2, 4))
     network = network_mode(model)
     report = FixReport(f"blurpool{'-all' if stem else ''}:{kernel}")
-    keep_stem = not stem and not isinstance(model, torchvision.models.AlexNet)
+    kept_stem = None if stem or isinstance(model, torchvision.models.AlexNet) else analysis.stem
     replacements: dict[str, nn.Module] = {}
     insertions: list[Insertion] = []
     for site in analysis.sites:
-        if keep_stem and site is analysis.stem:
-            report.kept.append((where(site.path, site.module), "the stem, as Zhang's pool_only (blurpool-all blurs it)"))
+        if site is kept_stem:
+            why = "the stem, as Zhang's pool_only (blurpool-all blurs it)"
+            report.kept.append((where(site.path, site.module), why))
             continue
         if not selected(site.path, layers):
             report.kept.append((where(site.path, site.module), "not in the chosen layers"))

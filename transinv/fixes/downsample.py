@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .report import where
+
 # The polyphase components (row offset, column offset), in the order of the authors' code, so
 # that ties (equal norms) go to the same component as theirs (argmax takes the first).
 PHASES = ((0, 0), (1, 0), (0, 1), (1, 1))
@@ -88,7 +90,8 @@ class PolyphaseDown(nn.Module):
     As in the authors' ``ApsPool``: the map is low-pass filtered first when ``lowpass`` is given
     (``blurpool+aps``), padded circularly by one row/column at the bottom/right when its size is
     odd, split into the four components of ``PHASES``, and the component whose L2 norm over all
-    channels is largest is kept. A ``leader`` chooses and hands its choice to ``group``; a
+    channels is largest is kept. Norms are summed in float64 (the authors' in float32): a shifted
+    map holds the same values in another order, and in float32 that order can flip near-ties. A ``leader`` chooses and hands its choice to ``group``; a
     ``follower`` (another branch joined to the leader's) reuses it; with no group it chooses alone.
     """
 
@@ -108,10 +111,15 @@ class PolyphaseDown(nn.Module):
         if self.role == "follower":
             index = self.group.take()
         else:
-            index = torch.linalg.vector_norm(phases.flatten(2), dim=2).argmax(dim=1)
+            index = torch.linalg.vector_norm(phases.flatten(2), dim=2, dtype=torch.float64).argmax(dim=1)
             if self.role == "leader":
                 self.group.put(index)
         return phases[torch.arange(len(phases), device=phases.device), index]
 
     def extra_repr(self) -> str:
         return f"role={self.role}"
+
+
+def transformed_layer(model: nn.Module) -> str | None:
+    """The first downsampler a fix inserted into ``model`` (named as messages name layers), or None."""
+    return next((where(p, m) for p, m in model.named_modules() if isinstance(m, (Blur, PolyphaseDown))), None)

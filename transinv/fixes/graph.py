@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.modules.pooling import _AvgPoolNd, _LPPoolNd, _MaxPoolNd
 from torch.nn.modules.utils import _pair
@@ -104,7 +104,7 @@ class Site:
     path: str
     module: nn.Module
     node: fx.Node
-    stride: tuple[int, int]
+    stride: tuple[int, ...]
     kind: str  # conv, max or avg
     after: fx.Node | None = None  # the activation after which to downsample (a conv's only)
 
@@ -143,7 +143,8 @@ def trace(model: nn.Module) -> fx.Graph:
     try:
         return _Tracer(model).trace(model)
     except Exception as exc:  # noqa: BLE001 - any tracing failure is reported as one line
-        raise FixError(f"cannot trace {type(model).__name__} with torch.fx ({_first_line(exc)}); no fix applied") from exc
+        name = type(model).__name__
+        raise FixError(f"cannot trace {name} with torch.fx ({_first_line(exc)}); no fix applied") from exc
 
 
 def _following_activation(node: fx.Node, modules: dict[str, nn.Module]) -> fx.Node | None:
@@ -246,12 +247,12 @@ def tensor_ranks(analysis: Analysis, size: int) -> dict[fx.Node, int]:
     channels = first_conv.in_channels if first_conv is not None else 3
     modes = {m: m.training for m in model.modules()}
     probe = fx.GraphModule(model, analysis.graph)
-    parameter = next(model.parameters(), None)
-    device = parameter.device if parameter is not None else "cpu"
+    parameter = next(model.parameters(), torch.zeros(()))
+    blank = torch.zeros(1, channels, size, size, device=parameter.device, dtype=parameter.dtype)
     try:
         with torch.no_grad():
             probe.eval()
-            ShapeProp(probe).propagate(torch.zeros(1, channels, size, size, device=device))
+            ShapeProp(probe).propagate(blank)
     except Exception as exc:  # noqa: BLE001 - any failure of the probe is one line
         raise FixError(
             f"aps: the model fails on a {size}x{size} probe input ({_first_line(exc)}); pass the size it takes"
@@ -260,7 +261,7 @@ def tensor_ranks(analysis: Analysis, size: int) -> dict[fx.Node, int]:
         for module, training in modes.items():
             module.training = training
     return {n: len(n.meta["tensor_meta"].shape) for n in analysis.graph.nodes
-            if isinstance(n.meta.get("tensor_meta"), torch.fx.passes.shape_prop.TensorMetadata)}
+            if isinstance(n.meta.get("tensor_meta"), TensorMetadata)}
 
 
 def replace_modules(model: nn.Module, replacements: dict[str, nn.Module]) -> nn.Module:

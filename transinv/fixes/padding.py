@@ -7,17 +7,11 @@ import copy
 from torch import nn
 from torch.nn.modules.utils import _pair
 
-from .downsample import Blur, PolyphaseDown
+from .downsample import transformed_layer
 from .rebuilt import ShiftPool2d, pool_parts, symmetric_pad
-from .report import FixError, FixReport, where
+from .report import FixError, FixReport
 
 PADDING_MODES = ("zeros", "circular", "reflect", "replicate")
-
-
-def _check_untransformed(model: nn.Module) -> None:
-    for path, module in model.named_modules():
-        if isinstance(module, (Blur, PolyphaseDown)):
-            raise FixError(f"set_padding: {where(path, module)} is already transformed; apply padding before blurpool and aps")
 
 
 def pad_in_place(model: nn.Module, mode: str) -> tuple[nn.Module, FixReport]:
@@ -25,8 +19,9 @@ def pad_in_place(model: nn.Module, mode: str) -> tuple[nn.Module, FixReport]:
     pool unpadded (a max-pool's implicit -inf padding is not circular); 'zeros' restores them."""
     if mode not in PADDING_MODES:
         raise FixError(f"unknown padding mode {mode!r}: use one of {', '.join(PADDING_MODES)}")
-    _check_untransformed(model)
-    report = FixReport(f"padding:{mode}")
+    if (layer := transformed_layer(model)) is not None:
+        raise FixError(f"set_padding: {layer} is already transformed; apply padding before blurpool and aps")
+    report = FixReport(f"padding:{mode}", verb="re-padded", noun="layers")
     done: dict[int, nn.Module] = {}  # a module shared by several parents gets one substitute
 
     def visit(module: nn.Module, path: str) -> nn.Module:

@@ -23,19 +23,23 @@ class FixError(UserError, ValueError):
 
 @dataclass
 class FixReport:
-    """One fix applied to one model: the strided layers it rebuilt and those it left as they were."""
+    """One fix applied to one model: the layers it changed and the strided layers it left alone."""
 
     fix: str
     replaced: list[str] = field(default_factory=list)
     kept: list[tuple[str, str]] = field(default_factory=list)  # (where(layer), why it was left alone)
+    verb: str = "replaced"
+    noun: str = "strided layers"
+    shown: int = 12  # layers named in the line; the rest are counted
 
     def line(self, model: str) -> str:
-        """One line for stderr: ``blurpool:4 on resnet18: replaced 6 strided layers (...); kept layer conv1 (Conv2d): ...``."""
-        replaced = f"replaced {len(self.replaced)} strided layers ({', '.join(self.replaced)})" if self.replaced else (
-            "replaced no layer"
-        )
+        """One line for stderr: ``blurpool:4 on resnet18: replaced 7 strided layers (...); kept layer conv1 ...``."""
+        names = ", ".join(self.replaced[: self.shown])
+        if len(self.replaced) > self.shown:
+            names += f" and {len(self.replaced) - self.shown} more"
+        done = f"{self.verb} {len(self.replaced)} {self.noun} ({names})" if self.replaced else "changed nothing"
         kept = "; ".join(f"kept {layer}: {why}" for layer, why in self.kept)
-        return f"{self.fix} on {model}: {replaced}" + (f"; {kept}" if kept else "")
+        return f"{self.fix} on {model}: {done}" + (f"; {kept}" if kept else "")
 
 
 def where(path: str, module: object) -> str:

@@ -10,9 +10,9 @@ from torch import nn
 
 from .aps import DEFAULT_PROBE, adaptive_polyphase_in_place
 from .blurpool import BLUR_KERNELS, DEFAULT_KERNEL, antialias_in_place
-from .downsample import Blur, PolyphaseDown
+from .downsample import transformed_layer
 from .padding import PADDING_MODES, pad_in_place
-from .report import FixError, FixReport, where
+from .report import FixError, FixReport
 
 VARIANT_PARTS = (
     "base, blurpool, blurpool:K, blurpool-all[:K] (K = 2..7), aps, "
@@ -56,9 +56,8 @@ def parse_variant(variant: str) -> Variant:
 
 
 def _check_untransformed(model: nn.Module) -> None:
-    for path, module in model.named_modules():
-        if isinstance(module, (Blur, PolyphaseDown)):
-            raise FixError(f"{where(path, module)} is already transformed: apply blurpool or aps to the original model")
+    if (layer := transformed_layer(model)) is not None:
+        raise FixError(f"{layer} is already transformed: apply blurpool or aps to the original model")
 
 
 def build_variant(
@@ -97,8 +96,7 @@ def apply_variant(
     out, reports = build_variant(model, variant, layers, size)
     if warn is not None:
         for report in reports:
-            if report.fix.startswith(("blurpool", "aps")):
-                warn(report.line(name or type(model).__name__))
+            warn(report.line(name or type(model).__name__))
     return out
 
 
@@ -106,6 +104,7 @@ def antialias(
     model: nn.Module, kernel: int = DEFAULT_KERNEL, stem: bool = False, layers: Sequence[str] | None = None
 ) -> nn.Module:
     """A BlurPool copy placed as Zhang's released models (see ``transinv.fixes.blurpool``)."""
+    _check_untransformed(model)
     return antialias_in_place(copy.deepcopy(model), kernel, stem, layers)[0]
 
 
