@@ -605,7 +605,7 @@ def test_aps_refuses_branches_it_cannot_pair() -> None:
 def test_aps_resnet18_is_invariant_when_measured(image_files: list[str]) -> None:
     fixed = fixes.adaptive_polyphase(fixes.set_padding(_resnet18(), "circular"), size=64)
     settings = dict(weights="none", data=image_files, mode="circular", layers="none", size=64, resize=64)
-    for shift, direction in (("0..5", "x"), ("1,3,5", "diagonal"), ("2,7", "y")):
+    for shift, direction in (("0..3", "x"), ("1,6", "diagonal")):
         rows = transinv.measure(fixed, shift=shift, direction=direction, **settings).rows
         assert (rows[rows["metric"] == M.TOP1_AGREEMENT]["value"] == 1.0).all()
         assert rows[rows["metric"] == M.KL_DIVERGENCE]["value"].max() <= 1e-6

@@ -90,8 +90,9 @@ class PolyphaseDown(nn.Module):
     As in the authors' ``ApsPool``: the map is low-pass filtered first when ``lowpass`` is given
     (``blurpool+aps``), padded circularly by one row/column at the bottom/right when its size is
     odd, split into the four components of ``PHASES``, and the component whose L2 norm over all
-    channels is largest is kept. Norms are summed in float64 (the authors' in float32): a shifted
-    map holds the same values in another order, and in float32 that order can flip near-ties. A ``leader`` chooses and hands its choice to ``group``; a
+    channels is largest is kept. Norms are summed in float64 (the authors' in float32; MPS has
+    only float32): a shifted map holds the same values in another order, and in float32 that
+    order can flip near-ties. A ``leader`` chooses and hands its choice to ``group``; a
     ``follower`` (another branch joined to the leader's) reuses it; with no group it chooses alone.
     """
 
@@ -111,7 +112,8 @@ class PolyphaseDown(nn.Module):
         if self.role == "follower":
             index = self.group.take()
         else:
-            index = torch.linalg.vector_norm(phases.flatten(2), dim=2, dtype=torch.float64).argmax(dim=1)
+            wide = torch.float32 if x.device.type == "mps" else torch.float64  # MPS has no float64
+            index = torch.linalg.vector_norm(phases.flatten(2), dim=2, dtype=wide).argmax(dim=1)
             if self.role == "leader":
                 self.group.put(index)
         return phases[torch.arange(len(phases), device=phases.device), index]

@@ -16,14 +16,13 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 from torch.nn.modules.pooling import _AvgPoolNd, _LPPoolNd, _MaxPoolNd
 from torch.nn.modules.utils import _pair
 
-from .rebuilt import RestridedConv2d, ShiftPool2d
+from .rebuilt import ShiftPool2d
 from .report import FixError, where
 
 NORMS = (nn.BatchNorm2d, nn.SyncBatchNorm, nn.GroupNorm, nn.InstanceNorm2d)
@@ -70,10 +69,10 @@ class _Tracer(fx.Tracer):
 
 
 class _ChildrenTracer(fx.Tracer):
-    """Traces one module's own ``forward``: every child is a leaf."""
+    """Traces one module's own ``forward``: every child (and every torch.nn layer) is a leaf."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return "." not in qualname
+        return "." not in qualname or super().is_leaf_module(m, qualname)
 
 
 def _first_line(exc: Exception) -> str:
