@@ -221,7 +221,10 @@ def test_plot_compare_and_several_models(cli_run, tmp_path: Path, few_images: Pa
     code, out, err = cli_run("compare", str(a), str(b), "-f", "csv")
     assert code == 0, err
     diff = pd.read_csv(io.StringIO(out))
-    assert (diff["status"] == "both").all() and diff["difference"].abs().max() > 0
+    # BlurPool's blurs become the first layers at strides 8-32 (measured by default) instead of
+    # layerN.0.conv1: those rows are only in one file; the outputs and top-level layers are in both
+    both = diff[diff["status"] == "both"]
+    assert {"output", "layer4"} <= set(both["layer"]) and both["difference"].abs().max() > 0
     replot = tmp_path / "again.png"
     code, _, err = cli_run("plot", str(a), "-o", str(replot), "--layer", "conv1")
     assert code == 0 and replot.exists(), err

@@ -120,7 +120,7 @@ def test_plan_groups_jobs_by_views_and_shards_images_without_running() -> None:
     ]  # example labels keep their prefix (see transinv.models.source_example)
     assert plan.groups[0].shifts.shifts == ((0, 0), (1, 0), (2, 0))
     second = make_plan(["example:constant"], options, distributed.Context(rank=1, world=2))
-    assert second.ids == list(range(1, plan.total_images, 2))
+    assert second.ids == list(range(1, len(plan.images), 2))
     assert [i.path for i in second.items] == [i.path for i in plan.items[1::2]]
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import pandas as pd
@@ -18,10 +18,12 @@ from . import distributed
 from . import metrics as M
 from .attribution import LieAttribution, velocities
 from .errors import UserError
-from .fixes import apply_variant
+from .data import Batch
+from .fixes import apply_variant, recalibrate_batchnorm
+from .fixes.report import CollapseCheck
 from .layers import LayerInfo, Probe, probe_layers, select_layers
 from .options import MeasureOptions, option_names
-from .plan import Job, ModelSpec, Plan, make_plan, prepare_model
+from .plan import Group, Job, ModelSpec, Plan, make_plan, prepare_model
 from .progress import ConsoleProgress, ProgressStart
 from .results import Result, born_at, born_at_lie, interval_warnings, job_records, make_rows
 from .runner import Measurement, RunState, make_loader, resolve_device, run_batches
@@ -68,6 +70,36 @@ class Measured:
     state: M.MetricState
 
 
+@dataclass
+class Collapse:
+    """A variant paired with its base model, to warn when the fix wrecks a trained model."""
+
+    base: Measured
+    variant: Measured
+    check: CollapseCheck
+
+    def add(self, batch: Batch) -> None:
+        labels = batch.labels.to(self.check.counts.device)
+        self.check.add(self.base.measurement.prediction, self.variant.measurement.prediction, labels)
+
+
+def collapse_checks(measured: list[Measured], device: torch.device) -> list[Collapse]:
+    """Each variant measured beside its base model (not for random weights: they have learned
+    nothing a fix could wreck)."""
+    bases = {m.job.label: m for m in measured if m.job.variant == "base" and m.job.model.weights.lower() != "none"}
+    return [Collapse(bases[m.job.label], m, CollapseCheck(f"{m.job.variant} of {m.job.label}", device))
+            for m in measured if m.job.variant != "base" and m.job.label in bases]
+
+
+def _unshifted_views(plan: Plan, group: Group, options: MeasureOptions, device: torch.device) -> Iterator[torch.Tensor]:
+    """The reference views (shift 0) of every image of the run (all processes see all of them, so
+    recalibrated models stay identical across ranks), batch by batch, on ``device``."""
+    loader = make_loader(plan.images, group.shifts.decoding(group.preprocess), group.shifts.canvas,
+                         options.batch_size, options.workers)
+    for batch in loader:
+        yield group.shifts.view(batch.canvases.to(device), (0, 0))
+
+
 def _explain_probe(job: Job, probe: Probe, layer_spec: str, warn: Warn) -> None:
     for note in job.model.notes:
         warn(note)
@@ -89,8 +121,12 @@ def prepare_jobs(plan: Plan, options: MeasureOptions, device: torch.device, warn
     for group in plan.groups:
         measured = []
         for job in group.jobs:
-            module = job.model.module if job.variant == "base" else apply_variant(job.model.module, job.variant)
+            module = job.model.module if job.variant == "base" else apply_variant(
+                job.model.module, job.variant, options.fix_globs(), group.preprocess.size, warn, job.label)
             module = module.to(device).eval()
+            if options.recalibrate_bn and job.variant != "base":
+                count = recalibrate_batchnorm(module, _unshifted_views(plan, group, options, device))
+                warn(f"re-estimated {count} batch norms of {job.label} [{job.variant}] on {len(plan.images)} images")
             probe = probe_layers(module, group.preprocess.size, device)
             if job.label not in explained:
                 explained.add(job.label)
@@ -109,15 +145,22 @@ def prepare_jobs(plan: Plan, options: MeasureOptions, device: torch.device, warn
     return out
 
 
-def run_plan(plan: Plan, groups: list[list[Measured]], options: MeasureOptions, progress: ProgressStart | None) -> RunState:
+def run_plan(plan: Plan, groups: list[list[Measured]], options: MeasureOptions, progress: ProgressStart | None,
+             collapses: list[list[Collapse]]) -> RunState:
     """Every group over this process's images; stops at the first interrupted group."""
     run = RunState()
     advance = progress(len(plan.items) * len(plan.groups), 0) if progress is not None else None
-    for group, measured in zip(plan.groups, groups):
+    for group, measured, pairs in zip(plan.groups, groups, collapses):
         loader = make_loader(plan.items, group.shifts.decoding(group.preprocess), group.shifts.canvas,
                              options.batch_size, options.workers, plan.ids)
         group_run = RunState()
-        run_batches([m.measurement for m in measured], [m.state for m in measured], iter(loader), group_run, advance)
+
+        def after_batch(batch: Batch, pairs: list[Collapse] = pairs) -> None:
+            for pair in pairs:
+                pair.add(batch)
+
+        run_batches([m.measurement for m in measured], [m.state for m in measured], iter(loader), group_run, advance,
+                    after_batch)
         run.images, run.skipped = group_run.images, group_run.skipped
         run.partial = run.partial or group_run.partial
         if run.partial:
@@ -170,15 +213,21 @@ def measure(
     with distributed.session(context, device):
         plan = make_plan(specs, opts, context)
         groups = prepare_jobs(plan, opts, device, warn)
+        collapses = [collapse_checks(measured, device) for measured in groups]
         bar = ConsoleProgress() if progress is True and context.is_main else None
         try:
-            run = run_plan(plan, groups, opts, bar or (progress if callable(progress) and context.is_main else None))
+            run = run_plan(plan, groups, opts, bar or (progress if callable(progress) and context.is_main else None),
+                           collapses)
         finally:
             if bar is not None:
                 bar.close()
         for message in run.skipped:
             warn(f"skipped unreadable image {message}")
         summary = merge(context, run, groups, device)
+        for pair in (pair for pairs in collapses for pair in pairs):
+            context.sum(pair.check.counts)
+            if context.is_main and (message := pair.check.message()) is not None:
+                warn(message)
     if summary["images"] == 0 and not summary["partial"]:
         raise UserError("no readable images: every file was skipped (see the warnings above)")
     states = [m for measured in groups for m in measured]

@@ -107,10 +107,12 @@ class MeasureOptions:
     mean: tuple[float, float, float] | None = _opt(None, "Normalisation mean R,G,B (default: the weights', else ImageNet).", PREPROCESS, metavar="R,G,B")
     std: tuple[float, float, float] | None = _opt(None, "Normalisation std R,G,B (default: the weights', else ImageNet).", PREPROCESS, metavar="R,G,B")
     # fixes
-    variants: tuple[str, ...] | None = _opt(None, "Variants measured side by side, comma-separated: base, blurpool[:K], aps, padding:MODE, joined by '+'.", FIXES, metavar="LIST")
-    antialias: str | None = _opt(None, "Anti-aliased downsampling: blurpool or blurpool:K (K = 2..7).", FIXES)
+    variants: tuple[str, ...] | None = _opt(None, "Variants measured side by side, comma-separated: base, blurpool[:K], blurpool-all[:K], aps, padding:MODE, joined by '+'.", FIXES, metavar="LIST")
+    antialias: str | None = _opt(None, "Anti-aliased downsampling as Zhang's released models: blurpool[:K] (K = 2..7, default 4), or blurpool-all[:K] (the stem too).", FIXES)
     aps: bool = _opt(False, "Adaptive polyphase sampling at every stride-2 downsampling.", FIXES)
     padding: str | None = _opt(None, "Padding of every convolution and pool.", FIXES, choices=PADDING_MODES)
+    fix_layers: str | None = _opt(None, "Restrict BlurPool and APS to the strided layers matching these names or globs (layer4.*), comma-separated.", FIXES, metavar="GLOBS")
+    recalibrate_bn: bool = _opt(False, "Re-estimate each variant's batch-norm statistics on the measured (unshifted) images before measuring (the papers fine-tune instead).", FIXES)
     # how to run
     batch_size: int = _opt(32, "Images per batch, and views per forward pass.", RUN)
     workers: int = _opt(0, "DataLoader worker processes decoding images.", RUN)
@@ -131,7 +133,7 @@ class MeasureOptions:
         set_(self, "variants", None if variants is None else tuple(v.strip() for v in variants if v.strip()) or None)
         if isinstance(self.weights, Mapping):
             set_(self, "weights", {str(k): str(v) for k, v in self.weights.items()})
-        for name in ("shift", "consistency", "fill"):  # YAML reads `shift: 5` as a number
+        for name in ("shift", "consistency", "fill", "fix_layers"):  # YAML reads `shift: 5` as a number
             value = getattr(self, name)
             if value is not None and not isinstance(value, str):
                 set_(self, name, ",".join(str(v) for v in value) if isinstance(value, (list, tuple)) else str(value))
@@ -183,6 +185,10 @@ class MeasureOptions:
             _reword("variants", lambda: parse_variant(spec))
             specs.append(spec)
         return list(dict.fromkeys(specs))
+
+    def fix_globs(self) -> list[str]:
+        """The ``fix_layers`` patterns as a list (empty: every strided layer)."""
+        return [g.strip() for g in (self.fix_layers or "").split(",") if g.strip()]
 
     def weights_for(self, model: object) -> str:
         """The weights of one model: the same for all, or its entry in a model -> weights mapping

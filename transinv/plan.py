@@ -44,14 +44,14 @@ class Group:
 
 @dataclass
 class Plan:
-    """The whole run: groups of jobs, and the images this process measures (``ids``: their
-    positions in the whole run, which seed per-image randomness)."""
+    """The whole run: groups of jobs, the images this process measures (``ids``: their positions
+    in the whole run, which seed per-image randomness) and all the run's images."""
 
     groups: list[Group]
     items: list[ImageItem]
     ids: list[int]
+    images: list[ImageItem]  # every image of the run, all processes included
     labelled: bool
-    total_images: int
 
     @property
     def jobs(self) -> list[Job]:
@@ -103,7 +103,7 @@ def make_plan(models: Sequence[ModelSpec], options: MeasureOptions, context: Con
     return Plan(
         groups=list(groups.values()),
         items=context.shard(everything),
+        images=everything,
         ids=context.shard(range(len(everything))),
         labelled=any(item.label >= 0 for item in everything),
-        total_images=len(everything),
     )

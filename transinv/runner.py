@@ -173,6 +173,7 @@ class Measurement:
         self.keys = metric_keys(layers, plan.shifts, labelled, by_correctness, path, plan.pair_offsets is not None,
                                 plan.random_shifts > 0) + (attribution.keys if attribution is not None else [])
         self.attribution = attribution
+        self.prediction: torch.Tensor | None = None  # the last batch's top-1 classes on the unshifted views
 
     def _forward(self, tap: FeatureTap, views: torch.Tensor) -> torch.Tensor:
         tap.reset()
@@ -205,7 +206,8 @@ class Measurement:
         for layer in self.layers:  # shift 0 through the same code: exactly 0 by construction
             ref = comparer.reference[layer.name]
             comparer.compare(layer, ref, ref.maps, (0, 0))
-        ref_correct = reference.argmax(dim=1) == labels
+        self.prediction = reference.argmax(dim=1)
+        ref_correct = self.prediction == labels
         predictions = {(0, 0): self._add_outputs(state, (0, 0), reference, reference, labels, ref_correct)}
         path = {(0, 0): reference}  # logits, kept only for the path metrics
         for group in self._passes(len(labels)):
@@ -309,12 +311,13 @@ class Measurement:
 
 def run_batches(
     measurements: list[Measurement], states: list[M.MetricState], batches: Iterator[Batch], run: RunState,
-    progress: ProgressHook | None = None,
+    progress: ProgressHook | None = None, after_batch: Callable[[Batch], None] | None = None,
 ) -> None:
     """Measure every batch with each measurement (all on the same decoded images).
 
     A batch's per-image values are reduced into the states only once every measurement has
     finished it, so Ctrl-C leaves whole batches in every state and marks the run partial.
+    ``after_batch`` sees each batch once every measurement has measured it (their ``prediction``).
     """
     heap = _Heap()
     try:
@@ -328,6 +331,8 @@ def run_batches(
                         measurement.measure_batch(batch, state)
                     for state in states:  # only now: an interruption above leaves no half batch
                         state.flush()
+                    if after_batch is not None:
+                        after_batch(batch)
                     run.images += len(batch.indices)
                     heap.release()
                 if progress is not None:
