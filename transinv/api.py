@@ -15,6 +15,7 @@ from torch import nn
 
 from . import distributed
 from . import metrics as M
+from . import per_image
 from .errors import UserError
 from .fixes import apply_variant
 from .layers import LayerInfo, Probe, probe_layers, select_layers
@@ -93,6 +94,7 @@ def prepare_jobs(plan: Plan, options: MeasureOptions, device: torch.device, warn
             measurement = Measurement(
                 module, group.shifts, layers, plan.labelled, device, options.batch_size, options.precision,
                 options.channels_last, options.by_correctness, path=options.direction != "grid", seed=options.seed,
+                per_image=options.per_image is not None,
             )
             measured.append(Measured(job, layers, measurement, M.MetricState(measurement.keys, device)))
         out.append(measured)
@@ -169,6 +171,9 @@ def measure(
         for message in run.skipped:
             warn(f"skipped unreadable image {message}")
         summary = merge(context, run, groups, device)
+        if opts.per_image is not None:  # a collective under torchrun; rank 0 writes every rank's rows
+            per_image.write(opts.per_image, [(m.job, m.measurement.per_image) for measured in groups for m in measured],
+                            plan, opts.mode, context)
     if summary["images"] == 0 and not summary["partial"]:
         raise UserError("no readable images: every file was skipped (see the warnings above)")
     rows = job_rows([(m.job, m.layers, m.state) for measured in groups for m in measured], opts, summary["partial"])
