@@ -284,14 +284,18 @@ _SHOW_EXTRA = {
     "channels": (int, typer.Option(help="Channels of largest energy drawn for one layer.", rich_help_panel=_OUTPUT_PANEL)),
     "title": (Optional[str], typer.Option(help="Figure title.", rich_help_panel=_OUTPUT_PANEL)),
     "dpi": (Optional[int], typer.Option(help=DPI_HELP, rich_help_panel=_OUTPUT_PANEL)),
+    "fmt": (Optional[Format], typer.Option("--format", "-f", help="table, csv or json for the per-layer numbers on stdout "
+                                                                  "(default: table on a terminal, CSV otherwise).",
+                                           rich_help_panel=_OUTPUT_PANEL)),
     "debug": (bool, typer.Option(help="Show tracebacks.", rich_help_panel=_OUTPUT_PANEL)),
 }
-_SHOW_DEFAULTS = {"layer": "all", "channels": 4, "title": None, "dpi": None, "debug": False}
+_SHOW_DEFAULTS = {"layer": "all", "channels": 4, "title": None, "dpi": None, "fmt": None, "debug": False}
 
 
 def _show(model: str, image: Path, **given: Any) -> None:
     """Draw IMAGE and its view at --shift through MODEL: the two views, a layer's maps for both, the
-    reference map moved by d/s and the error map; with several layers, each one's error map."""
+    reference map moved by d/s and the error map; with several layers, each one's error map.
+    Each layer's numbers for this image go to stdout."""
     extra = {name: given.pop(name) for name in _SHOW_EXTRA}
     with _errors(extra["debug"]):
         from .show import show
@@ -299,9 +303,13 @@ def _show(model: str, image: Path, **given: Any) -> None:
         options = MeasureOptions(**{k: (v.value if isinstance(v, Enum) else v) for k, v in given.items()})
         shown = show(model, image, extra["output"], extra["shift"], extra["layer"], options,
                      channels=extra["channels"], title=extra["title"], dpi=extra["dpi"])
-        layers = dict.fromkeys(m.layer.name for v in shown.variants for m in v.layers)
-        err.print(f"wrote {extra['output']}: {', '.join(v.variant for v in shown.variants)} at "
-                  f"{', '.join(layers)}", highlight=False, soft_wrap=True)
+        err.print(f"wrote {extra['output']}", highlight=False)
+        rows = shown.rows()
+        screen = rows[["variant", "layer", "stride", "equivariance_error", "error_map_mean"]].astype(object)
+        screen["equivariance_error"] = screen["equivariance_error"].where(rows["aligned"], "not aligned")
+        top1 = "; ".join(f"{v.variant}: {v.predictions[0][2]} -> {v.predictions[1][2]}" for v in shown.variants)
+        _emit_frame(rows, extra["fmt"], f"{shown.model}, {shown.image.name}, shift {shown.shift}, mode {shown.mode} "
+                    f"(top-1 {top1})", screen)
 
 
 def _extra_parameter(name: str) -> inspect.Parameter:
@@ -317,7 +325,7 @@ _show.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
          Path, typer.Argument(metavar="IMAGE", help="An image file.")])]
     + [_extra_parameter(n) for n in ("shift", "layer", "output")]
     + [_option_parameter(f) for f in option_fields() if f.name in SHOW_OPTIONS]
-    + [_extra_parameter(n) for n in ("channels", "title", "dpi", "debug")]
+    + [_extra_parameter(n) for n in ("channels", "title", "dpi", "fmt", "debug")]
 )
 app.command("show")(_show)
 

@@ -7,12 +7,14 @@ per-position part of ``equivariance_error``, and each panel's number is that met
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 import matplotlib
 import numpy as np
+import pandas as pd
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.cm import ScalarMappable
@@ -72,6 +74,25 @@ class Shown:
     mode: str
     views: np.ndarray
     variants: list[VariantMaps]
+
+    def rows(self) -> pd.DataFrame:
+        """One row per variant and layer, in forward order: this image's ``equivariance_error``
+        (empty where ``d`` is not aligned), ``error_map_mean`` (the drawn map's mean over the
+        positions compared) and each view's top-1 class and probability."""
+        records = []
+        for variant in self.variants:
+            (ref_class, ref_prob, ref_name), (cls, prob, name) = variant.predictions
+            for maps in variant.layers:
+                finite = maps.error[torch.isfinite(maps.error)]
+                records.append({
+                    "model": self.model, "variant": variant.variant, "layer": maps.layer.name,
+                    "stride": maps.layer.stride[1], "aligned": maps.value is not None, "shift_x": self.shift[0],
+                    "shift_y": self.shift[1], "equivariance_error": maps.value,
+                    "error_map_mean": float(finite.mean()) if finite.numel() else math.nan,
+                    "reference_class": ref_class, "reference_class_name": ref_name, "reference_prob": ref_prob,
+                    "shifted_class": cls, "shifted_class_name": name, "shifted_prob": prob,
+                })
+        return pd.DataFrame.from_records(records)
 
 
 def parse_shift(spec: str | int | float | Sequence[int | float]) -> Shift:
