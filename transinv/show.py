@@ -183,7 +183,7 @@ def _variant_maps(
     maps: dict[str, torch.Tensor] = {}
 
     def keep(name: str, feature: torch.Tensor) -> None:  # a copy: in-place ops later may change it
-        maps[name] = to_nchw(feature, by_name[name]).double().cpu()
+        maps[name] = to_nchw(feature, by_name[name]).to("cpu", torch.float64, copy=True)
 
     with FeatureTap(module, list(by_name), keep), torch.inference_mode():
         logits = class_logits(module(views)).double().cpu()
