@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import io
 import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -121,11 +123,13 @@ def test_cli_show_writes_the_figure_and_errors_are_one_line(tmp_path: Path) -> N
     target = tmp_path / "show.svg"
     base = [sys.executable, "-m", "transinv", "show", "example:strided_circular", str(CAT), "--weights", "none",
             "--size", "32", "--resize", "48"]
-    proc = subprocess.run([*base, "--shift", "-2,2", "--layer", "all", "-o", str(target)],
+    proc = subprocess.run([*base, "--shift", "-2,2", "--mode", "circular", "--layer", "all", "-o", str(target)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout == "" and target.read_text().lstrip().startswith("<?xml")
-    assert "wrote" in proc.stderr and "0, 1, 2, 3" in proc.stderr
+    assert target.read_text().lstrip().startswith("<?xml") and proc.stderr.startswith(f"wrote {target}")
+    rows = pd.read_csv(io.StringIO(proc.stdout), dtype={"layer": str})  # a pipe gets each layer's numbers as CSV
+    assert list(rows["layer"]) == ["0", "1", "2", "3"] and list(rows["stride"]) == [1, 1, 2, 2]
+    assert list(rows["aligned"]) == [True, True, True, True] and (rows["equivariance_error"] <= EXACT).all()
     proc = subprocess.run([*base, "--shift", "2", "--layer", "nope", "-o", str(target)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2 and proc.stderr.startswith("error: --layer: no layer matches 'nope'")

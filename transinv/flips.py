@@ -83,7 +83,7 @@ def draw_flips(ranked: pd.DataFrame, top: int = 12, *, title: str | None = None,
     if ranked.empty:
         raise UserError("no image changes its top-1 class at any shift: nothing to draw")
     shown = ranked.head(top)
-    several = shown[["model", "variant"]].drop_duplicates().shape[0] > 1 or ranked[["model", "variant"]].drop_duplicates().shape[0] > 1
+    several = len(ranked[["model", "variant"]].drop_duplicates()) > 1  # then each tile names its series
     columns = min(len(shown), 4)
     rows = math.ceil(len(shown) / columns)
     fig = Figure(figsize=(TILE[0] * columns, TILE[1] * rows + 0.5), dpi=figure_dpi(dpi), layout="constrained")
