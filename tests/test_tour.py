@@ -2,8 +2,9 @@
 
 Each command of the tour follows a marker ``<!-- check: NAME -->`` and sits alone in a ```bash
 block; ``CHECKS[NAME]`` asserts the claim that command illustrates. The command runs verbatim as
-a subprocess (``python -m transinv measure ...``) from the repository root, with ``-f json
---no-progress`` added and ``--plot`` sent to a temporary folder. The ```text block pasted under a
+a subprocess (``python -m transinv measure ...``, ``show`` or ``flips``) from the repository root,
+with ``-f json`` (and ``--no-progress`` for ``measure``) added, and the files it writes (``--plot``,
+``--per-image``, ``-o``) and reads (``flips``'s per-image file) sent to a temporary folder. The ```text block pasted under a
 command must also agree with the measurement: every number of its layer tables, output tables,
 ``images=`` and ``born at`` lines is compared with the run's JSON, so the tour cannot drift from
 what the tool measures.
@@ -70,15 +71,18 @@ def _blocks(lines: list[str]) -> list[tuple[int, str, list[str]]]:
     return blocks
 
 
+COMMANDS = ("transinv measure", "transinv show", "transinv flips")
+
+
 def _commands(body: list[str]) -> list[str]:
-    """``transinv measure`` commands of a bash block, continuation lines joined."""
+    """``transinv measure``, ``show`` and ``flips`` commands of a bash block, continuation lines joined."""
     joined, current = [], ""
     for line in body:
         current += line.rstrip()
         if current.endswith("\\"):
             current = current[:-1] + " "
             continue
-        if current.strip().startswith("transinv measure"):
+        if current.strip().startswith(COMMANDS):
             joined.append(" ".join(current.split()))
         current = ""
     return joined
@@ -99,7 +103,7 @@ def parse_tour(text: str) -> list[Step]:
         start, _, body = after[0]
         assert not any(MARKER.search(x) for x in lines[number + 1 : start]), f"tour.md:{number + 1}: marker without a command"
         commands = _commands(body)
-        assert len(commands) == 1, f"tour.md:{start + 1}: a checked bash block holds exactly one transinv measure command"
+        assert len(commands) == 1, f"tour.md:{start + 1}: a checked bash block holds exactly one transinv command"
         end = start + len(body) + 1
         shown = None
         if len(after) > 1 and after[1][1] == "text" and all(not x.strip() for x in lines[end + 1 : after[1][0]]):
@@ -117,7 +121,8 @@ def tour_steps() -> list[Step]:
 
 @dataclass
 class Run:
-    """A finished tour command: its JSON rows and summary."""
+    """A finished tour command: its JSON rows and summary (empty for show and flips) and the
+    figures it wrote."""
 
     rows: pd.DataFrame
     summary: dict
@@ -146,17 +151,26 @@ def series_label(model: str, variant: str) -> str:
     return model if variant == "base" else f"{model} [{variant}]"
 
 
+WRITTEN = ("--plot", "--per-image", "-o", "--output")  # files a command writes: sent to the scratch folder
+
+
 def _argv(command: str, plot_dir: Path, fmt: str) -> tuple[list[str], list[Path]]:
     argv = shlex.split(command)
-    assert argv[:2] == ["transinv", "measure"], command
-    args = argv[2:]
-    assert not {"-f", "--format", "-o", "--output"} & set(args), "tour commands leave format and output to the reader"
+    assert argv[0] == "transinv" and argv[1] in ("measure", "show", "flips"), command
+    subcommand, args = argv[1], argv[2:]
+    assert not {"-f", "--format"} & set(args), "tour commands leave the format to the reader"
+    assert subcommand != "measure" or not {"-o", "--output"} & set(args), "tour measure commands print their tables"
     plots = []
-    if "--plot" in args:
-        i = args.index("--plot")
-        plots.append(plot_dir / Path(args[i + 1]).name)
-        args[i + 1] = str(plots[-1])
-    return [sys.executable, "-m", "transinv", "measure", *args, "-f", fmt, "--no-progress"], plots
+    for flag in WRITTEN:
+        if flag in args:
+            i = args.index(flag)
+            args[i + 1] = str(plot_dir / Path(args[i + 1]).name)
+            if flag != "--per-image":
+                plots.append(Path(args[i + 1]))
+    if subcommand == "flips":  # reads the per-image file an earlier command wrote
+        args[0] = str(plot_dir / Path(args[0]).name)
+    tail = ["-f", fmt] + (["--no-progress"] if subcommand == "measure" else [])
+    return [sys.executable, "-m", "transinv", subcommand, *args, *tail], plots
 
 
 def _env(scratch: Path) -> dict[str, str]:
@@ -170,9 +184,9 @@ def run_step(step: Step, scratch: Path) -> Run:
     proc = subprocess.run(argv, cwd=ROOT, env=_env(scratch), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, f"tour.md:{step.line}: {step.command}\nexit {proc.returncode}: {proc.stderr[-2000:]}"
     doc = json.loads(proc.stdout)
-    rows = pd.DataFrame(doc["rows"])
+    rows = pd.DataFrame(doc["rows"] if isinstance(doc, dict) else doc)  # show and flips print records
     rows["series"] = [series_label(m, v) for m, v in zip(rows["model"], rows["variant"])]
-    return Run(rows, doc["summary"], plots)
+    return Run(rows, doc["summary"] if isinstance(doc, dict) else {}, plots)
 
 
 # -- the claims -------------------------------------------------------------------------------
@@ -314,6 +328,62 @@ def check_position(run: Run, runs: "Runs") -> None:
         assert run.value("kl_divergence", base, shift) > 1e-6
 
 
+CAT = ROOT / "transinv" / "data" / "images" / "chelsea.jpg"
+ALIGNED_AT_4 = ["conv1", "relu", "maxpool", "layer1"]  # resnet18's layers of stride 2 and 4
+
+
+def check_show_layer1(run: Run, runs: "Runs") -> None:
+    """One aligned layer of resnet18 under a circular shift: the error comes from the edges only;
+    the middle columns of the error map (7 to 10 of 16) are exactly 0."""
+    from transinv.show import capture
+
+    rows = run.rows
+    assert list(rows["layer"]) == ["layer1"] and rows["aligned"].all() and list(rows["stride"]) == [4]
+    assert 0.2 < rows["equivariance_error"].iloc[0] < 0.35
+    shown = capture("resnet18", CAT, "4", "layer1", weights="none", mode="circular", size=64, resize=96)
+    columns = (shown.variants[0].layers[0].error > EXACT).any(dim=0)
+    assert len(columns) == 16 and not columns[7:11].any() and columns[:6].all() and columns[11:].all()
+    assert all(p.stat().st_size > 0 for p in run.plots)
+
+
+def check_show_variants(run: Run, runs: "Runs") -> None:
+    """Base: edge error up to stride 4, in-place change everywhere from stride 8; BlurPool keeps the
+    edge error and shrinks the deep change; APS with circular padding: every map exactly 0."""
+    base, blur, aps = (run.rows[run.rows["variant"] == v].set_index("layer")
+                       for v in ("base", "blurpool", "aps+padding:circular"))
+    assert list(base.index[base["aligned"]]) == ALIGNED_AT_4 and list(base.index) == list(aps.index)
+    assert base.loc[ALIGNED_AT_4, "equivariance_error"].between(0.15, 0.35).all()
+    moved = base.index[~base["aligned"]]
+    assert moved[0] == "layer2.0.conv1" and base.loc[moved, "error_map_mean"].between(0.2, 0.5).all()
+    assert (blur.loc[ALIGNED_AT_4, "equivariance_error"] > 0.15).all()
+    assert blur.loc["layer4", "error_map_mean"] < 0.3 * base.loc["layer4", "error_map_mean"]
+    assert (aps["error_map_mean"] <= EXACT).all() and (aps.loc[ALIGNED_AT_4, "equivariance_error"] <= EXACT).all()
+    assert all(p.stat().st_size > 0 for p in run.plots)
+
+
+def check_heads_per_image(run: Run, runs: "Runs") -> None:
+    """The per-image rows: 2 heads x 9 photos x 9 shifts; the pooled head never flips; the
+    flattened head flips 6 photos, and its rows give its top1_agreement at every shift."""
+    rows = pd.read_csv(runs.scratch / "heads.csv")
+    assert len(rows) == 162
+    fc_rows, gap_rows = (rows[rows["model"].str.endswith(name)] for name in ("fc_head", "gap_head"))
+    assert not gap_rows["flipped"].any() and fc_rows[fc_rows["flipped"]]["image"].nunique() == 6
+    fc = next(s for s in run.series_names() if s.endswith("fc_head"))
+    for shift, group in fc_rows.groupby("shift_x"):
+        assert abs((~group["flipped"]).mean() - run.value("top1_agreement", fc, int(shift))) < 1e-12
+
+
+def check_heads_flips(run: Run, runs: "Runs") -> None:
+    """The sheet: six photos of the flattened head, the deep field and the rocket first (1 px, at
+    5 or more of their 8 shifts), every one within 4 px."""
+    ranking = run.rows
+    assert len(ranking) == 6 and ranking["model"].str.endswith("fc_head").all()
+    assert [Path(p).name for p in ranking["image"][:2]] == ["hubble_deep_field.jpg", "rocket.jpg"]
+    assert list(ranking["distance"][:2]) == [1.0, 1.0] and (ranking["flips"][:2] >= 5).all()
+    assert (ranking["distance"] <= 4).all() and (ranking["shifts"] == 8).all()
+    assert all(p.stat().st_size > 0 for p in run.plots)
+
+
 CHECKS: dict[str, Callable[[Run, "Runs"], None]] = {
     "conv1_circular": check_conv1_circular,
     "conv1_crop": check_conv1_crop,
@@ -323,6 +393,10 @@ CHECKS: dict[str, Callable[[Run, "Runs"], None]] = {
     "heads": check_heads,
     "resnet18": check_resnet18,
     "position": check_position,
+    "show_layer1": check_show_layer1,
+    "show_variants": check_show_variants,
+    "heads_per_image": check_heads_per_image,
+    "heads_flips": check_heads_flips,
 }
 
 
@@ -457,8 +531,17 @@ class Runs:
 
     def __getitem__(self, name: str) -> Run:
         if name not in self.done:
+            for before in self._writers_of(self.steps[name]):
+                self[before]
             self.done[name] = run_step(self.steps[name], self.scratch)
         return self.done[name]
+
+    def _writers_of(self, step: Step) -> list[str]:
+        """The steps that write the per-image file a ``flips`` step reads."""
+        argv = shlex.split(step.command)
+        if argv[1] != "flips":
+            return []
+        return [s.name for s in self.steps.values() if f"--per-image {Path(argv[2]).name}" in s.command]
 
 
 STEPS = tour_steps() if TOUR.exists() else []
@@ -475,7 +558,7 @@ def test_every_tour_command_has_a_check_and_every_check_a_command() -> None:
     assert len(names) == len(set(names)), "check names must be unique"
     assert names == list(CHECKS), f"markers {names} vs checks {list(CHECKS)}"
     commands = [c for start, info, body in _blocks(text.splitlines()) if info == "bash" for c in _commands(body)]
-    assert commands == [s.command for s in STEPS], "every transinv measure command of the tour needs a check marker"
+    assert commands == [s.command for s in STEPS], "every transinv command of the tour needs a check marker"
 
 
 @pytest.mark.parametrize("name", list(CHECKS))

@@ -17,6 +17,7 @@ from torch import nn
 from . import distributed
 from . import metrics as M
 from .attribution import LieAttribution, velocities
+from . import per_image
 from .errors import UserError
 from .data import Batch
 from .fixes import apply_variant, recalibrate_batchnorm
@@ -138,6 +139,7 @@ def prepare_jobs(plan: Plan, options: MeasureOptions, device: torch.device, warn
                 module, group.shifts, layers, plan.labelled, device, options.batch_size, options.precision,
                 options.channels_last, options.by_correctness, path=options.direction != "grid", seed=options.seed,
                 attribution=lie,
+                per_image=options.per_image is not None,
             )
             rows_layers = layers + (lie.layers if lie is not None else [])  # strides of the attributed leaves
             measured.append(Measured(job, rows_layers, measurement, M.MetricState(measurement.keys, device)))
@@ -228,6 +230,9 @@ def measure(
             context.sum(pair.check.counts)
             if context.is_main and (message := pair.check.message()) is not None:
                 warn(message)
+        if opts.per_image is not None:  # a collective under torchrun; rank 0 writes every rank's rows
+            per_image.write(opts.per_image, [(m.job, m.measurement.per_image) for measured in groups for m in measured],
+                            plan, opts.mode, context)
     if summary["images"] == 0 and not summary["partial"]:
         raise UserError("no readable images: every file was skipped (see the warnings above)")
     states = [m for measured in groups for m in measured]

@@ -281,6 +281,86 @@ def plot_command(
         _plot(rows, output, metric, layer, **style)
 
 
+SHOW_OPTIONS = ("weights", "variants", "antialias", "aps", "padding", "mode", "fill", "embed_size", "subpixel",
+                "size", "resize", "mean", "std", "seed", "device")  # the measure options that decide a picture
+_SHOW_EXTRA = {
+    "shift": (str, typer.Option(help="The shift in pixels: dx, or dx,dy (e.g. 3 or 2,-1).", rich_help_panel="How to shift")),
+    "layer": (str, typer.Option(help="all (each layer measure measures by default: their error maps in forward order), "
+                                     "a layer name (its maps in detail), or names and globs, comma-separated.",
+                                rich_help_panel=WHAT)),
+    "output": (Path, typer.Option("--output", "-o", help="Image file to write (PNG, PDF, SVG).", rich_help_panel=_OUTPUT_PANEL)),
+    "channels": (int, typer.Option(help="Channels of largest energy drawn for one layer.", rich_help_panel=_OUTPUT_PANEL)),
+    "title": (Optional[str], typer.Option(help="Figure title.", rich_help_panel=_OUTPUT_PANEL)),
+    "dpi": (Optional[int], typer.Option(help=DPI_HELP, rich_help_panel=_OUTPUT_PANEL)),
+    "fmt": (Optional[Format], typer.Option("--format", "-f", help="table, csv or json for the per-layer numbers on stdout "
+                                                                  "(default: table on a terminal, CSV otherwise).",
+                                           rich_help_panel=_OUTPUT_PANEL)),
+    "debug": (bool, typer.Option(help="Show tracebacks.", rich_help_panel=_OUTPUT_PANEL)),
+}
+_SHOW_DEFAULTS = {"layer": "all", "channels": 4, "title": None, "dpi": None, "fmt": None, "debug": False}
+
+
+def _show(model: str, image: Path, **given: Any) -> None:
+    """Draw IMAGE and its view at --shift through MODEL: the two views, a layer's maps for both, the
+    reference map moved by d/s and the error map; with several layers, each one's error map.
+    Each layer's numbers for this image go to stdout."""
+    extra = {name: given.pop(name) for name in _SHOW_EXTRA}
+    with _errors(extra["debug"]):
+        from .show import show
+
+        options = MeasureOptions(**{k: (v.value if isinstance(v, Enum) else v) for k, v in given.items()})
+        shown = show(model, image, extra["output"], extra["shift"], extra["layer"], options,
+                     channels=extra["channels"], title=extra["title"], dpi=extra["dpi"])
+        err.print(f"wrote {extra['output']}", highlight=False)
+        rows = shown.rows()
+        screen = rows[["variant", "layer", "stride", "equivariance_error", "error_map_mean"]].astype(object)
+        screen["equivariance_error"] = screen["equivariance_error"].where(rows["aligned"], "not aligned")
+        top1 = "; ".join(f"{v.variant}: {v.predictions[0][2]} -> {v.predictions[1][2]}" for v in shown.variants)
+        _emit_frame(rows, extra["fmt"], f"{shown.model}, {shown.image.name}, shift {shown.shift}, mode {shown.mode} "
+                    f"(top-1 {top1})", screen)
+
+
+def _extra_parameter(name: str) -> inspect.Parameter:
+    annotation, info = _SHOW_EXTRA[name]
+    default = _SHOW_DEFAULTS.get(name, inspect.Parameter.empty)
+    return inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[annotation, info])
+
+
+_show.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
+    [inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
+        str, typer.Argument(metavar="MODEL", help=MODEL_HELP)]),
+     inspect.Parameter("image", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=Annotated[
+         Path, typer.Argument(metavar="IMAGE", help="An image file.")])]
+    + [_extra_parameter(n) for n in ("shift", "layer", "output")]
+    + [_option_parameter(f) for f in option_fields() if f.name in SHOW_OPTIONS]
+    + [_extra_parameter(n) for n in ("channels", "title", "dpi", "fmt", "debug")]
+)
+app.command("show")(_show)
+
+
+@app.command()
+def flips(
+    result: Annotated[Path, typer.Argument(metavar="RESULT", help="A per-image CSV written by transinv measure --per-image.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Image file to write (PNG, PDF, SVG).")],
+    top: Annotated[int, typer.Option(help="How many images the sheet shows (and stdout lists).")] = 12,
+    title: Annotated[Optional[str], typer.Option(help="Figure title.")] = None,
+    dpi: Annotated[Optional[int], typer.Option(help=DPI_HELP)] = None,
+    fmt: Annotated[Optional[Format], typer.Option("--format", "-f", help="table, csv or json for the ranking on stdout.")] = None,
+    debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
+) -> None:
+    """Draw a contact sheet of the images whose top-1 class flips at the smallest shift (from a
+    --per-image file), naming the shift and the two classes; the ranking goes to stdout."""
+    with _errors(debug):
+        from .flips import plot_flips
+
+        try:
+            ranked = plot_flips(result, output, top, title=title, dpi=dpi)
+        except ValueError as exc:
+            raise UserError(str(exc)) from exc
+        err.print(f"wrote {output}: {len(ranked)} images", highlight=False)
+        _emit_frame(ranked, fmt, f"images that flip most easily ({result})")
+
+
 @app.command()
 def compare(
     before: Annotated[Path, typer.Argument(metavar="A", help="A result file (JSON for paired intervals; CSV works without) written by transinv measure.")],

@@ -37,6 +37,12 @@ def imagenet_classes() -> tuple[list[str], list[str]]:
     return [r["wnid"] for r in rows], [r["name"] for r in rows]
 
 
+def class_names(classes: int) -> list[str]:
+    """Names of a classifier's ``classes`` outputs: ImageNet's (the shipped table) for 1000, else
+    empty (unknown)."""
+    return list(imagenet_classes()[1]) if classes == 1000 else [""] * classes
+
+
 def builtin_images_dir() -> Path:
     """Folder of the photographs shipped inside the package (see its LICENSE.md)."""
     return Path(str(resources.files("transinv") / "data" / "images"))
@@ -44,10 +50,12 @@ def builtin_images_dir() -> Path:
 
 @dataclass(frozen=True)
 class ImageItem:
-    """One image file and its label (-1 when unknown)."""
+    """One image file, its label (-1 when unknown) and the label's name (ImageNet's class name for
+    wnid labels, else the class folder's name)."""
 
     path: Path
     label: int = -1
+    label_name: str = ""
 
 
 def _is_image(path: Path) -> bool:
@@ -60,9 +68,11 @@ def _wnid_index() -> dict[str, int]:
     return {wnid: i for i, wnid in enumerate(imagenet_classes()[0])}
 
 
-def _wnid_label(path: Path) -> int:
+def _wnid_item(path: Path) -> ImageItem:
+    """A file labelled by its ImageNet-style name ``<wnid>_*``, unlabelled otherwise."""
     match = _WNID.match(path.name)
-    return _wnid_index().get(match.group(1), -1) if match else -1
+    label = _wnid_index().get(match.group(1), -1) if match else -1
+    return ImageItem(path, label, imagenet_classes()[1][label] if label >= 0 else "")
 
 
 def _folder_items(root: Path) -> list[ImageItem]:
@@ -74,11 +84,12 @@ def _folder_items(root: Path) -> list[ImageItem]:
     if classes and all(len(p.relative_to(root).parts) > 1 for p in files):
         wnid_index = _wnid_index()
         if all(c in wnid_index for c in classes):
-            index = {c: wnid_index[c] for c in classes}
+            names = imagenet_classes()[1]
+            index = {c: (wnid_index[c], names[wnid_index[c]]) for c in classes}
         else:
-            index = {c: i for i, c in enumerate(classes)}
-        return [ImageItem(p, index[p.relative_to(root).parts[0]]) for p in files]
-    return [ImageItem(p, _wnid_label(p)) for p in files]
+            index = {c: (i, c) for i, c in enumerate(classes)}
+        return [ImageItem(p, *index[p.relative_to(root).parts[0]]) for p in files]
+    return [_wnid_item(p) for p in files]
 
 
 def find_images(data: Sequence[str] | str | None = None) -> list[ImageItem]:
@@ -95,7 +106,7 @@ def find_images(data: Sequence[str] | str | None = None) -> list[ImageItem]:
         if path.is_dir():
             items.extend(_folder_items(path))
         elif path.is_file():
-            items.append(ImageItem(path, _wnid_label(path)))
+            items.append(_wnid_item(path))
         else:
             raise UserError(f"--data {entry}: no such file or folder")
     return list(dict.fromkeys(items))

@@ -44,6 +44,14 @@ class Context:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def gather(self, obj: T) -> list[T]:
+        """Every process's ``obj`` (picklable), in rank order; ``[obj]`` outside torchrun."""
+        if not self.active:
+            return [obj]
+        gathered: list = [None] * self.world
+        dist.all_gather_object(gathered, obj)
+        return gathered
+
 
 def from_env() -> Context:
     """Read torchrun's environment; ``init`` must follow before any collective."""

@@ -26,6 +26,7 @@ from matplotlib.ticker import MaxNLocator
 
 from . import metrics as M
 from .metric_registry import is_proportion, spec
+from .errors import UserError
 from .results import TEXT_COLUMNS, atomic_target
 
 NEEDED = ["model", "mode", "layer", "shift_x", "shift_y", "metric", "value"]
@@ -36,6 +37,7 @@ SERIES_COLUMNS = ["model", "weights", "mode", "variant"]
 XLABEL = {"x": "shift (px)", "y": "shift (px), along y", "diagonal": "shift (px), dx = dy"}
 CMAP = matplotlib.colormaps["viridis"].with_extremes(bad="lightgrey")
 DPI = 110
+FIGURE_SUFFIXES = (".png", ".pdf", ".svg")
 MAX_PIXELS = 2**16  # per side: Agg renders only images smaller than this
 LEGEND_CHAR = 0.075  # inches per legend character (small font), to widen a band for its legend
 LEGEND_SHARE = 0.3  # longer legend labels wrap at this share of their band's width
@@ -95,7 +97,7 @@ def draw_results(
     (default: what the panels need); ``dpi`` its pixels per inch (default 110). Legends sit
     outside the axes and titles are wrapped to their panel's width, so neither covers data.
     """
-    size, dots = _figsize(figsize), _dpi(dpi)
+    size, dots = _figsize(figsize), figure_dpi(dpi)
     data = _prepare(rows, labels)
     sections = _sections(data, metric, layer)
     natural = (max(s.width for s in sections), sum(s.height for s in sections))
@@ -116,12 +118,18 @@ def draw_results(
     if heading:
         text = fig.suptitle("\n".join(heading), color="firebrick" if partial else "black")
         _wrap(text, 0.95 * fig.bbox.width)
+    fit_titles(fig, natural)
+    return fig, [s.description for s in sections]
+
+
+def fit_titles(fig: Figure, natural: tuple[float, float] | None = None) -> None:
+    """Lay a constrained figure out and wrap each panel title to its panel's width (``natural``:
+    the size the panels need, named when the figure is too small for them)."""
     with _layout_fits(natural):
         fig.draw_without_rendering()  # lay out once, so titles can be wrapped to their axes' width
         for ax in fig.axes:
             _wrap(ax.title, ax.get_window_extent().width)
         fig.draw_without_rendering()  # the taller titles must still leave the panels room
-    return fig, [s.description for s in sections]
 
 
 def plot_style(
@@ -144,7 +152,7 @@ def plot_style(
     if figsize is not None:
         style["figsize"] = _figsize(figsize)
     if dpi is not None:
-        style["dpi"] = _dpi(dpi)
+        style["dpi"] = figure_dpi(dpi)
     return style
 
 
@@ -163,13 +171,25 @@ def _figsize(value: tuple[float, float] | str | None) -> tuple[float, float] | N
     return width, height
 
 
-def _dpi(value: int | None) -> int:
+def figure_dpi(value: int | None) -> int:
     """Pixels per inch: a positive whole number (default ``DPI``)."""
     if value is None:
         return DPI
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value <= 0:
         raise ValueError(f"dpi {value!r}: give a positive whole number of pixels per inch, e.g. 150")
     return int(value)
+
+
+def figure_file(path: str | Path, dpi: int | None = None) -> tuple[Path, int]:
+    """A figure's file and pixels per inch, checked before any work: the suffix names PNG, PDF or
+    SVG (the format follows it) and ``dpi`` is positive (default ``DPI``); ``UserError`` otherwise."""
+    path = Path(path)
+    if path.suffix.lower() not in FIGURE_SUFFIXES:
+        raise UserError(f"{path}: name a .png, .pdf or .svg file (the format follows the suffix)")
+    try:
+        return path, figure_dpi(dpi)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
 
 
 @contextmanager

@@ -23,6 +23,7 @@ from .data import Batch, CanvasDataset, ImageItem, Preprocess, collate
 from .errors import UserError
 from .layers import FeatureTap, LayerInfo, to_nchw
 from .outputs import class_logits as _logits
+from .per_image import PerImage
 from .shifts import Shift, ShiftPlan, is_fractional
 
 ProgressHook = Callable[[int], None]
@@ -160,6 +161,7 @@ class Measurement:
         path: bool = False,
         seed: int = 0,
         attribution: LieAttribution | None = None,
+        per_image: bool = False,
     ) -> None:
         self.model, self.plan, self.layers, self.device = model, plan, layers, device
         self.labelled, self.views_per_pass = labelled, views_per_pass
@@ -170,6 +172,7 @@ class Measurement:
         self.comparer = _LayerComparer(layers, circular=plan.mode == "circular")
         self.by_correctness, self.path = by_correctness and labelled, path and len(plan.shifts) > 1
         self.seed = seed
+        self.per_image = PerImage() if per_image else None  # per-image predictions (--per-image)
         self.keys = metric_keys(layers, plan.shifts, labelled, by_correctness, path, plan.pair_offsets is not None,
                                 plan.random_shifts > 0) + (attribution.keys if attribution is not None else [])
         self.attribution = attribution
@@ -191,11 +194,15 @@ class Measurement:
 
     def measure_batch(self, batch: Batch, state: M.MetricState) -> None:
         """All shifts of one image batch into ``state``; hooks and reference maps last only the batch."""
+        if self.per_image is not None:
+            self.per_image.begin_batch()
         with FeatureTap(self.model, [layer.name for layer in self.layers], self.comparer) as tap:
             try:
                 self._measure_batch(tap, batch, state)
             finally:
                 self.comparer.reference.clear()
+        if self.per_image is not None:
+            self.per_image.end_batch(batch.indices)
 
     def _measure_batch(self, tap: FeatureTap, batch: Batch, state: M.MetricState) -> None:
         canvases = batch.canvases.to(self.device, non_blocking=True)
@@ -294,6 +301,8 @@ class Measurement:
             state.add((M.OUTPUT_LAYER, shift, M.ACCURACY), _where_known(labels, out.prediction == labels))
         self._add_by_correctness(state, shift, (M.TOP1_AGREEMENT_IF_CORRECT, M.TOP1_AGREEMENT_IF_WRONG),
                                  out.agreement, labels, ref_correct)
+        if self.per_image is not None:
+            self.per_image.add(shift, reference, shifted)
         return out.prediction
 
     def _add_by_correctness(
@@ -333,6 +342,9 @@ def run_batches(
                         state.flush()
                     if after_batch is not None:
                         after_batch(batch)
+                    for measurement in measurements:  # per-image rows count when the states do
+                        if measurement.per_image is not None:
+                            measurement.per_image.commit()
                     run.images += len(batch.indices)
                     heap.release()
                 if progress is not None:
