@@ -351,7 +351,7 @@ def check_show_variants(run: Run, runs: "Runs") -> None:
     edge error and shrinks the deep change; APS with circular padding: every map exactly 0."""
     base, blur, aps = (run.rows[run.rows["variant"] == v].set_index("layer")
                        for v in ("base", "blurpool", "aps+padding:circular"))
-    assert list(base.index[base["aligned"]]) == ALIGNED_AT_4 and list(base.index) == list(aps.index)
+    assert list(base.index[base["aligned"]]) == ALIGNED_AT_4 and set(ALIGNED_AT_4) <= set(aps.index)
     assert base.loc[ALIGNED_AT_4, "equivariance_error"].between(0.15, 0.35).all()
     moved = base.index[~base["aligned"]]
     assert moved[0] == "layer2.0.conv1" and base.loc[moved, "error_map_mean"].between(0.2, 0.5).all()
