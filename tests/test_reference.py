@@ -22,6 +22,8 @@ from torch import nn
 
 import transinv
 from transinv import metrics as M
+from transinv.data import imagenet_classes
+from transinv.metric_registry import fixed_at_reference, is_proportion
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
 SIZE, SHIFTS, PAIRS, SEED = 16, list(range(-2, 4)), (-2, 2), 3
@@ -177,8 +179,12 @@ def reference(canvases: list[np.ndarray], labels: list[int], mode: str, directio
         add(("output", None, M.WORST_CASE_AGREEMENT), float(all(classes == c0)))
         if label >= 0:
             add(("output", None, M.WORST_CASE_ACCURACY), float(all(classes == label)))
-        path = [classes[shifts.index(d)] for d in sorted(shifts, key=sum)]
+        order = [shifts.index(d) for d in sorted(shifts, key=sum)]
+        path = [classes[i] for i in order]
         add(("output", None, M.JAGGEDNESS), float(np.mean([a != b for a, b in zip(path, path[1:])])))
+        probs = [_softmax(logits[i]) for i in order]  # each step's probability of the previous step's class
+        add(("output", None, M.PATH_PROB_CHANGE),
+            float(np.mean([abs(q[c] - p[c]) for p, q, c in zip(probs, probs[1:], path)])))
         first, second = _pair_offsets(image)
         _, pair_logits = _forward(net64, [_view(canvas, first, mode), _view(canvas, second, mode)])
         consistent = float(pair_logits[0].argmax() == pair_logits[1].argmax())
@@ -197,7 +203,7 @@ def test_every_metric_matches_an_independent_numpy_computation(
     unshifted = [int(_forward(net64, [_view(_normalised(c), (0, 0), mode)])[1].argmax()) for c in crops]
     # labels: right at shift 0 for images 0-2, wrong for image 3 and two others, none for two
     labels = [*unshifted[:3], (unshifted[3] + 1) % 10, -1, 7, 8, -1][: len(crops)]
-    wnids = transinv.data.imagenet_classes()[0]
+    wnids = imagenet_classes()[0]
     names = [f"{wnids[y]}_{k}.png" if y >= 0 else f"photo_{k}.png" for k, y in enumerate(labels)]
     for crop, name in zip(crops, names):
         crop.save(tmp_path / name)  # PNG: the pixels read back unchanged
@@ -216,14 +222,16 @@ def test_every_metric_matches_an_independent_numpy_computation(
     assert set(got) == set(expected)
     assert set(rows["metric"]) == {M.EQUIVARIANCE_ERROR, M.POOLED_INVARIANCE_ERROR, M.TOP1_AGREEMENT, M.KL_DIVERGENCE,
                                    M.PROB_CHANGE, M.ACCURACY, M.WORST_CASE_AGREEMENT, M.WORST_CASE_ACCURACY,
-                                   M.JAGGEDNESS, M.CONSISTENCY, M.TOP1_AGREEMENT_IF_CORRECT, M.TOP1_AGREEMENT_IF_WRONG,
+                                   M.JAGGEDNESS, M.PATH_PROB_CHANGE, M.CONSISTENCY, M.TOP1_AGREEMENT_IF_CORRECT, M.TOP1_AGREEMENT_IF_WRONG,
                                    M.CONSISTENCY_IF_CORRECT, M.CONSISTENCY_IF_WRONG}
     for key, per_image in expected.items():
         row, values = got[key], np.array(per_image)
         assert row.n == len(values), key
         assert row.value == pytest.approx(values.mean(), abs=TOL), key
         assert row.std == pytest.approx(values.std(ddof=1) if len(values) > 1 else 0.0, abs=TOL), key
-        if key[2] in M.PROPORTIONS:
+        if key[1] == (0, 0) and fixed_at_reference(key[2]):  # fixed by definition: no interval
+            assert np.isnan(row.ci_low) and np.isnan(row.ci_high), key
+        elif is_proportion(key[2]):
             assert (row.ci_low, row.ci_high) == pytest.approx(_wilson(values.mean(), len(values)), abs=1e-12), key
         else:
             assert row.ci_low <= row.value + 1e-12 and row.value <= row.ci_high + 1e-12, key

@@ -92,7 +92,7 @@ def test_expand_models_globs_sources_and_list_files(tmp_path: Path) -> None:
     listing.write_text("# my models\nresnet18\n\nexample:c*   # the constant and circular ones\nresnet18\n")
     assert expand_models([str(listing), "mynet.py:build"]) == \
         ["resnet18", "example:circular_gap", "example:constant", "mynet.py:build"]
-    for bad, needle in [(["timm:*convnext*"], "no model source 'timm'"), (["torchvision:nosuch*"], "matches no"),
+    for bad, needle in [(["nosource:*convnext*"], "no model source 'nosource'"), (["torchvision:nosuch*"], "matches no"),
                         ([str(tmp_path / "empty.txt")], "lists no models")]:
         (tmp_path / "empty.txt").write_text("# nothing\n")
         with pytest.raises(UserError, match=re.escape(needle)):
