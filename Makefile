@@ -3,8 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-DATA ?= ../shared/data/imagenet-sample
-WEIGHTS ?= none
+WEIGHTS ?= auto
 
 .PHONY: setup demo test test-all bench clean readme
 
@@ -16,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
-## demo: resnet18 on the built-in images, layer by layer, shifts 0..16 (WEIGHTS=DEFAULT if cached)
+## demo: resnet18 on the built-in images, layer by layer, shifts 0..16 (pretrained weights where cached or downloadable, else random with a note)
 demo: $(STAMP)
 	$(BIN)/transinv measure resnet18 --weights $(WEIGHTS) --shift 0..16 --format table
 

@@ -160,3 +160,21 @@ def test_light_commands_do_not_import_torch() -> None:
 def test_option_names_are_stable_identifiers() -> None:
     assert len(option_names()) == len(set(option_names()))
     assert all(name.isidentifier() and name.islower() for name in option_names())
+
+
+def test_auto_weights_fall_back_to_random_weights_with_a_note_and_the_header_says_so() -> None:
+    from io import StringIO
+
+    from rich.console import Console
+
+    from transinv.render import print_result
+
+    notes: list[str] = []
+    result = transinv.measure("resnet18", weights="auto", shift="0..1", size=32, resize=40, num_images=2,
+                              layers="none", warn=notes.append)
+    assert set(result.rows["weights"]) == {"none"}
+    assert any("no pretrained weights here" in note for note in notes)
+    console = Console(file=StringIO(), width=200)
+    print_result(result, console)
+    shown = console.file.getvalue()
+    assert "random weights (--weights none)" in shown and "preprocessing: resize 40 -> crop 32, bilinear" in shown

@@ -10,6 +10,11 @@ class UserError(Exception):
     """Bad input from the user: the message says what is wrong and what to do."""
 
 
+class WeightsUnavailable(UserError):
+    """Pretrained weights that are neither cached nor downloadable here (``--weights auto`` then
+    falls back to random weights)."""
+
+
 def did_you_mean(name: str, choices: list[str]) -> str:
     """`` (did you mean a, b?)`` for the choices close to a mistyped ``name``, else an empty string."""
     close = difflib.get_close_matches(name, choices, n=3, cutoff=0.6)

@@ -82,7 +82,7 @@ class MeasureOptions:
     """
 
     # what to measure
-    weights: str | dict[str, str] = _opt("DEFAULT", "DEFAULT, a weights name (IMAGENET1K_V1), none (seeded random init), or a checkpoint path. A preset or notebook may give a model -> weights mapping (models it does not name get DEFAULT).", WHAT)
+    weights: str | dict[str, str] = _opt("DEFAULT", "DEFAULT, a weights name (IMAGENET1K_V1), none (seeded random init), auto (DEFAULT where cached or downloadable, else none with a note), or a checkpoint path. A preset or notebook may give a model -> weights mapping (models it does not name get DEFAULT).", WHAT)
     data: tuple[str, ...] | None = _opt(None, "Image folder, ImageFolder tree or file; repeat for several. Default: the built-in images.", WHAT, metavar="PATH", repeat=True)
     num_images: int | None = _opt(None, "Measure a random subset of this many images (seeded by --sample-seed).", WHAT)
     layers: str = _opt("default", "Layers to measure: default (stage outputs and the first layer at each new stride), all, none (output only), or names and globs (layer3.*), comma-separated.", WHAT)

@@ -16,7 +16,7 @@ from torch import nn
 
 from .data import ImageItem, Preprocess, find_images, select_images
 from .distributed import Context
-from .errors import UserError
+from .errors import UserError, WeightsUnavailable
 from .models import LoadedModel, load_model, unique_labels, wrap_module
 from .options import MeasureOptions
 from .shifts import ShiftPlan, make_shift_set, parse_fill, parse_pair_offsets
@@ -63,6 +63,13 @@ def prepare_model(model: ModelSpec, options: MeasureOptions) -> LoadedModel:
     settle its preprocessing: the weights' own, overridden by the options."""
     if isinstance(model, nn.Module):
         loaded = wrap_module(copy.deepcopy(model))
+    elif options.weights_for(model) == "auto":
+        try:
+            loaded = load_model(model, "DEFAULT", options.seed)
+        except WeightsUnavailable:
+            loaded = load_model(model, "none", options.seed)
+            loaded.notes.append(f"{loaded.label}: no pretrained weights here (not cached, no download): measuring "
+                                "random weights, whose predictions mean little (see README, Weights)")
     else:
         loaded = load_model(model, options.weights_for(model), options.seed)
     pre = loaded.preprocess

@@ -37,7 +37,21 @@ def _header(result: Result) -> Text:
         text.append(f"  skipped={summary['skipped']}", style="yellow")
     if result.partial:
         text.append("  PARTIAL (interrupted)", style="bold red")
+    used = {_preprocess_text(entry["preprocess"]) for entry in (s.get("per_model") or {}).values()}
+    if len(used) == 1:
+        text.append(f"\npreprocessing: {used.pop()}")
+    if "none" in set(rows["weights"].astype(str)):
+        text.append("\nrandom weights (--weights none): a random network predicts nearly one class for every image, "
+                    "so agreement reads near 1 and accuracy near 0; use pretrained weights for meaningful outputs",
+                    style="yellow")
     return text
+
+
+def _preprocess_text(pre: dict) -> str:
+    """'resize 256 -> crop 224, bilinear, mean 0.485,0.456,0.406, std 0.229,0.224,0.225'."""
+    numbers = lambda values: ",".join(f"{v:g}" for v in values)  # noqa: E731
+    return (f"resize {pre['resize']} -> crop {pre['size']}, {pre['interpolation']}, mean {numbers(pre['mean'])}, "
+            f"std {numbers(pre['std'])}")
 
 
 def output_tables(rows: pd.DataFrame) -> list[Table]:

@@ -10,7 +10,7 @@ from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UserError, did_you_mean
+from ..errors import UserError, did_you_mean, WeightsUnavailable
 from .checkpoints import checkpoint_path, load_checkpoint
 from .extras import hf_cache_dir, hf_repo_dir, honour_offline, offline, require
 from .loaded import LoadedModel, interpolation, resize_for_crop
@@ -65,7 +65,7 @@ def _create(timm: ModuleType, shown: str, name: str, pretrained: bool) -> nn.Mod
         what = "its pretrained weights are" if pretrained else "its config is"
         why = "cannot be downloaded (offline)" if offline() else f"could not be downloaded ({type(exc).__name__})"
         hint = "download once online, or measure with --weights none" if not name.startswith(HUB) else "download once online"
-        raise UserError(f"{shown}: {what} not in the local cache ({_where(timm, name)}) and {why}: {hint}") from exc
+        raise WeightsUnavailable(f"{shown}: {what} not in the local cache ({_where(timm, name)}) and {why}: {hint}") from exc
 
 
 def _preprocess(timm: ModuleType, label: str, model: nn.Module) -> tuple[Preprocess, list[str]]:

@@ -9,7 +9,7 @@ import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UserError, did_you_mean
+from ..errors import UserError, did_you_mean, WeightsUnavailable
 from .checkpoints import checkpoint_path, load_checkpoint
 from .loaded import LoadedModel, default_preprocess
 
@@ -44,13 +44,13 @@ def _load_pretrained_state(name: str, entry: Any) -> dict[str, torch.Tensor]:
         f"put the file at {path} ($TORCH_HOME/hub/checkpoints/), or measure with --weights none"
     )
     if not path.exists() and os.environ.get(OFFLINE_ENV):
-        raise UserError(missing)
+        raise WeightsUnavailable(missing)
     try:
         return entry.get_state_dict(progress=False)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError; a truncated file a RuntimeError
         if path.exists():
             raise UserError(f"cannot read cached weights {path}: {exc}; delete it or use --weights none") from exc
-        raise UserError(missing) from exc
+        raise WeightsUnavailable(missing) from exc
 
 
 def _preprocess_from_entry(entry: Any) -> Preprocess:
