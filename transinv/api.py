@@ -16,6 +16,7 @@ from torch import nn
 
 from . import distributed
 from . import metrics as M
+from .error_maps import save_error_maps
 from .errors import UserError
 from .fixes import apply_variant
 from .layers import LayerInfo, Probe, probe_layers, select_layers
@@ -98,6 +99,7 @@ def prepare_jobs(plan: Plan, options: MeasureOptions, device: torch.device, warn
             measurement = Measurement(
                 module, group.shifts, layers, plan.labelled, device, options.batch_size, options.precision,
                 options.channels_last, options.by_correctness, path=options.direction != "grid", seed=options.seed,
+                error_maps=options.error_maps is not None,
             )
             measured.append(Measured(job, layers, measurement, M.MetricState(measurement.keys, device)))
         out.append(measured)
@@ -126,6 +128,8 @@ def merge(context: distributed.Context, run: RunState, groups: list[list[Measure
     for measured in groups:
         for m in measured:
             for tensor in m.state.tensors():
+                context.sum(tensor)
+            for tensor in m.measurement.error_maps.tensors() if m.measurement.error_maps is not None else []:
                 context.sum(tensor)
     images, skipped, partial = (int(v) for v in counts.tolist())
     return {"images": images, "skipped": skipped, "partial": partial > 0}
@@ -177,6 +181,9 @@ def measure(
     if summary["images"] == 0 and not summary["partial"]:
         raise UserError("no readable images: every file was skipped (see the warnings above)")
     states = [m for measured in groups for m in measured]
+    if opts.error_maps is not None and context.is_main:
+        save_error_maps(opts.error_maps, [(m.job.label, m.job.variant, m.measurement.error_maps) for m in states
+                                          if m.measurement.error_maps is not None])
     records = job_records([(m.job, m.layers, m.state) for m in states], opts, summary["partial"])
     rows = make_rows(records)
     main = {(m.job.label, m.job.variant): [layer.name for layer in m.layers if layer.main] for m in states}
