@@ -168,3 +168,15 @@ def test_error_maps_are_nan_outside_the_overlap_in_crop_mode(few_images: Path, t
         assert np.isnan(exact[:, :2]).all() and not np.isnan(exact[:, 2:]).any()
         half = saved["sc/base/2/1,0"]  # k = 0.5: overlap from column 1, shrunk by one pixel each side
         assert np.isnan(half[:, :2]).all() and np.isnan(half[:, -1]).all() and not np.isnan(half[1:-1, 2:-1]).any()
+
+
+def test_new_layer_metrics_are_drawn_only_when_named(few_images: Path) -> None:
+    from transinv.plots import draw_results as draw
+
+    torch.manual_seed(8)
+    result = transinv.measure(strided_circular(), data=[str(few_images)], num_images=2, size=SIZE, shift="0..3",
+                              mode="circular", layers="0,2", weights="none")
+    default, _ = draw(result.rows)
+    named, _ = draw(result.rows, metric=M.INPLACE_CHANGE)
+    assert M.INPLACE_CHANGE not in " ".join(ax.get_title() for ax in default.axes)
+    assert M.INPLACE_CHANGE in " ".join(ax.get_title() for ax in named.axes)
