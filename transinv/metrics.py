@@ -149,14 +149,16 @@ class ShiftComparison:
 
     error: torch.Tensor
     interior: torch.Tensor
-    error_sum: torch.Tensor  # (h, w): sum over images of the channel mean of |f(T_d x) - T_k f(x)|
+    error_sum: torch.Tensor | None  # (h, w): sum over images of the channel mean of |f(T_d x) - T_k f(x)|
 
 
 def compare_shift(
-    reference: Reference, shifted: torch.Tensor, k: tuple[float, float], circular: bool, margin: tuple[int, int] = (0, 0)
+    reference: Reference, shifted: torch.Tensor, k: tuple[float, float], circular: bool, margin: tuple[int, int] = (0, 0),
+    spatial: bool = True,
 ) -> ShiftComparison:
     """``equivariance_error`` at a feature shift ``k = (kx, ky)``, whole or fractional, its interior
-    version (``margin = (my, mx)`` feature pixels left out at each border) and the spatial error map.
+    version (``margin = (my, mx)`` feature pixels left out at each border) and, if ``spatial``, the
+    spatial error map (else None).
 
     Whole ``k``: ``T_k`` is a roll (exact, the same numbers as ``equivariance_error``). Fractional:
     ``T_k`` is the band-limited circular ``fourier_shift`` of the reference maps, and the reference
@@ -181,7 +183,7 @@ def compare_shift(
     def error(mask: torch.Tensor) -> torch.Tensor:
         return _ratio((squared * mask).sum(dim=(-2, -1)).sqrt(), (energy * mask).sum(dim=(-2, -1)).sqrt())
 
-    error_sum = diff.abs().mean(dim=1).sum(dim=0).double().masked_fill(~region, float("nan"))
+    error_sum = diff.abs().mean(dim=1).sum(dim=0).double().masked_fill(~region, float("nan")) if spatial else None
     return ShiftComparison(error(region), error(inner), error_sum)
 
 

@@ -142,12 +142,12 @@ class _LayerComparer:
             aligned = layer.aligned(shift)
             k = layer.feature_shift(shift) if aligned else (shift[0] / layer.stride[1], shift[1] / layer.stride[0])
             margin = self.margins.get(layer.name)
-            out = M.compare_shift(reference, feature, k, self.circular, margin or (0, 0))
+            out = M.compare_shift(reference, feature, k, self.circular, margin or (0, 0), self.error_maps is not None)
             self.state.add((layer.name, shift, M.EQUIVARIANCE_ERROR if aligned else M.EQUIVARIANCE_ERROR_RESAMPLED),
                            out.error)
             if aligned and margin is not None:
                 self.state.add((layer.name, shift, M.EQUIVARIANCE_ERROR_INTERIOR), out.interior)
-            if self.error_maps is not None:
+            if self.error_maps is not None and out.error_sum is not None:
                 self.error_maps.add(layer.name, shift, out.error_sum)
         elif layer.aligned(shift):  # a fixed-size map: only shift 0 has a feature shift
             self.state.add((layer.name, shift, M.EQUIVARIANCE_ERROR),
