@@ -180,3 +180,13 @@ def test_new_layer_metrics_are_drawn_only_when_named(few_images: Path) -> None:
     named, _ = draw(result.rows, metric=M.INPLACE_CHANGE)
     assert M.INPLACE_CHANGE not in " ".join(ax.get_title() for ax in default.axes)
     assert M.INPLACE_CHANGE in " ".join(ax.get_title() for ax in named.axes)
+
+
+def test_resampled_column_marks_only_the_resampled_rows(few_images: Path, tmp_path: Path) -> None:
+    torch.manual_seed(9)
+    result = transinv.measure(strided_circular(), data=[str(few_images)], num_images=2, size=SIZE, shift="0..1",
+                              mode="circular", layers="2", weights="none")
+    rows = result.rows
+    assert rows["resampled"].dtype == bool
+    assert (rows["resampled"] == (rows["metric"] == M.EQUIVARIANCE_ERROR_RESAMPLED)).all() and rows["resampled"].any()
+    assert not rows.loc[rows["resampled"], "aligned"].any()
