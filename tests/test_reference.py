@@ -30,6 +30,9 @@ SIZE, SHIFTS, PAIRS, SEED = 16, list(range(-2, 4)), (-2, 2), 3
 FILL = 0.7  # pad mode's fill, normalised units (0, the mean, would equal the zero padding: exact, see README)
 TOL = 1e-6
 STRIDE = 2  # of every measured layer: the first convolution has stride 2
+# padding margins (feature pixels): output row 0 of the stride-2 convolution reads input row -1 (padding),
+# row 1 reads rows 1..3 (none), so "0" and the ReLU "1" have 1; the 3x3 convolution "2" after them has 2
+MARGINS = {"0": 1, "1": 1, "2": 2}
 Z = 1.959963984540054  # the 97.5% quantile of the standard normal
 
 
@@ -87,8 +90,9 @@ def _forward(net64: nn.Sequential, views: list[np.ndarray]) -> tuple[list[np.nda
     return maps, x.numpy()
 
 
-def _equivariance(f0: np.ndarray, fd: np.ndarray, k: tuple[int, int], circular: bool) -> float:
-    """||f(T_d x) - T_k f(x)|| / ||f(x)|| over the positions defined in both maps (all, circularly)."""
+def _equivariance(f0: np.ndarray, fd: np.ndarray, k: tuple[int, int], circular: bool, margin: int = 0) -> float:
+    """||f(T_d x) - T_k f(x)|| / ||f(x)|| over the positions defined in both maps (all, circularly);
+    with a margin, only positions at least that far from the border in both maps (the interior)."""
     kx, ky = k
     _, h, w = f0.shape
     num = den = 0.0
@@ -99,8 +103,42 @@ def _equivariance(f0: np.ndarray, fd: np.ndarray, k: tuple[int, int], circular: 
                 ri, rj = ri % h, rj % w
             elif not (0 <= ri < h and 0 <= rj < w):
                 continue
+            if min(i, j, ri, rj) < margin or max(i, ri) > h - 1 - margin or max(j, rj) > w - 1 - margin:
+                continue
             num += float(np.sum((fd[:, i, j] - f0[:, ri, rj]) ** 2))
             den += float(np.sum(f0[:, ri, rj] ** 2))
+    return math.sqrt(num / den)
+
+
+def _band_limited_shift(f: np.ndarray, kx: float, ky: float) -> np.ndarray:
+    """The README's resampling: every frequency's phase moved by (kx, ky) on the full 2-D spectrum,
+    the Nyquist frequency of an even axis scaled by cos(pi k) instead (so the result stays real)."""
+
+    def factors(n: int, k: float) -> np.ndarray:
+        freq = np.fft.fftfreq(n, 1.0 / n)
+        out = np.exp(-2j * np.pi * freq * k / n)
+        if n % 2 == 0:
+            out[n // 2] = np.cos(np.pi * k)
+        return out
+
+    _, h, w = f.shape
+    spectrum = np.fft.fft2(f) * np.outer(factors(h, ky), factors(w, kx))[None]
+    return np.real(np.fft.ifft2(spectrum))
+
+
+def _resampled(f0: np.ndarray, fd: np.ndarray, k: tuple[float, float], circular: bool) -> float:
+    """``equivariance_error`` against the band-limited shift of f(x) by the fractional k; not circular,
+    on the positions whose own and source positions are at least one pixel inside the map."""
+    moved = _band_limited_shift(f0, *k)
+    _, h, w = f0.shape
+    num = den = 0.0
+    for i in range(h):
+        for j in range(w):
+            ri, rj = i - k[1], j - k[0]
+            if not circular and not (1 <= min(i, ri) and max(i, ri) <= h - 2 and 1 <= min(j, rj) and max(j, rj) <= w - 2):
+                continue
+            num += float(np.sum((fd[:, i, j] - moved[:, i, j]) ** 2))
+            den += float(np.sum(moved[:, i, j] ** 2))
     return math.sqrt(num / den)
 
 
@@ -167,6 +205,12 @@ def reference(canvases: list[np.ndarray], labels: list[int], mode: str, directio
                 if d[0] % STRIDE == 0 and d[1] % STRIDE == 0:
                     k = (d[0] // STRIDE, d[1] // STRIDE)
                     add((layer, d, M.EQUIVARIANCE_ERROR), _equivariance(f[zero], f[s], k, mode == "circular"))
+                    add((layer, d, M.EQUIVARIANCE_ERROR_INTERIOR),
+                        _equivariance(f[zero], f[s], k, mode == "circular", MARGINS[layer]))
+                else:
+                    k = (d[0] / STRIDE, d[1] / STRIDE)
+                    add((layer, d, M.EQUIVARIANCE_ERROR_RESAMPLED), _resampled(f[zero], f[s], k, mode == "circular"))
+                add((layer, d, M.INPLACE_CHANGE), float(np.linalg.norm(f[s] - f[zero]) / np.linalg.norm(f[zero])))
                 add((layer, d, M.POOLED_INVARIANCE_ERROR), _pooled(f[zero], f[s]))
             pd_ = _softmax(logits[s])
             add(("output", d, M.TOP1_AGREEMENT), float(classes[s] == c0))
@@ -220,7 +264,8 @@ def test_every_metric_matches_an_independent_numpy_computation(
         for r in rows.itertuples()
     }
     assert set(got) == set(expected)
-    assert set(rows["metric"]) == {M.EQUIVARIANCE_ERROR, M.POOLED_INVARIANCE_ERROR, M.TOP1_AGREEMENT, M.KL_DIVERGENCE,
+    assert set(rows["metric"]) == {M.EQUIVARIANCE_ERROR, M.POOLED_INVARIANCE_ERROR, M.EQUIVARIANCE_ERROR_INTERIOR,
+                                   M.EQUIVARIANCE_ERROR_RESAMPLED, M.INPLACE_CHANGE, M.TOP1_AGREEMENT, M.KL_DIVERGENCE,
                                    M.PROB_CHANGE, M.ACCURACY, M.WORST_CASE_AGREEMENT, M.WORST_CASE_ACCURACY,
                                    M.JAGGEDNESS, M.PATH_PROB_CHANGE, M.CONSISTENCY, M.TOP1_AGREEMENT_IF_CORRECT, M.TOP1_AGREEMENT_IF_WRONG,
                                    M.CONSISTENCY_IF_CORRECT, M.CONSISTENCY_IF_WRONG}
@@ -245,7 +290,8 @@ def test_every_metric_matches_an_independent_numpy_computation(
 
     # non-trivial answers: every moved error and divergence is 100 times the tolerance or more, and the
     # top-1 figures are neither all 0 nor all 1
-    for metric in (M.EQUIVARIANCE_ERROR, M.POOLED_INVARIANCE_ERROR, M.KL_DIVERGENCE, M.PROB_CHANGE):
+    for metric in (M.EQUIVARIANCE_ERROR, M.POOLED_INVARIANCE_ERROR, M.EQUIVARIANCE_ERROR_RESAMPLED, M.INPLACE_CHANGE,
+                   M.KL_DIVERGENCE, M.PROB_CHANGE):
         assert (values(metric) > 100 * TOL).all(), metric
     for metric in (M.TOP1_AGREEMENT, M.ACCURACY, M.JAGGEDNESS, M.WORST_CASE_AGREEMENT, M.CONSISTENCY):
         assert values(metric).between(0, 1, inclusive="neither").any(), metric

@@ -18,6 +18,7 @@ from . import distributed
 from . import metrics as M
 from .attribution import LieAttribution, velocities
 from . import per_image
+from .error_maps import save_error_maps
 from .errors import UserError
 from .data import Batch
 from .fixes import apply_variant, recalibrate_batchnorm
@@ -140,6 +141,7 @@ def prepare_jobs(plan: Plan, options: MeasureOptions, device: torch.device, warn
                 options.channels_last, options.by_correctness, path=options.direction != "grid", seed=options.seed,
                 attribution=lie,
                 per_image=options.per_image is not None,
+                error_maps=options.error_maps is not None,
             )
             rows_layers = layers + (lie.layers if lie is not None else [])  # strides of the attributed leaves
             measured.append(Measured(job, rows_layers, measurement, M.MetricState(measurement.keys, device)))
@@ -176,6 +178,8 @@ def merge(context: distributed.Context, run: RunState, groups: list[list[Measure
     for measured in groups:
         for m in measured:
             for tensor in m.state.tensors():
+                context.sum(tensor)
+            for tensor in m.measurement.error_maps.tensors() if m.measurement.error_maps is not None else []:
                 context.sum(tensor)
     images, skipped, partial = (int(v) for v in counts.tolist())
     return {"images": images, "skipped": skipped, "partial": partial > 0}
@@ -236,6 +240,9 @@ def measure(
     if summary["images"] == 0 and not summary["partial"]:
         raise UserError("no readable images: every file was skipped (see the warnings above)")
     states = [m for measured in groups for m in measured]
+    if opts.error_maps is not None and context.is_main:
+        save_error_maps(opts.error_maps, [(m.job.label, m.job.variant, m.measurement.error_maps) for m in states
+                                          if m.measurement.error_maps is not None])
     records = job_records([(m.job, m.layers, m.state) for m in states], opts, summary["partial"])
     rows = make_rows(records)
     main = {(m.job.label, m.job.variant): [layer.name for layer in m.layers if layer.main] for m in states}

@@ -60,11 +60,26 @@ POOLED_INVARIANCE_ERROR = "pooled_invariance_error"
 LIE_DERIVATIVE = "lie_derivative"
 LIE_CONTRIBUTION = "lie_contribution"
 LIE_UNATTRIBUTED = "lie_unattributed"
+EQUIVARIANCE_ERROR_RESAMPLED = "equivariance_error_resampled"
+EQUIVARIANCE_ERROR_INTERIOR = "equivariance_error_interior"
+INPLACE_CHANGE = "inplace_change"
 
 _SPECS = (
     MetricSpec(EQUIVARIANCE_ERROR, "layer", "mean", "lower",
                "`‖f_l(T_d x) − T_k f_l(x)‖₂ / ‖f_l(x)‖₂`, `k = d / s_l`, both norms on the region present in both "
                "maps; only where `s_l` divides `dx` and `dy` (`aligned`)", bounds=(0.0, float("inf")), at_reference=0.0),
+    MetricSpec(EQUIVARIANCE_ERROR_RESAMPLED, "layer", "mean", "lower",
+               "`equivariance_error` where `s_l` does not divide the shift: `T_k` with the fractional `k = d / s_l` is "
+               "the band-limited circular Fourier shift of `f_l(x)`, and `‖T_k f_l(x)‖₂` the denominator; crop, pad "
+               "and embed modes compare on the overlap shrunk by one pixel on every side (its own rows: never mixed "
+               "with the exact ones)", bounds=(0.0, float("inf"))),
+    MetricSpec(EQUIVARIANCE_ERROR_INTERIOR, "layer", "mean", "lower",
+               "`equivariance_error` on the positions at least `m_l` feature pixels from the border in both "
+               "`f_l(T_d x)` and `T_k f_l(x)`, `m_l` the layer's padding margin (measured, see below); aligned shifts "
+               "only; NaN (not counted) when no position is left", bounds=(0.0, float("inf")), at_reference=0.0),
+    MetricSpec(INPLACE_CHANGE, "layer", "mean", "lower",
+               "`‖f_l(T_d x) − f_l(x)‖₂ / ‖f_l(x)‖₂` on the whole map, no realignment: how much the map changes in "
+               "place; every shift", bounds=(0.0, float("inf")), at_reference=0.0),
     MetricSpec(POOLED_INVARIANCE_ERROR, "layer", "mean", "lower",
                "`‖g_l(T_d x) − g_l(x)‖₂ / ‖g_l(x)‖₂`, `g_l` = per-channel mean over all positions; every shift",
                bounds=(0.0, float("inf")), at_reference=0.0),

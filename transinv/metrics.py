@@ -22,6 +22,8 @@ from .metric_registry import (  # noqa: F401  (the names live in the registry; r
     WORST_CASE_ACCURACY, WORST_CASE_ACCURACY_FRACTIONAL, WORST_CASE_ACCURACY_INTEGER, WORST_CASE_AGREEMENT,
     WORST_CASE_AGREEMENT_FRACTIONAL, WORST_CASE_AGREEMENT_INTEGER, fixed_at_reference, is_proportion, value_bounds,
 )
+from .metric_registry import EQUIVARIANCE_ERROR_INTERIOR, EQUIVARIANCE_ERROR_RESAMPLED, INPLACE_CHANGE  # noqa: F401
+from .subpixel import fourier_shift
 
 Shift = tuple[int, int]
 
@@ -115,6 +117,74 @@ def pooled_invariance_error(reference: torch.Tensor | Reference, shifted: torch.
     g_ref = _reference(reference).pooled
     g_cur = shifted.mean(dim=(-2, -1)).double()
     return _ratio(_per_image_norm(g_cur - g_ref), _per_image_norm(g_ref))
+
+
+def inplace_change(reference: torch.Tensor | Reference, shifted: torch.Tensor) -> torch.Tensor:
+    """Per image ``||f(T_d x) - f(x)|| / ||f(x)||`` over the whole map, no realignment (the same
+    position compared with itself); maps of different sizes give NaN."""
+    ref = _reference(reference)
+    if shifted.shape != ref.maps.shape:
+        return torch.full((shifted.shape[0],), float("nan"), dtype=torch.float64, device=shifted.device)
+    return _ratio(_per_image_norm(shifted - ref.maps), ref.energy.sum(dim=(-2, -1)).sqrt())
+
+
+def _axis_masks(n: int, k: float, circular: bool, margin: int, resampled: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Along one axis of length ``n``: the positions ``j`` compared after a feature shift ``k``, and
+    those of them in the interior (``j`` and its source ``j - k`` both at least ``margin`` from the
+    border). Not circular, the source must lie in the map; resampled, one pixel inside it, and
+    ``j`` too (the Fourier shift wraps content around the edge)."""
+    j = torch.arange(n, dtype=torch.float64)
+    source = (j - k) % n if circular else j - k
+    edge = 1 if resampled and not circular else 0
+    compared = torch.ones(n, dtype=torch.bool) if circular else (
+        (source >= edge) & (source <= n - 1 - edge) & (j >= edge) & (j <= n - 1 - edge))
+    inner = (j >= margin) & (j <= n - 1 - margin) & (source >= margin) & (source <= n - 1 - margin)
+    return compared, compared & inner
+
+
+@dataclass(frozen=True)
+class ShiftComparison:
+    """One shift of one layer against its reference: the per-image errors on the compared region
+    and on its interior, and the absolute error per position summed over images (NaN where not compared)."""
+
+    error: torch.Tensor
+    interior: torch.Tensor
+    error_sum: torch.Tensor | None  # (h, w): sum over images of the channel mean of |f(T_d x) - T_k f(x)|
+
+
+def compare_shift(
+    reference: Reference, shifted: torch.Tensor, k: tuple[float, float], circular: bool, margin: tuple[int, int] = (0, 0),
+    spatial: bool = True,
+) -> ShiftComparison:
+    """``equivariance_error`` at a feature shift ``k = (kx, ky)``, whole or fractional, its interior
+    version (``margin = (my, mx)`` feature pixels left out at each border) and, if ``spatial``, the
+    spatial error map (else None).
+
+    Whole ``k``: ``T_k`` is a roll (exact, the same numbers as ``equivariance_error``). Fractional:
+    ``T_k`` is the band-limited circular ``fourier_shift`` of the reference maps, and the reference
+    norm is that of the resampled maps on the same region.
+    """
+    kx, ky = k
+    h, w = reference.maps.shape[-2:]
+    resampled = not (float(kx).is_integer() and float(ky).is_integer())
+    if resampled:
+        moved = fourier_shift(reference.maps, kx, ky)
+        energy = moved.double().pow(2).sum(dim=1)
+    else:
+        moved = torch.roll(reference.maps, (int(ky), int(kx)), dims=(-2, -1))
+        energy = torch.roll(reference.energy, (int(ky), int(kx)), dims=(-2, -1))
+    diff = shifted - moved
+    squared = diff.pow(2).sum(dim=1).double()
+    rows, rows_in = _axis_masks(h, ky, circular, margin[0], resampled)
+    cols, cols_in = _axis_masks(w, kx, circular, margin[1], resampled)
+    region = (rows[:, None] & cols[None, :]).to(squared.device)
+    inner = (rows_in[:, None] & cols_in[None, :]).to(squared.device)
+
+    def error(mask: torch.Tensor) -> torch.Tensor:
+        return _ratio((squared * mask).sum(dim=(-2, -1)).sqrt(), (energy * mask).sum(dim=(-2, -1)).sqrt())
+
+    error_sum = diff.abs().mean(dim=1).sum(dim=0).double().masked_fill(~region, float("nan")) if spatial else None
+    return ShiftComparison(error(region), error(inner), error_sum)
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

@@ -92,6 +92,7 @@ class MeasureOptions:
     seed: int = _opt(0, "Seed for random weights and random offsets (--consistency, --random-shifts).", WHAT)
     sample_seed: int = _opt(0, "Seed for the --num-images subset (apart from --seed, so new offsets keep the images).", WHAT)
     per_image: str | None = _opt(None, "Also write one CSV row per image and shift to this file: label, the reference and shifted views' top-1 classes and probabilities, and whether the class flipped.", WHAT, metavar="FILE")
+    error_maps: str | None = _opt(None, "Also save each layer's mean absolute equivariance error per feature position, per shift, to this .npz file.", WHAT, metavar="PATH")
     # how to shift
     shift: str = _opt("0..16", "Shifts in pixels: 0..16, -8..8, 0..32:4, 0,1,2,4,8 or 5; 'A;B' for sets expanded apart. Shift 0 is always the reference.", SHIFTS)
     direction: str = _opt("x", "Shift direction (grid = every (dx, dy) pair).", SHIFTS, choices=DIRECTIONS)

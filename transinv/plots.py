@@ -307,7 +307,7 @@ def _sections(data: pd.DataFrame, metric: str | None, layer: str | None) -> list
     grid = direction == "grid"
     if layer is not None:
         at = data[data["layer"] == layer]
-        shown = [m for m in _shifted_metrics(at) if metric in (None, m)]
+        shown = [m for m in _shifted_metrics(at) if m == metric or (metric is None and _drawn_by_default(m))]
         if not shown:
             wanted = f"{metric!r} rows" if metric else "rows"
             present = ", ".join(pd.unique(at["metric"]))
@@ -319,6 +319,8 @@ def _sections(data: pd.DataFrame, metric: str | None, layer: str | None) -> list
     inner = _shifted_metrics(data[data["layer"] != M.OUTPUT_LAYER])
     if metric is not None:
         output, inner = [m for m in output if m == metric], [m for m in inner if m == metric]
+    else:
+        inner = [m for m in inner if _drawn_by_default(m)]
     sections = []
     if output:
         sections.append(
@@ -331,6 +333,12 @@ def _sections(data: pd.DataFrame, metric: str | None, layer: str | None) -> list
     if not sections:
         raise ValueError(f"nothing to plot against shift; metrics present: {', '.join(pd.unique(data['metric']))}")
     return sections
+
+
+def _drawn_by_default(metric: str) -> bool:
+    """Per-layer metrics drawn when none is named: the two headline ones (the resampled, interior
+    and in-place errors are drawn when named, so a default figure keeps its size)."""
+    return metric not in (M.EQUIVARIANCE_ERROR_RESAMPLED, M.EQUIVARIANCE_ERROR_INTERIOR, M.INPLACE_CHANGE)
 
 
 def _shifted_metrics(rows: pd.DataFrame) -> list[str]:

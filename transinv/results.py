@@ -30,6 +30,7 @@ COLUMNS = [
     "layer",
     "stride",
     "aligned",
+    "resampled",
     "shift_x",
     "shift_y",
     "metric",
@@ -241,6 +242,7 @@ def make_rows(records: list[dict[str, Any]]) -> pd.DataFrame:
     for column in ("stride", "shift_x", "shift_y", "n", "seed", "size", "resize"):
         frame[column] = whole_or_float(frame[column])
     frame["aligned"] = frame["aligned"].astype(bool)
+    frame["resampled"] = frame["metric"] == M.EQUIVARIANCE_ERROR_RESAMPLED  # from the metric: never mixed up
     frame["partial"] = frame["partial"].astype(bool)
     return frame
 

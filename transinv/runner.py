@@ -21,7 +21,9 @@ from .metric_registry import METRICS
 from .attribution import LieAttribution
 from .data import Batch, CanvasDataset, ImageItem, Preprocess, collate
 from .errors import UserError
+from .error_maps import ErrorMaps
 from .layers import FeatureTap, LayerInfo, to_nchw
+from .margins import padding_margins
 from .outputs import class_logits as _logits
 from .per_image import PerImage
 from .shifts import Shift, ShiftPlan, is_fractional
@@ -67,8 +69,10 @@ def metric_keys(
     for layer in layers:
         for shift in shifts:
             if layer.aligned(shift):
-                keys.append((layer.name, shift, M.EQUIVARIANCE_ERROR))
-            keys.append((layer.name, shift, M.POOLED_INVARIANCE_ERROR))
+                keys += [(layer.name, shift, M.EQUIVARIANCE_ERROR), (layer.name, shift, M.EQUIVARIANCE_ERROR_INTERIOR)]
+            elif not layer.fixed:
+                keys.append((layer.name, shift, M.EQUIVARIANCE_ERROR_RESAMPLED))
+            keys += [(layer.name, shift, M.INPLACE_CHANGE), (layer.name, shift, M.POOLED_INVARIANCE_ERROR)]
     for shift in shifts:
         for spec in METRICS.values():
             if (spec.scope == "output" and not spec.attribution and (labelled or not spec.needs_labels)
@@ -111,9 +115,12 @@ class _LayerComparer:
     A pass may hold several shifts of the same images, stacked shift-major along the batch.
     """
 
-    def __init__(self, layers: list[LayerInfo], circular: bool) -> None:
+    def __init__(self, layers: list[LayerInfo], circular: bool, margins: dict[str, tuple[int, int]] | None = None,
+                 error_maps: ErrorMaps | None = None) -> None:
         self.layers = {layer.name: layer for layer in layers}
         self.circular = circular
+        self.margins = margins or {}  # layers without a measured margin get no interior error
+        self.error_maps = error_maps
         self.reference: dict[str, M.Reference] = {}
         self.shifts: list[Shift] | None = []  # empty: the pass is the reference; None: not measured
         self.state: M.MetricState | None = None
@@ -134,9 +141,21 @@ class _LayerComparer:
 
     def compare(self, layer: LayerInfo, reference: M.Reference, feature: torch.Tensor, shift: Shift) -> None:
         assert self.state is not None
-        if layer.aligned(shift):
-            error = M.equivariance_error(reference, feature, layer.feature_shift(shift), self.circular)
-            self.state.add((layer.name, shift, M.EQUIVARIANCE_ERROR), error)
+        if not layer.fixed:
+            aligned = layer.aligned(shift)
+            k = layer.feature_shift(shift) if aligned else (shift[0] / layer.stride[1], shift[1] / layer.stride[0])
+            margin = self.margins.get(layer.name)
+            out = M.compare_shift(reference, feature, k, self.circular, margin or (0, 0), self.error_maps is not None)
+            self.state.add((layer.name, shift, M.EQUIVARIANCE_ERROR if aligned else M.EQUIVARIANCE_ERROR_RESAMPLED),
+                           out.error)
+            if aligned and margin is not None:
+                self.state.add((layer.name, shift, M.EQUIVARIANCE_ERROR_INTERIOR), out.interior)
+            if self.error_maps is not None and out.error_sum is not None:
+                self.error_maps.add(layer.name, shift, out.error_sum)
+        elif layer.aligned(shift):  # a fixed-size map: only shift 0 has a feature shift
+            self.state.add((layer.name, shift, M.EQUIVARIANCE_ERROR),
+                           M.equivariance_error(reference, feature, (0, 0), self.circular))
+        self.state.add((layer.name, shift, M.INPLACE_CHANGE), M.inplace_change(reference, feature))
         self.state.add((layer.name, shift, M.POOLED_INVARIANCE_ERROR), M.pooled_invariance_error(reference, feature))
 
 
@@ -162,6 +181,7 @@ class Measurement:
         seed: int = 0,
         attribution: LieAttribution | None = None,
         per_image: bool = False,
+        error_maps: bool = False,
     ) -> None:
         self.model, self.plan, self.layers, self.device = model, plan, layers, device
         self.labelled, self.views_per_pass = labelled, views_per_pass
@@ -169,7 +189,9 @@ class Measurement:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.comparer = _LayerComparer(layers, circular=plan.mode == "circular")
+        self.error_maps = ErrorMaps(layers, plan.shifts, device) if error_maps else None
+        self.comparer = _LayerComparer(layers, plan.mode == "circular", padding_margins(model, layers, plan.size, device),
+                                       self.error_maps)
         self.by_correctness, self.path = by_correctness and labelled, path and len(plan.shifts) > 1
         self.seed = seed
         self.per_image = PerImage() if per_image else None  # per-image predictions (--per-image)
@@ -209,6 +231,8 @@ class Measurement:
         labels = batch.labels.to(self.device)
         comparer = self.comparer
         comparer.state, comparer.shifts = state, []
+        if self.error_maps is not None:
+            self.error_maps.images += len(labels)
         reference = self._forward(tap, self.plan.view(canvases, (0, 0)))
         for layer in self.layers:  # shift 0 through the same code: exactly 0 by construction
             ref = comparer.reference[layer.name]
