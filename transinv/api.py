@@ -20,6 +20,7 @@ from .errors import UserError
 from .fixes import apply_variant
 from .layers import LayerInfo, Probe, probe_layers, select_layers
 from .options import MeasureOptions, option_names
+from .outputs import detect
 from .plan import Job, ModelSpec, Plan, make_plan, prepare_model
 from .progress import ConsoleProgress, ProgressStart
 from .results import Result, born_at, interval_warnings, job_records, make_rows
@@ -77,6 +78,8 @@ def _explain_probe(job: Job, probe: Probe, layer_spec: str, warn: Warn) -> None:
             f"{job.label}: {len(probe.token_layers)} layers output token sequences with no spatial map "
             f"(e.g. {probe.token_layers[0]}); measuring output metrics and the 4-D maps only"
         )
+    if probe.token_note and layer_spec != "none":
+        warn(f"{job.label}: {probe.token_note}")
     if probe.path_note and layer_spec != "none":
         warn(f"{job.label}: {probe.path_note}")
 
@@ -95,9 +98,11 @@ def prepare_jobs(plan: Plan, options: MeasureOptions, device: torch.device, warn
                 explained.add(job.label)
                 _explain_probe(job, probe, options.layers, warn)
             layers = select_layers(probe, options.layers)
+            task = options.task or detect(probe.output, job.model.output)
             measurement = Measurement(
                 module, group.shifts, layers, plan.labelled, device, options.batch_size, options.precision,
                 options.channels_last, options.by_correctness, path=options.direction != "grid", seed=options.seed,
+                task=task,
             )
             measured.append(Measured(job, layers, measurement, M.MetricState(measurement.keys, device)))
         out.append(measured)
