@@ -110,3 +110,26 @@ def test_a_map_that_does_not_move_agrees_with_itself_shifted(few_images: Path) -
         got = _rows(result.rows, M.PIXEL_AGREEMENT).query(f"shift_x == {dx}")["value"].item()
         assert got == pytest.approx(expected, abs=1e-12)
     assert _rows(result.rows, M.PIXEL_AGREEMENT).query("shift_x == 1")["value"].item() < 0.9
+
+
+def test_torchvision_segmentation_models_load_and_measure_their_out_maps(few_images: Path) -> None:
+    from transinv.models import load_model
+
+    assert load_model("fcn_resnet50", "none").output == "segmentation"
+    result = transinv.measure("lraspp_mobilenet_v3_large", data=str(few_images), shift="0,8", layers="none",
+                              num_images=2, size=64, resize=80, weights="none", mode="crop")
+    rows = result.rows
+    assert set(rows["metric"]) == {M.PIXEL_AGREEMENT, M.PIXEL_KL_DIVERGENCE, M.SEGMENTATION_CONSISTENCY}
+    agreement = _rows(rows, M.PIXEL_AGREEMENT).set_index("shift_x")["value"]
+    assert agreement[0] == 1.0 and 0.0 <= agreement[8] <= 1.0
+
+
+def test_timm_vit_blocks_get_rows_at_the_patch_stride_and_encoders_are_embeddings(few_images: Path) -> None:
+    pytest.importorskip("timm")
+    result = transinv.measure("timm:test_vit", data=str(few_images), shift="0,8", layers="default", num_images=2,
+                              weights="none", mode="circular")
+    error = _rows(result.rows, M.EQUIVARIANCE_ERROR)
+    assert {"blocks.0", "blocks.1"} <= set(error["layer"])
+    encoder = transinv.measure("timm:convnext_tiny.dinov3_lvd1689m", data=str(few_images), shift="0,8",
+                               layers="none", num_images=2, size=32, resize=32, weights="none", mode="circular")
+    assert M.COSINE_DISTANCE in set(encoder.rows["metric"])
