@@ -269,12 +269,12 @@ def _token_names(model: nn.Module, extra: int) -> str:
     """What the ``extra`` leading tokens are, from the attributes timm and torchvision give them."""
     named = [(getattr(model, "cls_token", None) is not None or getattr(model, "class_token", None) is not None, "class"),
              (getattr(model, "dist_token", None) is not None, "distillation")]
-    parts = [name for present, name in named if present]
+    parts = [name for present, name in named if present][:extra]
     registers = extra - len(parts)
     if registers > 0:
         parts.append(f"{registers} register" if parts or getattr(model, "reg_token", None) is not None
                      else f"{registers} leading")
-    return f"{extra} token{'s' if extra != 1 else ''} ({', '.join(parts)})" if parts else "no tokens"
+    return f"{extra} token{'s' if extra != 1 else ''} ({', '.join(parts)})"
 
 
 PADDING = (nn.modules.padding.ZeroPad2d, nn.modules.padding.ConstantPad2d, nn.modules.padding.ReflectionPad2d,
@@ -374,7 +374,7 @@ def probe_layers(model: nn.Module, size: int, device: torch.device | str = "cpu"
         larger = {}
     found: list[tuple[str, tuple[int, int, int, bool, bool], tuple[int, int], State, int | None]] = []
     unmapped: list[str] = []
-    extras: set[int] = set()
+    extras: set[int] = set()  # the counts of leading extra tokens dropped from the token layers
     for key, out, state in captured:
         if out.dim() == 3:
             grid = token_grid(out.shape[1], size, larger[key][1] if key in larger else None)
@@ -410,8 +410,9 @@ def probe_layers(model: nn.Module, size: int, device: torch.device | str = "cpu"
     layers = [replace(layer, default=layer.name in default) for layer in layers]
     token_note = None
     if extras:
-        dropped = " or ".join(_token_names(model, extra) for extra in sorted(extras))
-        token_note = f"token layers mapped back to their patch grid, the leading {dropped} dropped"
+        dropped = " or ".join(_token_names(model, extra) for extra in sorted(extras) if extra)
+        token_note = "token layers mapped back to their patch grid" + (
+            f", the leading {dropped} dropped" if dropped else " (no extra tokens)")
     return Probe(layers=layers, token_layers=unmapped, path_note=note, output=output, token_note=token_note)
 
 
