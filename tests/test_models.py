@@ -204,7 +204,7 @@ def test_random_weights_follow_the_seed() -> None:
         ("{dir}/mynett.py:build", "model file {dir}/mynett.py not found (did you mean {dir}/mynet.py?)"),
         ("{dir}/mynett.py", "model file {dir}/mynett.py not found (did you mean {dir}/mynet.py?)"),
         ("{dir}/nett.pt", "TorchScript file {dir}/nett.pt not found (did you mean {dir}/net.pt?)"),
-        ("no such thing", "use a torchvision classification model (resnet18, or torchvision:NAME); example:NAME"),
+        ("no such thing", "use a torchvision classification or segmentation model (resnet18, fcn_resnet50, or torchvision:NAME); example:NAME"),
     ],
 )
 def test_each_source_says_did_you_mean(user_files: Path, spec: str, message: str) -> None:

@@ -133,3 +133,9 @@ def test_timm_vit_blocks_get_rows_at_the_patch_stride_and_encoders_are_embedding
     encoder = transinv.measure("timm:convnext_tiny.dinov3_lvd1689m", data=str(few_images), shift="0,8",
                                layers="none", num_images=2, size=32, resize=32, weights="none", mode="circular")
     assert M.COSINE_DISTANCE in set(encoder.rows["metric"])
+
+
+def test_class_based_set_metrics_are_refused_for_other_output_kinds(few_images: Path) -> None:
+    with pytest.raises(transinv.UserError, match="compare top-1 classes: not for --task embedding"):
+        transinv.measure("example:circular_encoder", data=str(few_images), shift="0,1", consistency="-2..2",
+                         layers="none", **SMALL)

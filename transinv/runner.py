@@ -164,6 +164,8 @@ class Measurement:
         task: str = CLASSIFICATION.name,
     ) -> None:
         self.kind = output_kind(task)
+        if self.kind.compare is not None and (plan.pair_offsets is not None or plan.random_shifts):
+            raise UserError(f"--consistency and --random-shifts compare top-1 classes: not for --task {task}")
         self.model, self.plan, self.layers, self.device = model, plan, layers, device
         self.labelled, self.views_per_pass = labelled, views_per_pass
         self.dtype = PRECISIONS[precision]
