@@ -84,25 +84,23 @@ def compare_embeddings(reference: torch.Tensor, shifted: torch.Tensor, _shift: S
             "nn_agreement": nearest.double()}
 
 
-def _overlap(length: int, k: int, circular: bool) -> list[tuple[slice, slice]]:
-    from .metrics import _pieces
-
-    return _pieces(length, k, circular)
-
-
 def compare_maps(reference: torch.Tensor, shifted: torch.Tensor, shift: Shift, circular: bool) -> dict[str, torch.Tensor]:
     """Per image, on the pixels present in both views (all of them, wrapped, under circular shifts):
     the share whose top class is the shifted reference's, and the mean KL(p_ref || p_shifted) in nats."""
     import torch
 
+    from .metrics import _pieces  # the slice pairs equivariance_error compares: the same regions
+
     if reference.shape[-2:] != shifted.shape[-2:]:
         raise UserError(f"segmentation maps of sizes {tuple(reference.shape[-2:])} and {tuple(shifted.shape[-2:])}: "
                         "transinv compares maps at the input's resolution")
+    if any(float(d) != int(d) for d in shift):
+        raise UserError("segmentation maps are compared at whole-pixel shifts only: drop the fractional shifts")
     h, w = reference.shape[-2:]
     agree = torch.zeros(reference.shape[0], dtype=torch.float64, device=reference.device)
     kl, pixels = torch.zeros_like(agree), 0
-    for sy, ry in _overlap(h, shift[1], circular):
-        for sx, rx in _overlap(w, shift[0], circular):
+    for sy, ry in _pieces(h, int(shift[1]), circular):
+        for sx, rx in _pieces(w, int(shift[0]), circular):
             log_p = torch.log_softmax(reference[..., ry, rx].double(), dim=1)
             log_q = torch.log_softmax(shifted[..., sy, sx].double(), dim=1)
             agree += (log_p.argmax(dim=1) == log_q.argmax(dim=1)).flatten(1).sum(dim=1)
