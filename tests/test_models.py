@@ -240,7 +240,7 @@ def test_sources_and_output_kinds_import_without_torch() -> None:
         specs = ("example:x", "torchvision:x", "a.py:f", "m.n:f", "x.pt", "timm:x", "hf-hub:o/n", "hf:o/n", "transformers:o/n", "x.onnx")
         assert [models.find_source(s)[0].name for s in specs] == [
             "example", "torchvision", "factory", "factory", "torchscript", "timm", "timm", "hf", "hf", "onnx"]
-        assert outputs.output_kinds() == ["classification"]
+        assert outputs.output_kinds() == ["classification", "embedding", "segmentation"]
         assert "torch" not in sys.modules, "torch was imported"
         """
     )
