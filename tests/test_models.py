@@ -346,14 +346,15 @@ def test_classification_reads_logits_from_every_common_output() -> None:
         assert kind.extract(output) is z
     with pytest.raises(UserError, match=r"shape \(2, 5, 3, 3\); transinv needs logits of shape \(N, classes\)"):
         kind.extract(torch.zeros(2, 5, 3, 3))
+    assert kind.extract({"out": z}) is z  # torchvision's dict output, as segmentation models give
     with pytest.raises(UserError, match="returned dict"):
-        kind.extract({"out": z})
+        kind.extract({"features": z})
 
 
 def test_an_output_kind_is_one_register_call(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(outputs, "_KINDS", dict(outputs._KINDS))
     outputs.register_output_kind(outputs.OutputKind("pooled", "mean over channels", lambda out: out.mean(dim=1)))
-    assert outputs.output_kinds() == ["classification", "pooled"]
+    assert outputs.output_kinds() == ["classification", "embedding", "segmentation", "pooled"]
     assert outputs.output_kind("pooled").extract(torch.ones(2, 3)).tolist() == [1.0, 1.0]
     with pytest.raises(UserError, match="did you mean classification"):
         outputs.output_kind("clasification")
