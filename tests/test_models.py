@@ -204,7 +204,7 @@ def test_random_weights_follow_the_seed() -> None:
         ("{dir}/mynett.py:build", "model file {dir}/mynett.py not found (did you mean {dir}/mynet.py?)"),
         ("{dir}/mynett.py", "model file {dir}/mynett.py not found (did you mean {dir}/mynet.py?)"),
         ("{dir}/nett.pt", "TorchScript file {dir}/nett.pt not found (did you mean {dir}/net.pt?)"),
-        ("no such thing", "use a torchvision classification model (resnet18, or torchvision:NAME); example:NAME"),
+        ("no such thing", "use a torchvision classification or segmentation model (resnet18, fcn_resnet50, or torchvision:NAME); example:NAME"),
     ],
 )
 def test_each_source_says_did_you_mean(user_files: Path, spec: str, message: str) -> None:
@@ -240,7 +240,7 @@ def test_sources_and_output_kinds_import_without_torch() -> None:
         specs = ("example:x", "torchvision:x", "a.py:f", "m.n:f", "x.pt", "timm:x", "hf-hub:o/n", "hf:o/n", "transformers:o/n", "x.onnx")
         assert [models.find_source(s)[0].name for s in specs] == [
             "example", "torchvision", "factory", "factory", "torchscript", "timm", "timm", "hf", "hf", "onnx"]
-        assert outputs.output_kinds() == ["classification"]
+        assert outputs.output_kinds() == ["classification", "embedding", "segmentation"]
         assert "torch" not in sys.modules, "torch was imported"
         """
     )
@@ -346,14 +346,15 @@ def test_classification_reads_logits_from_every_common_output() -> None:
         assert kind.extract(output) is z
     with pytest.raises(UserError, match=r"shape \(2, 5, 3, 3\); transinv needs logits of shape \(N, classes\)"):
         kind.extract(torch.zeros(2, 5, 3, 3))
+    assert kind.extract({"out": z}) is z  # torchvision's dict output, as segmentation models give
     with pytest.raises(UserError, match="returned dict"):
-        kind.extract({"out": z})
+        kind.extract({"features": z})
 
 
 def test_an_output_kind_is_one_register_call(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(outputs, "_KINDS", dict(outputs._KINDS))
     outputs.register_output_kind(outputs.OutputKind("pooled", "mean over channels", lambda out: out.mean(dim=1)))
-    assert outputs.output_kinds() == ["classification", "pooled"]
+    assert outputs.output_kinds() == ["classification", "embedding", "segmentation", "pooled"]
     assert outputs.output_kind("pooled").extract(torch.ones(2, 3)).tolist() == [1.0, 1.0]
     with pytest.raises(UserError, match="did you mean classification"):
         outputs.output_kind("clasification")

@@ -238,10 +238,10 @@ def test_timm_models_listing(timm) -> None:
     names = {name: pretrained for _, name, pretrained in rows}
     assert names["timm:test_convnext"] and names["timm:test_convnext.r160_in1k"]
     assert set(timm.list_models("test_convnext*")) == {n.removeprefix("timm:") for n in names if "." not in n}
-    assert not any("dinov3" in name for _, name, _ in list_models("convnext_tiny*", "timm"))  # encoders: not yet
+    assert any("dinov3" in name for _, name, _ in list_models("convnext_tiny*", "timm"))  # encoders too
     assert "timm:test_vit4" not in {name for _, name, _ in list_models("test_vit*", "timm", pretrained=True)}
-    with pytest.raises(UserError, match="no classifier head"):
-        load_model("timm:convnext_tiny.dinov3_lvd1689m", "none")
+    assert load_model("timm:convnext_tiny.dinov3_lvd1689m", "none").output == "embedding"  # num_classes=0
+    assert load_model("timm:test_convnext", "none").output == "classification"
 
 
 # --- Hugging Face transformers --------------------------------------------------------------

@@ -25,6 +25,7 @@ from .fixes import apply_variant, recalibrate_batchnorm
 from .fixes.report import CollapseCheck
 from .layers import LayerInfo, Probe, probe_layers, select_layers
 from .options import MeasureOptions, option_names
+from .outputs import detect
 from .plan import Group, Job, ModelSpec, Plan, make_plan, prepare_model
 from .progress import ConsoleProgress, ProgressStart
 from .results import Result, born_at, born_at_lie, interval_warnings, job_records, make_rows
@@ -81,6 +82,8 @@ class Collapse:
     check: CollapseCheck
 
     def add(self, batch: Batch) -> None:
+        if self.base.measurement.prediction is None or self.variant.measurement.prediction is None:
+            return  # embeddings and dense maps have no top-1 class to compare
         labels = batch.labels.to(self.check.counts.device)
         self.check.add(self.base.measurement.prediction, self.variant.measurement.prediction, labels)
 
@@ -112,6 +115,8 @@ def _explain_probe(job: Job, probe: Probe, layer_spec: str, warn: Warn) -> None:
             f"{job.label}: {len(probe.token_layers)} layers output token sequences with no spatial map "
             f"(e.g. {probe.token_layers[0]}); measuring output metrics and the 4-D maps only"
         )
+    if probe.token_note and layer_spec != "none":
+        warn(f"{job.label}: {probe.token_note}")
     if probe.path_note and layer_spec != "none":
         warn(f"{job.label}: {probe.path_note}")
 
@@ -134,11 +139,15 @@ def prepare_jobs(plan: Plan, options: MeasureOptions, device: torch.device, warn
                 explained.add(job.label)
                 _explain_probe(job, probe, options.layers, warn)
             layers = select_layers(probe, options.layers)
+            task = options.task or detect(probe.output, job.model.output)
+            if options.attribution == "lie" and task != "classification":
+                raise UserError(f"attribution lie: {job.label} is a {task} model; the attribution reads class probabilities")
             lie = (LieAttribution(module, group.shifts, velocities(options.direction), probe.layers, device, job.label)
                    if options.attribution == "lie" else None)
             measurement = Measurement(
                 module, group.shifts, layers, plan.labelled, device, options.batch_size, options.precision,
                 options.channels_last, options.by_correctness, path=options.direction != "grid", seed=options.seed,
+                task=task,
                 attribution=lie,
                 per_image=options.per_image is not None,
                 error_maps=options.error_maps is not None,

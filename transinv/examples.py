@@ -73,9 +73,78 @@ def constant(classes: int = 10) -> nn.Module:
     return Constant(classes)
 
 
+class TokenMixer(nn.Module):
+    """A small vision transformer without position embeddings: a patch embedding (stride ``patch``),
+    a class token, blocks of attention and per-token MLPs, a head on the class token. Attention
+    without positions is permutation-equivariant and the MLPs act per token, so under circular
+    shifts by multiples of ``patch`` every block's patch grid rolls exactly and the output is invariant."""
+
+    def __init__(self, classes: int = 10, patch: int = 4, width: int = 32, depth: int = 2) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, width, patch, stride=patch)
+        self.cls_token = nn.Parameter(torch.randn(1, 1, width))
+        self.blocks = nn.Sequential(*(_TokenBlock(width) for _ in range(depth)))
+        self.head = nn.Linear(width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
+        tokens = self.blocks(torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1))
+        return self.head(tokens[:, 0])
+
+
+class _TokenBlock(nn.Module):
+    """Pre-norm attention and MLP with residuals, as in ViT."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attn = nn.MultiheadAttention(width, 4, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.norm1(x)
+        x = x + self.attn(y, y, y, need_weights=False)[0]
+        return x + self.mlp(self.norm2(x))
+
+
+def token_mixer(classes: int = 10) -> nn.Module:
+    """See ``TokenMixer``: exactly equivariant at multiples of its patch size (4) under circular shifts."""
+    return TokenMixer(classes)
+
+
+def circular_encoder(dims: int = 16) -> nn.Module:
+    """Stride-1 circular convolutions and global average pooling, returning the pooled vector:
+    an embedding exactly invariant under circular shifts (cosine distance 0, nn_agreement 1)."""
+    return nn.Sequential(_conv(3, 16, padding_mode="circular"), nn.ReLU(), _conv(16, dims, padding_mode="circular"),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten())
+
+
+def circular_segmenter(classes: int = 5) -> nn.Module:
+    """Stride-1 circular convolutions returning (N, classes, H, W) scores: its maps move exactly with
+    the input under circular shifts (pixel_agreement 1, pixel_kl_divergence 0)."""
+    return nn.Sequential(_conv(3, 16, padding_mode="circular"), nn.ReLU(), _conv(16, classes, padding_mode="circular"))
+
+
+class FixedMap(nn.Module):
+    """Ignores its input and returns the same (classes, size, size) score map: a segmenter whose
+    output does not move with the input, so its pixel agreement at shift ``d`` is the share of
+    pixels whose top class equals that ``d`` pixels away in its own map."""
+
+    def __init__(self, classes: int = 5, size: int = 32) -> None:
+        super().__init__()
+        self.scores = nn.Parameter(torch.randn(classes, size, size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scores.expand(x.shape[0], -1, -1, -1)
+
+
 EXAMPLES: dict[str, Callable[[], nn.Module]] = {
+    "token_mixer": token_mixer,
+    "circular_encoder": circular_encoder,
+    "circular_segmenter": circular_segmenter,
     "circular_gap": circular_gap,
     "strided_circular": strided_circular,
     "valid_conv": valid_conv,
     "constant": constant,
 }
+OUTPUTS: dict[str, str] = {"circular_encoder": "embedding"}  # the examples whose output is not class logits

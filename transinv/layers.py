@@ -12,7 +12,7 @@ import contextlib
 import difflib
 import fnmatch
 import math
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -38,6 +38,7 @@ class LayerInfo:
     default: bool
     fixed: bool = False  # the map's size does not follow the input's (adaptive or global pooling)
     main: bool = True  # on the main path from input to output, not on a parallel branch (a shortcut)
+    tokens: int | None = None  # a token layer (N, T, C): its leading non-patch tokens, dropped; None: a map
 
     def aligned(self, shift: tuple[int, int]) -> bool:
         """True when the stride divides the shift, so it maps to a whole feature-pixel shift.
@@ -138,8 +139,10 @@ class Probe:
     """What one forward pass at the measuring size reveals about a model's layers."""
 
     layers: list[LayerInfo]
-    token_layers: list[str]  # 3-D outputs: sequences of tokens with no spatial map
+    token_layers: list[str]  # 3-D outputs: sequences of tokens with no spatial map found
     path_note: str | None = None  # why the main path could not be followed, when it could not
+    output: object = None  # the model's output on the blank probe input (its kind is read from it)
+    token_note: str | None = None  # which tokens of the token layers were dropped, when some were mapped
 
 
 State = tuple[int, int]  # a tensor's identity and version: an in-place op makes a new state
@@ -218,17 +221,16 @@ Capture = tuple[str, torch.Tensor, State]
 
 
 def _record(model: nn.Module, size: int, device: torch.device | str, flow: _Dataflow | None = None
-            ) -> tuple[list[Capture], list[str], tuple[State, State] | None]:
-    """Every 4-D output (by call key, with its state) and every 3-D (token) output of one blank
-    forward pass; with ``flow``, also the dataflow and the (input, output) states it connects."""
-    maps: list[Capture] = []
-    tokens: list[str] = []
+            ) -> tuple[list[Capture], tuple[State, State] | None, object]:
+    """Every 4-D output (a map) and 3-D output (a token sequence) of one blank forward pass, in
+    forward order, by call key with its state, and the model's output; with ``flow``, also the
+    dataflow and the (input, output) states it connects."""
+    captured: list[Capture] = []
 
     def record(key: str, output: torch.Tensor) -> None:
-        if output.dim() == 4:
-            maps.append((key, output, _state(output)))
-        elif output.dim() == 3:
-            tokens.append(key)
+        # a 3-D output whose first axis is not the batch (heads x N inside attention) is not a layer
+        if output.dim() == 4 or output.dim() == 3 and output.shape[0] == 1:
+            captured.append((key, output, _state(output)))
 
     x = torch.zeros(1, 3, size, size, device=device)
     source = _state(x)
@@ -242,7 +244,37 @@ def _record(model: nn.Module, size: int, device: torch.device | str, flow: _Data
             raise UserError(f"the model fails on a {size}x{size} input ({first}): it may need a larger --size") from exc
     logits = _tensors(output)
     ends = (source, _state(logits[0])) if flow is not None and logits else None
-    return maps, tokens, ends
+    return captured, ends, output
+
+
+MAX_EXTRA_TOKENS = 16  # class, distillation and register tokens a sequence may start with
+
+
+def token_grid(tokens: int, size: int, larger: int | None) -> tuple[int, int, int] | None:
+    """(leading extra tokens, grid side, patch size) of a sequence of ``tokens`` tokens from a
+    ``size`` px input: ``tokens = extra + (size / p)²``, the fewest extra tokens that fit; with
+    ``larger`` (its length at ``size + PROBE_STEP``), the grid must grow to match. None: no grid."""
+    for extra in range(min(tokens, MAX_EXTRA_TOKENS + 1)):
+        side = math.isqrt(tokens - extra)
+        if side < 2 or side * side != tokens - extra or size % side:
+            continue
+        patch = size // side
+        grown = (size + PROBE_STEP) / patch
+        if larger is None or (grown.is_integer() and larger == extra + int(grown) ** 2):
+            return extra, side, patch
+    return None
+
+
+def _token_names(model: nn.Module, extra: int) -> str:
+    """What the ``extra`` leading tokens are, from the attributes timm and torchvision give them."""
+    named = [(getattr(model, "cls_token", None) is not None or getattr(model, "class_token", None) is not None, "class"),
+             (getattr(model, "dist_token", None) is not None, "distillation")]
+    parts = [name for present, name in named if present][:extra]
+    registers = extra - len(parts)
+    if registers > 0:
+        parts.append(f"{registers} register" if parts or getattr(model, "reg_token", None) is not None
+                     else f"{registers} leading")
+    return f"{extra} token{'s' if extra != 1 else ''} ({', '.join(parts)})"
 
 
 PADDING = (nn.modules.padding.ZeroPad2d, nn.modules.padding.ConstantPad2d, nn.modules.padding.ReflectionPad2d,
@@ -283,23 +315,37 @@ def _holds_stages(kids: list[tuple[str, nn.Module]], stride: int, strides: dict[
     return raising >= 2
 
 
+def _transformer_blocks(model: nn.Module, token_layers: set[str]) -> set[str]:
+    """The blocks of transformers: token layers that are containers, two or more of one class
+    side by side in one parent (timm's ``blocks.0``, torchvision's ``encoder_layer_0``)."""
+    blocks: set[str] = set()
+    for parent, module in model.named_modules():
+        kids = [(f"{parent}.{k}" if parent else k, m) for k, m in module.named_children()]
+        kinds = Counter(type(m) for name, m in kids if name in token_layers and any(True for _ in m.children()))
+        blocks.update(name for name, m in kids if kinds[type(m)] >= 2 and name in token_layers)
+    return blocks
+
+
 def _default_layers(model: nn.Module, layers: list[LayerInfo], tensor_of: dict[str, int]) -> set[str]:
     """The default selection: the outputs of stages, and the first layer of the main path at each
     new stride (the stem's strided convolution, each stage's downsampling layer); never a padding
     module, a fixed-size map or a parallel branch. Names sharing one output tensor (a container and
-    its last child, a layer and the in-place ReLU after it) give one layer: the stage's, else the last.
+    its last child, a layer and the in-place ReLU after it) give one layer: a transformer block's,
+    else the stage's, else the last.
     """
     modules = dict(model.named_modules())
     usable = [layer for layer in layers if layer.main and not layer.fixed
               and not _is_padding(modules[layer.name.split("#")[0]])]
     strides = {layer.name: max(layer.stride) for layer in usable if "#" not in layer.name}
-    stages = _stage_names(model, strides)
+    blocks = _transformer_blocks(model, {layer.name for layer in usable if layer.tokens is not None})
+    stages = _stage_names(model, strides) | blocks
     last = {tensor_of[layer.name]: layer.name for layer in usable}  # the outermost name of each tensor
     chosen: dict[int, tuple[bool, str]] = {}  # output tensor -> (is a stage, name)
     seen: set[tuple[int, int]] = set()
     for layer in usable:
         tensor, stage = tensor_of[layer.name], layer.name in stages
-        if stage or not chosen.get(tensor, (False, ""))[0] and layer.stride not in seen:
+        kept = chosen.get(tensor, (False, ""))
+        if kept[1] not in blocks and (stage or not kept[0] and layer.stride not in seen):  # a block keeps its name
             chosen[tensor] = (True, layer.name) if stage else (False, last[tensor])
         seen.add(layer.stride)
     return {name for _, name in chosen.values()}
@@ -309,23 +355,36 @@ def probe_layers(model: nn.Module, size: int, device: torch.device | str = "cpu"
     """Describe every 4-D output from blank forward passes at ``size`` and ``size + PROBE_STEP``.
 
     Stride = input growth / map growth between the two passes (one pass and size / map size for
-    models that take only one size). The first pass also records the dataflow, from which each
-    layer is placed on the main path or on a parallel branch (a shortcut's ``downsample``). Default
-    selection: see ``_default_layers``; fixed-size maps (adaptive or global pooling) are left out.
+    models that take only one size). Token sequences (N, T, C) whose length fits a square patch
+    grid (see ``token_grid``) are layers too: their leading extra tokens dropped, the rest laid out
+    (N, C, side, side), stride = the patch size. The first pass also records the dataflow, from
+    which each layer is placed on the main path or on a parallel branch (a shortcut's
+    ``downsample``). Default selection: see ``_default_layers``; fixed-size maps are left out.
     """
     if isinstance(model, torch.jit.ScriptModule):
         return Probe(layers=[], token_layers=[])
     flow = _Dataflow()
     try:
-        maps, tokens, ends = _record(model, size, device, flow)
+        captured, ends, output = _record(model, size, device, flow)
     finally:
         flow.alive.clear()
     try:
         larger = {key: out.shape for key, out, _ in _record(model, size + PROBE_STEP, device)[0]}
     except UserError:
         larger = {}
-    found: list[tuple[str, tuple[int, int, int, bool, bool], tuple[int, int], State]] = []
-    for key, out, state in maps:
+    found: list[tuple[str, tuple[int, int, int, bool, bool], tuple[int, int], State, int | None]] = []
+    unmapped: list[str] = []
+    extras: set[int] = set()  # the counts of leading extra tokens dropped from the token layers
+    for key, out, state in captured:
+        if out.dim() == 3:
+            grid = token_grid(out.shape[1], size, larger[key][1] if key in larger else None)
+            if grid is None:
+                unmapped.append(key)
+                continue
+            extra, side, patch = grid
+            extras.add(extra)
+            found.append((key, (out.shape[2], side, side, False, False), (patch, patch), state, extra))
+            continue
         geometry = _geometry(out.shape, larger.get(key) if larger else None, size)
         if geometry is None:
             continue
@@ -336,20 +395,25 @@ def probe_layers(model: nn.Module, size: int, device: torch.device | str = "cpu"
             stride = (_snap(PROBE_STEP / (gh - h)), _snap(PROBE_STEP / (gw - w)))
         else:
             stride = (_snap(size / h), _snap(size / w))
-        found.append((key, geometry, stride, state))
-    weights = {state for _, geometry, _, state in found if not geometry[4]}
+        found.append((key, geometry, stride, state, None))
+    weights = {state for _, geometry, _, state, _ in found if not geometry[4]}
     path = _main_path(flow, *ends, lambda s: int(s in weights)) if ends is not None else None
     note = None if path is not None or not found else (
         "the forward pass could not be followed from input to output, so every layer counts as on the main "
         "path (the default layers may include parallel branches; born at compares every measured layer)")
     layers = [
         LayerInfo(key, c, h, w, stride, channels_last, default=False, fixed=fixed,
-                  main=not fixed and (path is None or state in path))
-        for key, (c, h, w, channels_last, fixed), stride, state in found
+                  main=not fixed and (path is None or state in path), tokens=tokens)
+        for key, (c, h, w, channels_last, fixed), stride, state, tokens in found
     ]
-    default = _default_layers(model, layers, {key: state[0] for key, _, _, state in found})
+    default = _default_layers(model, layers, {key: state[0] for key, _, _, state, _ in found})
     layers = [replace(layer, default=layer.name in default) for layer in layers]
-    return Probe(layers=layers, token_layers=tokens, path_note=note)
+    token_note = None
+    if extras:
+        dropped = " or ".join(_token_names(model, extra) for extra in sorted(extras) if extra)
+        token_note = "token layers mapped back to their patch grid" + (
+            f", the leading {dropped} dropped" if dropped else " (no extra tokens)")
+    return Probe(layers=layers, token_layers=unmapped, path_note=note, output=output, token_note=token_note)
 
 
 def select_layers(probe: Probe, spec: str) -> list[LayerInfo]:
@@ -374,6 +438,10 @@ def select_layers(probe: Probe, spec: str) -> list[LayerInfo]:
 
 
 def to_nchw(feature: torch.Tensor, layer: LayerInfo) -> torch.Tensor:
-    """View a captured map as ``(N, C, h, w)`` whatever its memory layout."""
+    """View a captured map as ``(N, C, h, w)`` whatever its memory layout; a token layer's
+    sequence without its leading extra tokens, row-major on its patch grid."""
+    if layer.tokens is not None:
+        grid = feature[:, layer.tokens:, :].unflatten(1, (layer.height, layer.width))
+        return grid.permute(0, 3, 1, 2)
     return feature.permute(0, 3, 1, 2) if layer.channels_last else feature
 

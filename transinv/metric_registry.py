@@ -34,6 +34,7 @@ class MetricSpec:
     by_correctness: bool = False  # only with --by-correctness (a split of another metric)
     at_reference: float | None = None  # its value at shift 0 by definition (None: not fixed, or no shift)
     attribution: bool = False  # only with --attribution lie; shift columns hold the direction of an infinitesimal shift
+    task: str = "classification"  # output and set metrics: the output kind they read (``--task``)
 
 
 TOP1_AGREEMENT = "top1_agreement"
@@ -55,6 +56,12 @@ PATH_PROB_CHANGE = "path_prob_change"
 CONSISTENCY = "consistency"
 CONSISTENCY_IF_CORRECT = "consistency_if_correct"
 CONSISTENCY_IF_WRONG = "consistency_if_wrong"
+COSINE_DISTANCE = "cosine_distance"
+EMBEDDING_CHANGE = "embedding_change"
+NN_AGREEMENT = "nn_agreement"
+PIXEL_AGREEMENT = "pixel_agreement"
+PIXEL_KL_DIVERGENCE = "pixel_kl_divergence"
+SEGMENTATION_CONSISTENCY = "segmentation_consistency"
 EQUIVARIANCE_ERROR = "equivariance_error"
 POOLED_INVARIANCE_ERROR = "pooled_invariance_error"
 LIE_DERIVATIVE = "lie_derivative"
@@ -150,6 +157,27 @@ _SPECS = (
                "`torch.flatten` of a spatial map); 0 up to rounding where leaf modules hold every op that is not "
                "exactly equivariant (torchvision ResNets, `nn.Sequential` CNNs)",
                bounds=None, attribution=True),
+    MetricSpec(COSINE_DISTANCE, "output", "mean", "lower",
+               "`1 − cos(e(x), e(T_d x))` of the embeddings `e` (`--task embedding`)", bounds=(0.0, 2.0),
+               at_reference=0.0, task="embedding"),
+    MetricSpec(EMBEDDING_CHANGE, "output", "mean", "lower",
+               "`‖e(T_d x) − e(x)‖₂ / ‖e(x)‖₂` (`--task embedding`)", bounds=(0.0, float("inf")),
+               at_reference=0.0, task="embedding"),
+    MetricSpec(NN_AGREEMENT, "output", "proportion", "higher",
+               "`1[cos(e(T_d x), e(x)) > cos(e(T_d x), e(x')) for every other image x' of its batch]`: the shifted "
+               "view retrieves its own unshifted image (the whole set when `--batch-size` ≥ the images; "
+               "`--task embedding`)", at_reference=1.0, task="embedding"),
+    MetricSpec(PIXEL_AGREEMENT, "output", "mean", "higher",
+               "share of the pixels `p` present in both views with `argmax_k s(T_d x)[k, p + d] = argmax_k s(x)[k, p]` "
+               "(segmentation scores `s`, wrapped under `--mode circular`); Rojas-Gomez et al. 2022's mASSC at one "
+               "shift (`--task segmentation`)", at_reference=1.0, task="segmentation"),
+    MetricSpec(PIXEL_KL_DIVERGENCE, "output", "mean", "lower",
+               "mean over the same pixels of `KL(softmax s(x)[:, p] ‖ softmax s(T_d x)[:, p + d])`, natural log "
+               "(`--task segmentation`)", bounds=(0.0, float("inf")), at_reference=0.0, task="segmentation"),
+    MetricSpec(SEGMENTATION_CONSISTENCY, "set", "mean", "higher",
+               "mean of `pixel_agreement` over the set's shifts besides 0 (Rojas-Gomez et al.'s mASSC, averaged over "
+               "the shift set instead of random draws); only when the set has a shift besides 0",
+               task="segmentation"),
 )
 
 METRICS: dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}

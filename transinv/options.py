@@ -22,6 +22,7 @@ DIRECTIONS: tuple[str, ...] = ("x", "y", "diagonal", "grid")
 SUBPIXEL_METHODS: tuple[str, ...] = ("fourier", "bilinear")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 PADDING_MODES: tuple[str, ...] = ("zeros", "circular", "reflect", "replicate")
+TASKS: tuple[str, ...] = ("classification", "embedding", "segmentation")  # transinv.outputs' kinds
 
 WHAT, SHIFTS, PREPROCESS, FIXES, RUN = "What to measure", "How to shift", "Preprocessing", "Fixes", "How to run"
 GROUPS = (WHAT, SHIFTS, PREPROCESS, FIXES, RUN)
@@ -88,6 +89,7 @@ class MeasureOptions:
     layers: str = _opt("default", "Layers to measure: default (stage outputs and the first layer at each new stride), all, none (output only), or names and globs (layer3.*), comma-separated.", WHAT)
     by_correctness: bool = _opt(False, "Also split top-1 agreement and consistency by whether the unshifted prediction was correct.", WHAT)
     attribution: str | None = _opt(None, "Also split the output's Lie derivative (an infinitesimal shift along --direction) into contributions of every leaf layer that add up to it: lie (Gruver et al. 2023; see README).", WHAT, choices=("lie",))
+    task: str | None = _opt(None, "What the model outputs: classification (logits), embedding (a vector per image) or segmentation (N, K, H, W class maps). Default: detected (4-D or 'out' maps: segmentation; timm num_classes=0: embedding; else classification).", WHAT, choices=TASKS)
     label: tuple[str, ...] | None = _opt(None, "Label for the model in rows and tables (default: its short name); repeat once per model.", WHAT, repeat=True)
     seed: int = _opt(0, "Seed for random weights and random offsets (--consistency, --random-shifts).", WHAT)
     sample_seed: int = _opt(0, "Seed for the --num-images subset (apart from --seed, so new offsets keep the images).", WHAT)

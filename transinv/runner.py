@@ -24,8 +24,8 @@ from .errors import UserError
 from .error_maps import ErrorMaps
 from .layers import FeatureTap, LayerInfo, to_nchw
 from .margins import padding_margins
-from .outputs import class_logits as _logits
 from .per_image import PerImage
+from .outputs import CLASSIFICATION, output_kind
 from .shifts import Shift, ShiftPlan, is_fractional
 
 ProgressHook = Callable[[int], None]
@@ -60,11 +60,12 @@ def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
 
 def metric_keys(
     layers: list[LayerInfo], shifts: Sequence[Shift], labelled: bool, by_correctness: bool = False,
-    path: bool = False, pairs: bool = False, random: bool = False,
+    path: bool = False, pairs: bool = False, random: bool = False, task: str = CLASSIFICATION.name,
 ) -> list[M.Key]:
     """Every (layer, shift, metric) the run can fill, in output order. Worst cases need a shift
     besides 0, jaggedness a path of two shifts or more; worst cases over the whole-pixel and the
-    fractional shifts come apart when the set holds both kinds."""
+    fractional shifts come apart when the set holds both kinds. Output and set metrics are those
+    of the output kind ``task``."""
     keys: list[M.Key] = []
     for layer in layers:
         for shift in shifts:
@@ -75,10 +76,13 @@ def metric_keys(
             keys += [(layer.name, shift, M.INPLACE_CHANGE), (layer.name, shift, M.POOLED_INVARIANCE_ERROR)]
     for shift in shifts:
         for spec in METRICS.values():
-            if (spec.scope == "output" and not spec.attribution and (labelled or not spec.needs_labels)
-                    and (by_correctness or not spec.by_correctness)):
+            if (spec.scope == "output" and not spec.attribution and spec.task == task
+                    and (labelled or not spec.needs_labels) and (by_correctness or not spec.by_correctness)):
                 keys.append((M.OUTPUT_LAYER, shift, spec.name))
     whole: list[str] = []
+    if task != CLASSIFICATION.name:
+        sets = [s.name for s in METRICS.values() if s.scope == "set" and s.task == task]
+        return keys + [(M.OUTPUT_LAYER, None, metric) for metric in sets if len(shifts) > 1]
     if len(shifts) > 1:
         for agreement, accuracy, _ in worst_case_sets(shifts):
             whole += [agreement, accuracy] if labelled else [agreement]
@@ -182,7 +186,11 @@ class Measurement:
         attribution: LieAttribution | None = None,
         per_image: bool = False,
         error_maps: bool = False,
+        task: str = CLASSIFICATION.name,
     ) -> None:
+        self.kind = output_kind(task)
+        if self.kind.compare is not None and (plan.pair_offsets is not None or plan.random_shifts):
+            raise UserError(f"--consistency and --random-shifts compare top-1 classes: not for --task {task}")
         self.model, self.plan, self.layers, self.device = model, plan, layers, device
         self.labelled, self.views_per_pass = labelled, views_per_pass
         self.dtype = PRECISIONS[precision]
@@ -196,7 +204,7 @@ class Measurement:
         self.seed = seed
         self.per_image = PerImage() if per_image else None  # per-image predictions (--per-image)
         self.keys = metric_keys(layers, plan.shifts, labelled, by_correctness, path, plan.pair_offsets is not None,
-                                plan.random_shifts > 0) + (attribution.keys if attribution is not None else [])
+                                plan.random_shifts > 0, task) + (attribution.keys if attribution is not None else [])
         self.attribution = attribution
         self.prediction: torch.Tensor | None = None  # the last batch's top-1 classes on the unshifted views
 
@@ -204,9 +212,9 @@ class Measurement:
         tap.reset()
         views = views.contiguous(memory_format=self.memory_format)
         if self.dtype == torch.float32:
-            return _logits(self.model(views)).float()
+            return self.kind.extract(self.model(views)).float()
         with torch.autocast(self.device.type, dtype=self.dtype):
-            return _logits(self.model(views)).float()
+            return self.kind.extract(self.model(views)).float()
 
     def _passes(self, images: int) -> list[list[Shift]]:
         """The non-zero shifts grouped so each pass holds about ``views_per_pass`` views."""
@@ -237,6 +245,9 @@ class Measurement:
         for layer in self.layers:  # shift 0 through the same code: exactly 0 by construction
             ref = comparer.reference[layer.name]
             comparer.compare(layer, ref, ref.maps, (0, 0))
+        if self.kind.compare is not None:
+            self._measure_other_kind(tap, canvases, state, reference)
+            return
         self.prediction = reference.argmax(dim=1)
         ref_correct = self.prediction == labels
         predictions = {(0, 0): self._add_outputs(state, (0, 0), reference, reference, labels, ref_correct)}
@@ -259,6 +270,25 @@ class Measurement:
             self._add_random_worst_case(tap, state, canvases, batch.indices, labels, predictions[(0, 0)])
         if self.attribution is not None:
             self.attribution.add(canvases, state)
+
+    def _measure_other_kind(self, tap: FeatureTap, canvases: torch.Tensor, state: M.MetricState,
+                            reference: torch.Tensor) -> None:
+        """The shifted passes of a model whose output is not class logits: its kind's metrics per
+        shift, and the mean pixel agreement over the non-zero shifts (segmentation consistency)."""
+        circular, agreements = self.plan.mode == "circular", []
+        for metric, values in self.kind.compare(reference, reference, (0, 0), circular).items():
+            state.add((M.OUTPUT_LAYER, (0, 0), metric), values)
+        for group in self._passes(len(reference)):
+            self.comparer.shifts = group
+            outputs = self._forward(tap, torch.cat([self.plan.view(canvases, shift) for shift in group]))
+            for shift, shifted in zip(group, outputs.chunk(len(group))):
+                for metric, values in self.kind.compare(reference, shifted, shift, circular).items():
+                    state.add((M.OUTPUT_LAYER, shift, metric), values)
+                    if metric == M.PIXEL_AGREEMENT:
+                        agreements.append(values)
+        self.comparer.shifts = None
+        if agreements:
+            state.add((M.OUTPUT_LAYER, None, M.SEGMENTATION_CONSISTENCY), torch.stack(agreements).mean(dim=0))
 
     def _add_worst_cases(self, state: M.MetricState, predictions: dict[Shift, torch.Tensor], labels: torch.Tensor) -> None:
         """Per image: the same class as unshifted (agreement) or the label (accuracy) at every

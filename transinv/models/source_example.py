@@ -29,7 +29,7 @@ class ExampleSource:
     def load(self, spec: str, weights: str, seed: int) -> LoadedModel:
         import torch
 
-        from ..examples import EXAMPLES
+        from ..examples import EXAMPLES, OUTPUTS
 
         label = f"{PREFIX}:{spec}"
         if spec not in EXAMPLES:
@@ -41,5 +41,5 @@ class ExampleSource:
             load_checkpoint(module, checkpoint)
         return LoadedModel(
             label, weights if checkpoint else AS_BUILT, module, default_preprocess(), label=label,
-            preprocess_guessed=checkpoint is not None,
+            preprocess_guessed=checkpoint is not None, output=OUTPUTS.get(spec, "classification"),
         )

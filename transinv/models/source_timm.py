@@ -99,7 +99,7 @@ class TimmSource:
 
     def names(self, pattern: str = "*", pretrained: bool = False) -> list[str]:
         timm = _timm()
-        tagged = [t for t in timm.list_pretrained() if timm.models.get_pretrained_cfg(t).num_classes != 0]  # encoders: not yet
+        tagged = timm.list_pretrained()
         archs = sorted({t.split(".")[0] for t in tagged}) if pretrained else timm.list_models()
         found = sorted({*archs, *tagged})
         return [f"{PREFIX}:{n}" for n in found if fnmatch.fnmatchcase(n, _strip(pattern)) or fnmatch.fnmatchcase(f"{PREFIX}:{n}", pattern)]
@@ -123,12 +123,11 @@ class TimmSource:
             raise UserError(f"{shown} has no pretrained weights in timm: measure it with --weights none")
         torch.manual_seed(seed)
         module = _create(timm, shown, spec, pretrained)
-        if getattr(module, "num_classes", None) == 0:
-            raise UserError(f"{shown} has no classifier head (num_classes=0, a feature encoder): transinv measures classifiers")
         if checkpoint is not None:
             load_checkpoint(module, checkpoint)
         label = spec.rsplit("/", 1)[-1] if hub else spec
         preprocess, notes = _preprocess(timm, label, module)
         resolved = weights if not pretrained else module.pretrained_cfg.get("tag") or "hub"
+        output = "embedding" if getattr(module, "num_classes", None) == 0 else "classification"  # an encoder
         return LoadedModel(spec, resolved, module, preprocess, label=label, notes=notes,
-                           preprocess_guessed=checkpoint is not None)
+                           preprocess_guessed=checkpoint is not None, output=output)

@@ -1,5 +1,6 @@
-"""torchvision classification models by name (``resnet18``, or explicitly ``torchvision:resnet18``),
-with their pretrained weights from the torch hub cache and the preprocessing those weights expect."""
+"""torchvision classification and semantic segmentation models by name (``resnet18``,
+``fcn_resnet50``, or explicitly ``torchvision:resnet18``), with their pretrained weights from the
+torch hub cache and the preprocessing those weights expect."""
 
 from __future__ import annotations
 
@@ -58,13 +59,21 @@ def _preprocess_from_entry(entry: Any) -> Preprocess:
     from ..data import Preprocess
 
     t = entry.transforms()
+    crop = getattr(t, "crop_size", None) or t.resize_size  # segmentation weights resize only
     return Preprocess(
         resize=int(t.resize_size[0]),
-        size=int(t.crop_size[0]),
+        size=int(crop[0]),
         mean=tuple(t.mean),
         std=tuple(t.std),
         interpolation=t.interpolation,
     )
+
+
+def _segmentation_names() -> list[str]:
+    """torchvision's semantic segmentation models (FCN, DeepLabV3, LR-ASPP): output "segmentation"."""
+    import torchvision
+
+    return torchvision.models.list_models(module=torchvision.models.segmentation)
 
 
 def _detection_names() -> list[str]:
@@ -80,7 +89,7 @@ class TorchvisionSource:
 
     name = "torchvision"
     prefix = "torchvision"
-    hint = "a torchvision classification model (resnet18, or torchvision:NAME)"
+    hint = "a torchvision classification or segmentation model (resnet18, fcn_resnet50, or torchvision:NAME)"
 
     def claims(self, spec: str) -> bool:
         return spec.isidentifier() and (spec in self.names() or spec in _detection_names())
@@ -88,7 +97,8 @@ class TorchvisionSource:
     def names(self, pattern: str = "*", pretrained: bool = False) -> list[str]:
         import torchvision
 
-        names = fnmatch.filter(torchvision.models.list_models(module=torchvision.models), pattern)
+        every = torchvision.models.list_models(module=torchvision.models) + _segmentation_names()
+        names = fnmatch.filter(every, pattern)
         return [n for n in names if len(torchvision.models.get_model_weights(n))] if pretrained else names
 
     def load(self, spec: str, weights: str, seed: int) -> LoadedModel:
@@ -96,16 +106,19 @@ class TorchvisionSource:
         import torchvision
 
         if spec in _detection_names():
-            raise UserError(f"{spec}: detection models are not supported yet (transinv measures image classifiers)")
+            raise UserError(f"{spec}: detection models are not supported yet (transinv measures classifiers, "
+                            "encoders and segmentation models)")
         names = self.names()
         if spec not in names:
             raise UserError(f"unknown torchvision model {spec!r}{did_you_mean(spec, names)}: see torchvision.models.list_models()")
         checkpoint = checkpoint_path(weights)
         entry = None if checkpoint is not None or weights.lower() == "none" else _pretrained(spec, weights)
         torch.manual_seed(seed)
+        segmentation = spec in _segmentation_names()
+        extra = {"weights_backbone": None} if segmentation else {}  # no ImageNet backbone download
         with warnings.catch_warnings():  # inception/googlenet warn about a future init change
             warnings.simplefilter("ignore", FutureWarning)
-            module = torchvision.models.get_model(spec, weights=None)
+            module = torchvision.models.get_model(spec, weights=None, **extra)
         preprocess = default_preprocess()
         if entry is not None:
             module.load_state_dict(_load_pretrained_state(spec, entry))
@@ -113,4 +126,5 @@ class TorchvisionSource:
             weights = str(entry).split(".")[-1] if weights == "DEFAULT" else weights
         if checkpoint is not None:
             load_checkpoint(module, checkpoint)
-        return LoadedModel(spec, weights, module, preprocess, label=spec, preprocess_guessed=checkpoint is not None)
+        return LoadedModel(spec, weights, module, preprocess, label=spec, preprocess_guessed=checkpoint is not None,
+                           output="segmentation" if segmentation else "classification")

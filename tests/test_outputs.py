@@ -1,0 +1,141 @@
+"""Known answers for token layers and for outputs that are not class logits: constructed models
+whose true values are exact by design."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+
+import transinv
+from transinv import metrics as M
+from transinv.examples import FixedMap, token_mixer
+from transinv.layers import probe_layers, token_grid, to_nchw
+
+SMALL = dict(size=32, resize=48, weights="none", seed=0, mode="circular")
+
+
+def _rows(rows: pd.DataFrame, metric: str) -> pd.DataFrame:
+    return rows[rows["metric"] == metric]
+
+
+def test_token_grid_finds_prefix_tokens_and_patch_size() -> None:
+    assert token_grid(197, 224, None) == (1, 14, 16)
+    assert token_grid(198, 224, None) == (2, 14, 16)  # class + distillation (DeiT)
+    assert token_grid(64 + 5, 32, 256 + 5) == (5, 8, 4)  # class + 4 registers, grown grid checked
+    assert token_grid(64, 32, 100) is None  # the grid does not grow as a patch grid would
+    assert token_grid(3, 32, None) is None  # a 1x1 grid is no grid
+
+
+def test_token_layers_are_mapped_to_the_patch_grid_with_the_class_token_dropped() -> None:
+    model = token_mixer().eval()
+    probe = probe_layers(model, 32)
+    blocks = {layer.name: layer for layer in probe.layers if layer.name.startswith("blocks.")}
+    assert {"blocks.0", "blocks.1"} <= {name for name, layer in blocks.items() if layer.default}
+    block = blocks["blocks.0"]
+    assert (block.tokens, block.height, block.width, block.stride, block.channels) == (1, 8, 8, (4, 4), 32)
+    assert "1 token (class)" in probe.token_note
+    tokens = torch.arange(2 * 65 * 3.0).reshape(2, 65, 3)
+    grid = to_nchw(tokens, block)
+    assert grid.shape == (2, 3, 8, 8)
+    assert torch.equal(grid[1, :, 2, 5], tokens[1, 1 + 2 * 8 + 5])  # row-major after the class token
+
+
+def test_token_model_is_exactly_equivariant_at_multiples_of_the_patch_size(few_images: Path) -> None:
+    result = transinv.measure("example:token_mixer", data=str(few_images), shift="0..8", layers="default",
+                              **SMALL)
+    rows = result.rows
+    error = _rows(rows, M.EQUIVARIANCE_ERROR)
+    blocks = error[error["layer"].str.startswith("blocks.")]
+    assert set(blocks["shift_x"]) == {0, 4, 8}  # only the aligned shifts
+    assert set(blocks["layer"]) == {"blocks.0", "blocks.1"}
+    assert (blocks["value"] <= 1e-5).all()
+    pooled = _rows(rows, M.POOLED_INVARIANCE_ERROR)
+    assert (pooled[pooled["shift_x"] % 4 == 0]["value"] <= 1e-5).all()
+    assert (pooled[pooled["shift_x"] % 4 != 0]["value"] > 1e-3).all()  # unaligned shifts change the patches
+    top1 = _rows(rows, M.TOP1_AGREEMENT)
+    assert (top1[top1["shift_x"] % 4 == 0]["value"] == 1.0).all()
+
+
+def test_circular_encoder_embedding_is_exactly_invariant(few_images: Path) -> None:
+    result = transinv.measure("example:circular_encoder", data=str(few_images), shift="0..3", direction="grid",
+                              layers="none", **SMALL)
+    rows = result.rows
+    assert set(rows["metric"]) == {M.COSINE_DISTANCE, M.EMBEDDING_CHANGE, M.NN_AGREEMENT}
+    assert len(_rows(rows, M.COSINE_DISTANCE)) == 16
+    assert (_rows(rows, M.COSINE_DISTANCE)["value"] <= 1e-9).all()
+    assert (_rows(rows, M.EMBEDDING_CHANGE)["value"] <= 1e-5).all()
+    assert (_rows(rows, M.NN_AGREEMENT)["value"] == 1.0).all()
+    assert (rows["n"] == 6).all()
+
+
+def test_constant_embedding_retrieves_nothing_and_task_overrides_the_kind(few_images: Path) -> None:
+    result = transinv.measure("example:constant", data=str(few_images), shift="0,2", task="embedding", layers="none",
+                              **SMALL)
+    rows = result.rows
+    assert (_rows(rows, M.COSINE_DISTANCE)["value"] == 0.0).all()
+    assert (_rows(rows, M.NN_AGREEMENT)["value"] == 0.0).all()  # six identical embeddings: every one ties
+
+
+def test_compare_embeddings_known_values() -> None:
+    from transinv.outputs import compare_embeddings
+
+    ref = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    cur = torch.tensor([[0.0, 2.0], [0.0, 3.0]])  # the first now points at the second's reference
+    out = compare_embeddings(ref, cur, (1, 0), False)
+    assert out["cosine_distance"].tolist() == [1.0, 0.0]
+    assert torch.allclose(out["embedding_change"], torch.tensor([5 ** 0.5, 2.0], dtype=torch.float64))
+    assert out["nn_agreement"].tolist() == [0.0, 1.0]
+
+
+def test_circular_segmenter_maps_move_exactly_with_the_input(few_images: Path) -> None:
+    result = transinv.measure("example:circular_segmenter", data=str(few_images), shift="-2..2", direction="grid",
+                              layers="none", **SMALL)
+    rows = result.rows
+    assert set(rows["metric"]) == {M.PIXEL_AGREEMENT, M.PIXEL_KL_DIVERGENCE, M.SEGMENTATION_CONSISTENCY}
+    assert (_rows(rows, M.PIXEL_AGREEMENT)["value"] == 1.0).all()
+    assert (_rows(rows, M.PIXEL_KL_DIVERGENCE)["value"] <= 1e-9).all()
+    assert _rows(rows, M.SEGMENTATION_CONSISTENCY)["value"].item() == 1.0
+
+
+def test_a_map_that_does_not_move_agrees_with_itself_shifted(few_images: Path) -> None:
+    torch.manual_seed(0)
+    model = FixedMap(classes=3, size=32)
+    result = transinv.measure(model, data=str(few_images), shift="0..3", layers="none", **SMALL)
+    classes = model.scores.argmax(dim=0)
+    for dx in range(4):  # the shifted view's map at p + d against the reference's at p: both the fixed map
+        expected = (classes.roll(-dx, dims=1) == classes).double().mean().item()
+        got = _rows(result.rows, M.PIXEL_AGREEMENT).query(f"shift_x == {dx}")["value"].item()
+        assert got == pytest.approx(expected, abs=1e-12)
+    assert _rows(result.rows, M.PIXEL_AGREEMENT).query("shift_x == 1")["value"].item() < 0.9
+
+
+def test_torchvision_segmentation_models_load_and_measure_their_out_maps(few_images: Path) -> None:
+    from transinv.models import load_model
+
+    assert load_model("fcn_resnet50", "none").output == "segmentation"
+    result = transinv.measure("lraspp_mobilenet_v3_large", data=str(few_images), shift="0,8", layers="none",
+                              num_images=2, size=64, resize=80, weights="none", mode="crop")
+    rows = result.rows
+    assert set(rows["metric"]) == {M.PIXEL_AGREEMENT, M.PIXEL_KL_DIVERGENCE, M.SEGMENTATION_CONSISTENCY}
+    agreement = _rows(rows, M.PIXEL_AGREEMENT).set_index("shift_x")["value"]
+    assert agreement[0] == 1.0 and 0.0 <= agreement[8] <= 1.0
+
+
+def test_timm_vit_blocks_get_rows_at_the_patch_stride_and_encoders_are_embeddings(few_images: Path) -> None:
+    pytest.importorskip("timm")
+    result = transinv.measure("timm:test_vit", data=str(few_images), shift="0,8", layers="default", num_images=2,
+                              weights="none", mode="circular")
+    error = _rows(result.rows, M.EQUIVARIANCE_ERROR)
+    assert {"blocks.0", "blocks.1"} <= set(error["layer"])
+    encoder = transinv.measure("timm:convnext_tiny.dinov3_lvd1689m", data=str(few_images), shift="0,8",
+                               layers="none", num_images=2, size=32, resize=32, weights="none", mode="circular")
+    assert M.COSINE_DISTANCE in set(encoder.rows["metric"])
+
+
+def test_class_based_set_metrics_are_refused_for_other_output_kinds(few_images: Path) -> None:
+    with pytest.raises(transinv.UserError, match="compare top-1 classes: not for --task embedding"):
+        transinv.measure("example:circular_encoder", data=str(few_images), shift="0,1", consistency="-2..2",
+                         layers="none", **SMALL)
