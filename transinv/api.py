@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -20,6 +21,7 @@ from .errors import UserError
 from .fixes import apply_variant
 from .layers import LayerInfo, Probe, probe_layers, select_layers
 from .options import MeasureOptions, option_names
+from .prefetch import prefetched
 from .plan import Job, ModelSpec, Plan, make_plan, prepare_model
 from .progress import ConsoleProgress, ProgressStart
 from .results import Result, born_at, interval_warnings, job_records, make_rows
@@ -98,6 +100,7 @@ def prepare_jobs(plan: Plan, options: MeasureOptions, device: torch.device, warn
             measurement = Measurement(
                 module, group.shifts, layers, plan.labelled, device, options.batch_size, options.precision,
                 options.channels_last, options.by_correctness, path=options.direction != "grid", seed=options.seed,
+                compile=options.compile,
             )
             measured.append(Measured(job, layers, measurement, M.MetricState(measurement.keys, device)))
         out.append(measured)
@@ -112,7 +115,8 @@ def run_plan(plan: Plan, groups: list[list[Measured]], options: MeasureOptions, 
         loader = make_loader(plan.items, group.shifts.decoding(group.preprocess), group.shifts.canvas,
                              options.batch_size, options.workers, plan.ids)
         group_run = RunState()
-        run_batches([m.measurement for m in measured], [m.state for m in measured], iter(loader), group_run, advance)
+        with closing(prefetched(loader) if options.prefetch and not options.workers else (b for b in loader)) as batches:
+            run_batches([m.measurement for m in measured], [m.state for m in measured], batches, group_run, advance)
         run.images, run.skipped = group_run.images, group_run.skipped
         run.partial = run.partial or group_run.partial
         if run.partial:

@@ -157,6 +157,7 @@ class Measurement:
         by_correctness: bool = False,
         path: bool = False,
         seed: int = 0,
+        compile: bool = False,
     ) -> None:
         self.model, self.plan, self.layers, self.device = model, plan, layers, device
         self.labelled, self.views_per_pass = labelled, views_per_pass
@@ -164,6 +165,8 @@ class Measurement:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
+        # hooks stay on ``model``'s modules (their names); the passes go through the compiled wrapper
+        self.forward_model = torch.compile(model) if compile else model
         self.comparer = _LayerComparer(layers, circular=plan.mode == "circular")
         self.by_correctness, self.path = by_correctness and labelled, path and len(plan.shifts) > 1
         self.seed = seed
@@ -174,9 +177,9 @@ class Measurement:
         tap.reset()
         views = views.contiguous(memory_format=self.memory_format)
         if self.dtype == torch.float32:
-            return _logits(self.model(views)).float()
+            return _logits(self.forward_model(views)).float()
         with torch.autocast(self.device.type, dtype=self.dtype):
-            return _logits(self.model(views)).float()
+            return _logits(self.forward_model(views)).float()
 
     def _passes(self, images: int) -> list[list[Shift]]:
         """The non-zero shifts grouped so each pass holds about ``views_per_pass`` views."""
