@@ -126,15 +126,18 @@ class _LayerComparer:
         if not self.shifts:  # keep a copy: in-place ops later in the forward pass may change it
             self.reference[name] = M.Reference.of(feature if reduced else feature.clone())
             return
-        for shift, part in zip(self.shifts, feature.chunk(len(self.shifts))):
-            self.compare(layer, self.reference[name], part, shift)
+        self.compare(layer, self.reference[name], feature, self.shifts)
 
-    def compare(self, layer: LayerInfo, reference: M.Reference, feature: torch.Tensor, shift: Shift) -> None:
+    def compare(self, layer: LayerInfo, reference: M.Reference, feature: torch.Tensor, shifts: list[Shift]) -> None:
+        """``feature`` stacks ``shifts`` shift-major: the pooled errors of all in one step, then
+        the equivariance error of each aligned shift (its own overlap region)."""
         assert self.state is not None
-        if layer.aligned(shift):
-            error = M.equivariance_error(reference, feature, layer.feature_shift(shift), self.circular)
-            self.state.add((layer.name, shift, M.EQUIVARIANCE_ERROR), error)
-        self.state.add((layer.name, shift, M.POOLED_INVARIANCE_ERROR), M.pooled_invariance_error(reference, feature))
+        pooled = M.pooled_invariance_error(reference, feature).view(len(shifts), -1)
+        for shift, part, errors in zip(shifts, feature.chunk(len(shifts)), pooled):
+            if layer.aligned(shift):
+                error = M.equivariance_error(reference, part, layer.feature_shift(shift), self.circular)
+                self.state.add((layer.name, shift, M.EQUIVARIANCE_ERROR), error)
+            self.state.add((layer.name, shift, M.POOLED_INVARIANCE_ERROR), errors)
 
 
 class Measurement:
@@ -203,15 +206,16 @@ class Measurement:
         reference = self._forward(tap, self.plan.view(canvases, (0, 0)))
         for layer in self.layers:  # shift 0 through the same code: exactly 0 by construction
             ref = comparer.reference[layer.name]
-            comparer.compare(layer, ref, ref.maps, (0, 0))
-        ref_correct = reference.argmax(dim=1) == labels
-        predictions = {(0, 0): self._add_outputs(state, (0, 0), reference, reference, labels, ref_correct)}
+            comparer.compare(layer, ref, ref.maps, [(0, 0)])
+        ref_logits = M.ReferenceLogits.of(reference)  # once per batch, not once per shift
+        ref_correct = ref_logits.index[:, 0] == labels
+        predictions = {(0, 0): self._add_outputs(state, (0, 0), ref_logits, reference, labels, ref_correct)}
         path = {(0, 0): reference}  # logits, kept only for the path metrics
         for group in self._passes(len(labels)):
             comparer.shifts = group
             logits = self._forward(tap, torch.cat([self.plan.view(canvases, shift) for shift in group]))
             for shift, shifted in zip(group, logits.chunk(len(group))):
-                predictions[shift] = self._add_outputs(state, shift, reference, shifted, labels, ref_correct)
+                predictions[shift] = self._add_outputs(state, shift, ref_logits, shifted, labels, ref_correct)
                 if self.path:
                     path[shift] = shifted
         comparer.shifts = None  # random views (pairs, worst of k) are compared at the output only
@@ -277,7 +281,7 @@ class Measurement:
             state.add((M.OUTPUT_LAYER, None, M.RANDOM_WORST_CASE_ACCURACY), _where_known(labels, correct))
 
     def _add_outputs(
-        self, state: M.MetricState, shift: Shift, reference: torch.Tensor, shifted: torch.Tensor,
+        self, state: M.MetricState, shift: Shift, reference: M.ReferenceLogits, shifted: torch.Tensor,
         labels: torch.Tensor, ref_correct: torch.Tensor,
     ) -> torch.Tensor:
         """Add one shift's output metrics; return the shifted view's predicted classes."""
