@@ -64,10 +64,36 @@ def bare_forward(model: torch.nn.Module, images: torch.Tensor, device: torch.dev
     return repeats * len(images) / (time.perf_counter() - start)
 
 
-def timed_measure(model: torch.nn.Module, layers: str, args: argparse.Namespace, attribution: str | None = None) -> float:
-    """Shifted images per second through ``transinv.measure`` (decoding included; warm-up excluded)."""
-    common = dict(data=args.data, shift=args.shift, layers=layers, size=SIZE, resize=256, batch_size=BATCH,
-                  device=args.device, workers=args.workers, attribution=attribution, warn=lambda _: None)
+def row_settings(args: argparse.Namespace) -> dict[str, dict]:
+    """The measured rows: name -> ``measure`` keywords over the common settings.
+
+    output and layers are the default run (``--workers`` as given, prefetch on); then prefetch off,
+    the other worker counts of 0/1/2 (prefetch is for ``--workers 0`` only), ``--compile`` when asked, and
+    every ``--extra-rows`` entry (``{"row": name, ...measure keywords}``, layers default unless given).
+    """
+    rows = {"output": dict(layers="none"), "layers": dict(layers="default"),
+            "layers, no prefetch": dict(layers="default", workers=0, prefetch=False)}
+    for workers in (0, 1, 2):
+        if workers != args.workers:  # the layers row already has --workers
+            rows[f"layers, workers {workers}"] = dict(layers="default", workers=workers)
+    if args.compile:
+        rows["output, compile"] = dict(layers="none", compile=True)
+        rows["layers, compile"] = dict(layers="default", compile=True)
+    for extra in json.loads(args.extra_rows):
+        extra = dict(extra)
+        name = str(extra.pop("row"))
+        rows[name] = {"layers": "default", **extra}
+    return rows
+
+
+def timed_measure(model: torch.nn.Module, settings: dict, args: argparse.Namespace) -> float:
+    """Shifted images per second through ``transinv.measure`` (decoding included; warm-up excluded).
+
+    Only the shift grid's views are counted: the extra passes of a metric such as ``consistency``
+    show as its cost, a lower rate.
+    """
+    common = {**dict(data=args.data, shift=args.shift, size=SIZE, resize=256, batch_size=BATCH,
+                     device=args.device, workers=args.workers, warn=lambda _: None), **settings}
     transinv.measure(model, num_images=BATCH, **common)  # warm-up: allocator, kernels, probe
     _sync(resolve_device(args.device))
     start = time.perf_counter()
@@ -83,7 +109,7 @@ LIE_MODEL = "resnet18"
 def lie_cost(model: torch.nn.Module, bare: float, per_layer: float, args: argparse.Namespace) -> dict[str, float]:
     """``--attribution lie`` on the default run: its views per second, and the extra seconds per
     image it adds, per attributed leaf layer, in units of one bare forward pass of an image."""
-    with_lie = timed_measure(model, "default", args, attribution="lie")
+    with_lie = timed_measure(model, {"layers": "default", "attribution": "lie"}, args)
     views = len(make_shifts(parse_shift_values(args.shift), "x"))
     extra = views / with_lie - views / per_layer  # seconds per image
     layers = len(leaf_calls(model, SIZE, next(model.parameters()).device))
@@ -162,6 +188,10 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds; the best of each is kept")
     parser.add_argument("--memory-images", default="64,256")
+    parser.add_argument("--compile", action="store_true", help="add rows with --compile (minutes to compile on a CPU)")
+    parser.add_argument("--extra-rows", default="[]", metavar="JSON",
+                        help='more rows: a JSON list of measure keywords, each with a "row" name, '
+                             'e.g. [{"row": "consistency", "consistency": "-8..8"}]')
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -177,23 +207,26 @@ def main() -> None:
     for name in MODELS:
         model = load_model(name, "none").module.to(device)
         views = len(make_shifts(parse_shift_values(args.shift), "x"))
-        rounds = [(bare_forward(model, decoded, device, views), timed_measure(model, "none", args),
-                   timed_measure(model, "default", args)) for _ in range(args.rounds)]
-        bare, output_only, per_layer = (max(column) for column in zip(*rounds))  # best of interleaved rounds
+        settings = row_settings(args)
+        rounds = [[bare_forward(model, decoded, device, views)] + [timed_measure(model, s, args) for s in settings.values()]
+                  for _ in range(args.rounds)]
+        bare, *rates = (max(column) for column in zip(*rounds))  # best of interleaved rounds
+        rows = {row: {"views_per_s": rate, "ratio": rate / bare} for row, rate in zip(settings, rates)}
         memory = {n: peak_memory(name, int(n), args) for n in args.memory_images.split(",")}
         results.append({
             "model": name, "bare_images_per_s": bare,
-            "output_views_per_s": output_only, "output_ratio": output_only / bare,
-            "layers_views_per_s": per_layer, "layers_ratio": per_layer / bare,
-            "peak_memory": memory,
-            **(lie_cost(model, bare, per_layer, args) if name == LIE_MODEL else {}),
+            "output_views_per_s": rows["output"]["views_per_s"], "output_ratio": rows["output"]["ratio"],
+            "layers_views_per_s": rows["layers"]["views_per_s"], "layers_ratio": rows["layers"]["ratio"],
+            "rows": rows, "peak_memory": memory,
+            **(lie_cost(model, bare, rows["layers"]["views_per_s"], args) if name == LIE_MODEL else {}),
         })
     report = {
         "machine": machine(device),
         "versions": {"transinv": transinv.__version__, "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "python": platform.python_version()},
         "settings": {"size": SIZE, "batch_size": BATCH, "images": args.images, "shift": args.shift, "rounds": args.rounds,
-                     "workers": args.workers, "data": args.data, "weights": "none", "precision": "fp32"},
+                     "workers": args.workers, "data": args.data, "weights": "none", "precision": "fp32",
+                     "rows": row_settings(args)},
         "results": results,
         "startup_s": startup_times(),
     }
@@ -209,6 +242,13 @@ def main() -> None:
                       *(f"{m['rss_peak_mib']:.0f}" + (f" (cuda {m['cuda_mib']:.0f})" if m["cuda_mib"] else "")
                         for m in r["peak_memory"].values()))
     Console().print(table)
+    detail = Table(title="every row: shifted views/s and ratio to the bare forward pass (best of interleaved rounds)")
+    detail.add_column("row")
+    for r in results:
+        detail.add_column(r["model"], justify="right")
+    for row in results[0]["rows"]:
+        detail.add_row(row, *(f"{r['rows'][row]['views_per_s']:.1f} ({r['rows'][row]['ratio']:.2f})" for r in results))
+    Console().print(detail)
     for r in results:
         if "lie_layers" in r:
             print(f"{r['model']} --attribution lie: {r['lie_views_per_s']:.1f} views/s; +{r['lie_extra_s_per_image']:.3f} "

@@ -33,6 +33,13 @@ def test_shift_grouping_and_workers_leave_results_identical(few_images: Path) ->
     _assert_same(one_shift_per_pass, workers)
 
 
+def test_prefetch_changes_no_number(few_images: Path) -> None:
+    """Decoding ahead in a thread (the default) gives exactly the rows of decoding in line."""
+    inline = transinv.measure("resnet18", data=str(few_images), batch_size=4, prefetch=False, **SMALL).rows
+    ahead = transinv.measure("resnet18", data=str(few_images), batch_size=4, **SMALL).rows
+    pd.testing.assert_frame_equal(inline, ahead)
+
+
 def test_channels_last_changes_no_number(few_images: Path) -> None:
     base = transinv.measure("resnet18", data=str(few_images), layers="none", **SMALL).rows
     cl = transinv.measure("resnet18", data=str(few_images), layers="none", channels_last=True, **SMALL).rows

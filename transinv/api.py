@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import closing
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
@@ -27,6 +28,7 @@ from .layers import LayerInfo, Probe, probe_layers, select_layers
 from .options import MeasureOptions, option_names
 from .outputs import detect
 from .plan import Group, Job, ModelSpec, Plan, make_plan, prepare_model
+from .prefetch import prefetched
 from .progress import ConsoleProgress, ProgressStart
 from .results import Result, born_at, born_at_lie, interval_warnings, job_records, make_rows
 from .runner import Measurement, RunState, make_loader, resolve_device, run_batches
@@ -151,6 +153,7 @@ def prepare_jobs(plan: Plan, options: MeasureOptions, device: torch.device, warn
                 attribution=lie,
                 per_image=options.per_image is not None,
                 error_maps=options.error_maps is not None,
+                compile=options.compile,
             )
             rows_layers = layers + (lie.layers if lie is not None else [])  # strides of the attributed leaves
             measured.append(Measured(job, rows_layers, measurement, M.MetricState(measurement.keys, device)))
@@ -172,8 +175,9 @@ def run_plan(plan: Plan, groups: list[list[Measured]], options: MeasureOptions, 
             for pair in pairs:
                 pair.add(batch)
 
-        run_batches([m.measurement for m in measured], [m.state for m in measured], iter(loader), group_run, advance,
-                    after_batch)
+        with closing(prefetched(loader) if options.prefetch and not options.workers else (b for b in loader)) as batches:
+            run_batches([m.measurement for m in measured], [m.state for m in measured], batches, group_run, advance,
+                        after_batch)
         run.images, run.skipped = group_run.images, group_run.skipped
         run.partial = run.partial or group_run.partial
         if run.partial:

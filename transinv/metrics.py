@@ -39,17 +39,31 @@ class OutputComparison:
     prediction: torch.Tensor
 
 
-def compare_outputs(reference: torch.Tensor, shifted: torch.Tensor) -> OutputComparison:
+@dataclass(frozen=True)
+class ReferenceLogits:
+    """Unshifted logits ``(N, classes)`` with what every shift's comparison reuses (computed once
+    per batch): log-probabilities, probabilities, the top-1 class and its probability."""
+
+    log_p: torch.Tensor
+    p: torch.Tensor
+    index: torch.Tensor
+    p_top: torch.Tensor
+
+    @classmethod
+    def of(cls, reference: torch.Tensor) -> "ReferenceLogits":
+        log_p = torch.log_softmax(reference.double(), dim=1)
+        p, index = log_p.exp(), reference.argmax(dim=1)[:, None]
+        return cls(log_p, p, index, p.gather(1, index))
+
+
+def compare_outputs(reference: torch.Tensor | ReferenceLogits, shifted: torch.Tensor) -> OutputComparison:
     """top-1 agreement, KL(p(x) || p(T_d x)) in nats, and the change of p at the reference class."""
-    log_p = torch.log_softmax(reference.double(), dim=1)
+    ref = reference if isinstance(reference, ReferenceLogits) else ReferenceLogits.of(reference)
     log_q = torch.log_softmax(shifted.double(), dim=1)
-    ref_class = reference.argmax(dim=1)
     prediction = shifted.argmax(dim=1)
-    p = log_p.exp()
-    kl = (p * (log_p - log_q)).sum(dim=1).clamp_min(0.0)
-    index = ref_class[:, None]
-    prob_change = (log_q.gather(1, index).exp() - p.gather(1, index)).abs()[:, 0]
-    return OutputComparison((prediction == ref_class).double(), kl, prob_change, prediction)
+    kl = (ref.p * (ref.log_p - log_q)).sum(dim=1).clamp_min(0.0)
+    prob_change = (log_q.gather(1, ref.index).exp() - ref.p_top).abs()[:, 0]
+    return OutputComparison((prediction == ref.index[:, 0]).double(), kl, prob_change, prediction)
 
 
 def _per_image_norm(x: torch.Tensor) -> torch.Tensor:
@@ -77,15 +91,18 @@ def _pieces(length: int, k: int, circular: bool) -> list[tuple[slice, slice]]:
 @dataclass(frozen=True)
 class Reference:
     """A layer's unshifted maps ``(N, C, h, w)`` with what every shift's comparison reuses:
-    the per-position energy (sum of squares over channels) and the per-channel means."""
+    the per-position energy (sum of squares over channels), the per-channel means and their norm
+    as a denominator (NaN where 0, see ``_denominator``)."""
 
     maps: torch.Tensor
     energy: torch.Tensor
     pooled: torch.Tensor
+    pooled_norm: torch.Tensor
 
     @classmethod
     def of(cls, maps: torch.Tensor) -> "Reference":
-        return cls(maps, maps.pow(2).sum(dim=1).double(), maps.mean(dim=(-2, -1)).double())
+        pooled = maps.mean(dim=(-2, -1)).double()
+        return cls(maps, maps.pow(2).sum(dim=1).double(), pooled, _denominator(_per_image_norm(pooled)))
 
 
 def _reference(reference: torch.Tensor | Reference) -> Reference:
@@ -104,20 +121,33 @@ def equivariance_error(
     ref = _reference(reference)
     kx, ky = k
     h, w = ref.maps.shape[-2:]
-    num = torch.zeros(ref.maps.shape[0], dtype=torch.float64, device=ref.maps.device)
-    den = torch.zeros_like(num)
-    for sy, ry in _pieces(h, ky, circular):
-        for sx, rx in _pieces(w, kx, circular):
-            num += _per_image_norm(shifted[..., sy, sx] - ref.maps[..., ry, rx]) ** 2
-            den += ref.energy[:, ry, rx].sum(dim=(-2, -1))
+    pieces = [(sy, sx, ry, rx) for sy, ry in _pieces(h, ky, circular) for sx, rx in _pieces(w, kx, circular)]
+    if not pieces:  # no overlap: nothing defined
+        return torch.full((ref.maps.shape[0],), float("nan"), dtype=torch.float64, device=ref.maps.device)
+    num = den = None  # summed piece by piece (most shifts have one piece: no zero-filled start)
+    for sy, sx, ry, rx in pieces:
+        piece_num = _per_image_norm(shifted[..., sy, sx] - ref.maps[..., ry, rx]) ** 2
+        piece_den = ref.energy[:, ry, rx].sum(dim=(-2, -1))
+        num, den = (piece_num, piece_den) if num is None else (num + piece_num, den + piece_den)
     return _ratio(num.sqrt(), den.sqrt())
 
 
 def pooled_invariance_error(reference: torch.Tensor | Reference, shifted: torch.Tensor) -> torch.Tensor:
-    """Per image ``||g(T_d x) - g(x)|| / ||g(x)||`` with ``g`` the global average over positions."""
-    g_ref = _reference(reference).pooled
+    """Per image ``||g(T_d x) - g(x)|| / ||g(x)||`` with ``g`` the global average over positions.
+
+    ``shifted`` may stack several shifts of the reference's images (shift-major, ``(S * N, C, h, w)``):
+    the result is then ``(S, N)``, every shift in one step (each row as computed alone).
+    """
+    ref = _reference(reference)
     g_cur = shifted.mean(dim=(-2, -1)).double()
-    return _ratio(_per_image_norm(g_cur - g_ref), _per_image_norm(g_ref))
+    g_cur = g_cur.unflatten(0, (-1, len(ref.pooled))) if len(g_cur) != len(ref.pooled) else g_cur
+    return torch.linalg.vector_norm(g_cur - ref.pooled, dim=-1) / ref.pooled_norm
+
+
+def _denominator(den: torch.Tensor) -> torch.Tensor:
+    """``den`` where positive (at least the smallest normal float64), NaN elsewhere: dividing by it
+    gives NaN for images whose reference norm is 0, in one division."""
+    return torch.where(den > 0, den.clamp_min(torch.finfo(torch.float64).tiny), float("nan"))
 
 
 def inplace_change(reference: torch.Tensor | Reference, shifted: torch.Tensor) -> torch.Tensor:
@@ -189,7 +219,7 @@ def compare_shift(
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
-    return torch.where(den > 0, num / den.clamp_min(torch.finfo(torch.float64).tiny), float("nan"))
+    return num / _denominator(den)
 
 
 Key = tuple[str, Shift | None, str]  # (layer, shift or None for whole-set metrics, metric)

@@ -120,9 +120,11 @@ class MeasureOptions:
     # how to run
     batch_size: int = _opt(32, "Images per batch, and views per forward pass.", RUN)
     workers: int = _opt(0, "DataLoader worker processes decoding images.", RUN)
+    prefetch: bool = _opt(True, "With --workers 0, decode the next batch in a background thread while the model runs.", RUN)
     device: str = _opt("cpu", "auto, cpu, cuda, cuda:N or mps.", RUN)
     precision: str = _opt("fp32", "Autocast precision (see README for the error floor).", RUN, choices=PRECISIONS)
     channels_last: bool = _opt(False, "Run model and views in channels-last memory format.", RUN)
+    compile: bool = _opt(False, "torch.compile the model before measuring (slow to start, most on the CPU; see README).", RUN)
 
     def __post_init__(self) -> None:
         """Normalise what a notebook or a YAML file may pass in several forms."""

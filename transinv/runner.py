@@ -187,6 +187,7 @@ class Measurement:
         per_image: bool = False,
         error_maps: bool = False,
         task: str = CLASSIFICATION.name,
+        compile: bool = False,
     ) -> None:
         self.kind = output_kind(task)
         if self.kind.compare is not None and (plan.pair_offsets is not None or plan.random_shifts):
@@ -200,6 +201,8 @@ class Measurement:
         self.error_maps = ErrorMaps(layers, plan.shifts, device) if error_maps else None
         self.comparer = _LayerComparer(layers, plan.mode == "circular", padding_margins(model, layers, plan.size, device),
                                        self.error_maps)
+        # hooks stay on ``model``'s modules (their names); the passes go through the compiled wrapper
+        self.forward_model = torch.compile(model) if compile else model
         self.by_correctness, self.path = by_correctness and labelled, path and len(plan.shifts) > 1
         self.seed = seed
         self.per_image = PerImage() if per_image else None  # per-image predictions (--per-image)
@@ -212,9 +215,9 @@ class Measurement:
         tap.reset()
         views = views.contiguous(memory_format=self.memory_format)
         if self.dtype == torch.float32:
-            return self.kind.extract(self.model(views)).float()
+            return self.kind.extract(self.forward_model(views)).float()
         with torch.autocast(self.device.type, dtype=self.dtype):
-            return self.kind.extract(self.model(views)).float()
+            return self.kind.extract(self.forward_model(views)).float()
 
     def _passes(self, images: int) -> list[list[Shift]]:
         """The non-zero shifts grouped so each pass holds about ``views_per_pass`` views."""

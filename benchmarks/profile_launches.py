@@ -1,0 +1,118 @@
+"""Count the operator calls (each a kernel launch on a GPU) that measuring adds to the forward passes.
+
+    python benchmarks/profile_launches.py [--model resnet18] [--images 8] [--shift 0..8] [--label after]
+
+On the CPU, ``torch.profiler`` records every ATen operator one image batch runs, once through
+``Measurement.measure_batch`` (hooks, comparisons, output metrics, the state's flush) and once as the
+bare forward passes of the same views. Operators that call no other operator and compute (views,
+reshapes and empty allocations launch nothing) are what a GPU launches; operators that read a value back to the host
+(``item``, ``nonzero``, ...) are host syncs. The figures per forward pass go under ``--label`` in
+benchmarks/launches.json, so a change can be recorded before and after.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from transinv import metrics as M
+from transinv.api import prepare_jobs
+from transinv.distributed import Context
+from transinv.options import MeasureOptions
+from transinv.plan import make_plan
+from transinv.runner import make_loader
+
+ROOT = Path(__file__).resolve().parent.parent
+NO_LAUNCH = {
+    "aten::view", "aten::_unsafe_view", "aten::reshape", "aten::slice", "aten::select", "aten::as_strided",
+    "aten::chunk", "aten::split", "aten::narrow", "aten::unsqueeze", "aten::squeeze", "aten::expand",
+    "aten::permute", "aten::transpose", "aten::t", "aten::flatten", "aten::detach", "aten::alias",
+    "aten::empty", "aten::empty_strided", "aten::empty_like", "aten::unbind", "aten::lift_fresh",
+    "aten::resolve_conj", "aten::resolve_neg", "aten::view_as", "aten::contiguous", "aten::unflatten",
+    "aten::to", "aten::scalar_tensor",  # a leaf "to" converts nothing; a CPU scalar for where() launches nothing
+}
+SYNCS = {"aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal"}
+
+
+def leaf_ops(run) -> Counter:
+    """Operators that call no other operator (the ones that run a kernel) while ``run()`` runs."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    return Counter(e.name for e in prof.events()
+                   if e.name.startswith("aten::") and not any(c.name.startswith("aten::") for c in e.cpu_children))
+
+
+def launches(ops: Counter) -> int:
+    return sum(n for name, n in ops.items() if name not in NO_LAUNCH)
+
+
+def profile_model(model: str, layers: str, args: argparse.Namespace) -> dict[str, object]:
+    """Operator counts of one batch of ``args.images`` images at every shift of ``args.shift``."""
+    options = MeasureOptions(weights="none", size=args.size, resize=args.size + 32, shift=args.shift, layers=layers,
+                             batch_size=args.images, num_images=args.images).validate()
+    plan = make_plan([model], options, Context())
+    measured = prepare_jobs(plan, options, torch.device("cpu"), lambda _: None)[0][0]
+    group = plan.groups[0]
+    batch = next(iter(make_loader(plan.items, group.shifts.decoding(group.preprocess), group.shifts.canvas,
+                                  args.images, 0, plan.ids)))
+    measurement, state = measured.measurement, measured.state
+    weights = M.bootstrap_weights(batch.indices)
+
+    def measure() -> None:
+        state.begin_batch(weights)
+        measurement.measure_batch(batch, state)
+        state.flush()
+
+    shifts = group.shifts.shifts
+    passes = [[(0, 0)], *measurement._passes(len(batch.indices))]
+    views = [torch.cat([group.shifts.view(batch.canvases, s) for s in shifts_]) for shifts_ in passes]
+
+    def bare() -> None:
+        for v in views:
+            measurement.model(v)
+
+    with torch.inference_mode():
+        measure()  # warm-up
+        total, model_only = leaf_ops(measure), leaf_ops(bare)
+    added = total - model_only
+    return {
+        "model": model, "layers": layers, "measured_layers": len(measured.layers), "shifts": len(shifts),
+        "images": len(batch.indices), "passes": len(passes),
+        "launches_per_pass": launches(total) / len(passes),
+        "bare_launches_per_pass": launches(model_only) / len(passes),
+        "added_launches_per_pass": launches(added) / len(passes),
+        "host_syncs_per_batch": sum(n for name, n in added.items() if name in SYNCS),
+        "top_added_ops": dict(Counter({k: v for k, v in added.items() if k not in NO_LAUNCH}).most_common(8)),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", action="append", help="default: resnet18 and mobilenet_v3_small")
+    parser.add_argument("--images", type=int, default=8)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--shift", default="0..8")
+    parser.add_argument("--label", default="current")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "launches.json"))
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    rows = [profile_model(model, layers, args) for model in args.model or ["resnet18", "mobilenet_v3_small"]
+            for layers in ("none", "default")]
+    out = Path(args.out)
+    report = json.loads(out.read_text()) if out.exists() else {}
+    report[args.label] = {"settings": {"images": args.images, "size": args.size, "shift": args.shift,
+                                       "torch": torch.__version__}, "rows": rows}
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    for row in rows:
+        print(f"{row['model']:>20} layers={row['layers']:<8} passes={row['passes']} "
+              f"launches/pass {row['launches_per_pass']:.0f} (bare {row['bare_launches_per_pass']:.0f}, "
+              f"added {row['added_launches_per_pass']:.0f}) host syncs/batch {row['host_syncs_per_batch']}")
+
+
+if __name__ == "__main__":
+    main()

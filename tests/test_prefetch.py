@@ -1,0 +1,60 @@
+"""The background prefetch hands over every item in order, at most ``depth`` ahead, and stops with its consumer."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from transinv.prefetch import prefetched
+
+
+def test_items_arrive_in_order_and_complete() -> None:
+    assert list(prefetched(range(50), depth=2)) == list(range(50))
+
+
+def test_producer_runs_at_most_depth_ahead() -> None:
+    made: list[int] = []
+
+    def produce():
+        for i in range(20):
+            made.append(i)
+            yield i
+
+    items = prefetched(produce(), depth=2)
+    assert next(items) == 0
+    time.sleep(0.3)  # ample time for the producer to run ahead if it could
+    # one handed over, two waiting in the queue, one blocked in put: never more
+    assert len(made) <= 4
+    items.close()
+
+
+def test_producer_error_is_raised_in_consumer_at_its_place() -> None:
+    def produce():
+        yield 1
+        raise OSError("bad file")
+
+    items = prefetched(produce())
+    assert next(items) == 1
+    with pytest.raises(OSError, match="bad file"):
+        next(items)
+
+
+def test_closing_early_stops_the_thread() -> None:
+    def endless():
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    items = prefetched(endless())
+    assert [next(items) for _ in range(3)] == [0, 1, 2]
+    items.close()
+    time.sleep(0.3)
+    assert not any(t.name == "transinv-prefetch" for t in threading.enumerate())
+
+
+def test_depth_below_one_is_refused() -> None:
+    with pytest.raises(ValueError):
+        list(prefetched([1], depth=0))
