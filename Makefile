@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 WEIGHTS ?= auto
 
-.PHONY: setup demo test test-all bench clean readme
+.PHONY: setup demo test test-extra test-all bench clean readme
 
 setup: $(STAMP)
 
@@ -23,7 +23,14 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow"
 
-## test-all: install the optional model sources (timm, transformers, ONNX Runtime), then every test, slow ones included
+## test-extra: install the optional model sources (timm, transformers, ONNX Runtime), then the tests
+## that need them and the tests marked slow (what `make test` leaves out)
+test-extra: $(STAMP)
+	$(BIN)/pip install --quiet -e '.[test,all]'
+	$(BIN)/python -m pytest -q -m slow
+	$(BIN)/python -m pytest -q tests/test_zoo.py tests/test_outputs.py
+
+## test-all: install the optional model sources, then every test, slow ones included
 test-all: $(STAMP)
 	$(BIN)/pip install --quiet -e '.[test,all]'
 	$(BIN)/python -m pytest -q

@@ -30,11 +30,11 @@ from rich.console import Console
 from rich.table import Table
 
 import transinv
-from transinv.attribution import leaf_calls
-from transinv.data import find_images, load_canvas, select_images
+from transinv.engine.attribution import leaf_calls
+from transinv.engine.data import find_images, load_canvas, select_images
 from transinv.models import load_model
-from transinv.runner import resolve_device
-from transinv.shifts import make_shifts, parse_shift_values
+from transinv.engine.runner import resolve_device
+from transinv.engine.shifts import make_shifts, parse_shift_values
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenet-sample"

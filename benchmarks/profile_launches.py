@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from transinv import metrics as M
+from transinv.engine import metrics as M
 from transinv.api import prepare_jobs
-from transinv.distributed import Context
+from transinv.engine.distributed import Context
 from transinv.options import MeasureOptions
 from transinv.plan import make_plan
-from transinv.runner import make_loader
+from transinv.engine.runner import make_loader
 
 ROOT = Path(__file__).resolve().parent.parent
 NO_LAUNCH = {

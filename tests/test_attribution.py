@@ -17,13 +17,13 @@ from rich.console import Console
 from torch import nn
 
 import transinv
-from transinv.attribution import attribute, generator
+from transinv.engine.attribution import attribute, generator
 from transinv.examples import circular_gap
 from transinv.metric_registry import LIE_CONTRIBUTION, LIE_DERIVATIVE, LIE_UNATTRIBUTED, OUTPUT_LAYER
 from transinv.options import MeasureOptions, OptionError
-from transinv.render import print_result
-from transinv.shifts import ShiftPlan
-from transinv.subpixel import bilinear_shift, bilinear_shift_derivative, fourier_shift, fourier_shift_derivative
+from transinv.reports.render import print_result
+from transinv.engine.shifts import ShiftPlan
+from transinv.engine.subpixel import bilinear_shift, bilinear_shift_derivative, fourier_shift, fourier_shift_derivative
 
 
 class EnergyPool(nn.Module):

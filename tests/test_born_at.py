@@ -8,8 +8,8 @@ import pandas as pd
 import pytest
 
 import transinv
-from transinv import metrics as M
-from transinv.results import BORN_AT_FLOOR, born_at
+from transinv.engine import metrics as M
+from transinv.reports.results import BORN_AT_FLOOR, born_at
 
 
 def _rows(errors: dict[str, list[float]], shifts: list[int]) -> pd.DataFrame:

@@ -19,7 +19,7 @@ import pytest
 
 import transinv
 from transinv import cli
-from transinv.results import COLUMNS
+from transinv.reports.results import COLUMNS
 
 TRANSINV = [sys.executable, "-m", "transinv"]
 OUTPUT_METRICS = {"top1_agreement", "kl_divergence", "prob_change", "accuracy", "worst_case_accuracy", "jaggedness", "path_prob_change",

@@ -16,13 +16,13 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 import transinv
-from transinv import metrics as M
+from transinv.engine import metrics as M
 from transinv.cli import app
-from transinv.compare import KEYS, compare_results, compare_runs, compare_within, summarize
+from transinv.reports.compare import KEYS, compare_results, compare_runs, compare_within, summarize
 from transinv.errors import UserError
 from transinv.examples import EXAMPLES
-from transinv.render import render
-from transinv.results import Result, make_rows, read_result
+from transinv.reports.render import render
+from transinv.reports.results import Result, make_rows, read_result
 
 WORST = "worst_case_agreement"
 SETTINGS = dict(weights="none", size=32, resize=40, shift="0..2", layers="default", warn=lambda _: None)

@@ -11,7 +11,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 import transinv
-from transinv.data import Preprocess, builtin_images_dir, find_images, load_canvas, select_images
+from transinv.engine.data import Preprocess, builtin_images_dir, find_images, load_canvas, select_images
 from transinv.errors import UserError
 
 PRE = Preprocess(resize=40, size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 import transinv
-from transinv import metrics as M
+from transinv.engine import metrics as M
 from transinv.examples import circular_gap, strided_circular
-from transinv.layers import probe_layers, select_layers
-from transinv.margins import padding_margins
+from transinv.engine.layers import probe_layers, select_layers
+from transinv.engine.margins import padding_margins
 
 SIZE = 32
 
@@ -171,7 +171,7 @@ def test_error_maps_are_nan_outside_the_overlap_in_crop_mode(few_images: Path, t
 
 
 def test_new_layer_metrics_are_drawn_only_when_named(few_images: Path) -> None:
-    from transinv.plots import draw_results as draw
+    from transinv.reports.plots import draw_results as draw
 
     torch.manual_seed(8)
     result = transinv.measure(strided_circular(), data=[str(few_images)], num_images=2, size=SIZE, shift="0..3",

@@ -23,7 +23,7 @@ from torchvision.models.resnet import BasicBlock, Bottleneck
 
 import transinv
 from transinv import fixes
-from transinv import metrics as M
+from transinv.engine import metrics as M
 from transinv.errors import UserError
 from transinv.examples import circular_gap, strided_circular
 from transinv.fixes import FixError

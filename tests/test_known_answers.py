@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import transinv
-from transinv import metrics as M
+from transinv.engine import metrics as M
 from transinv.examples import Constant
 
 SMALL = dict(size=32, resize=48, weights="none", seed=0)

@@ -9,9 +9,9 @@ import torch
 from torch import nn
 
 import transinv
-from transinv.data import builtin_images_dir
+from transinv.engine.data import builtin_images_dir
 from transinv.errors import UserError
-from transinv.layers import FeatureTap, probe_layers, select_layers
+from transinv.engine.layers import FeatureTap, probe_layers, select_layers
 from transinv.models import load_model
 
 

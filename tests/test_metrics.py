@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from transinv import metrics as M
+from transinv.engine import metrics as M
 
 
 def test_identical_outputs_agree_with_zero_divergence() -> None:

@@ -15,8 +15,8 @@ import torchvision
 from torch import nn
 
 import transinv
-from transinv import metrics as M
-from transinv import outputs
+from transinv.engine import metrics as M
+from transinv.models import outputs
 from transinv.options import MeasureOptions
 from transinv.plan import prepare_model
 from transinv.errors import UserError
@@ -235,7 +235,8 @@ def test_sources_and_output_kinds_import_without_torch() -> None:
         package = types.ModuleType("transinv")
         package.__path__ = [{str(ROOT / "transinv")!r}]
         sys.modules["transinv"] = package
-        from transinv import models, outputs
+        from transinv import models
+        from transinv.models import outputs
         assert [s.name for s in models.sources()] == ["torchvision", "example", "factory", "torchscript", "timm", "hf", "onnx"]
         specs = ("example:x", "torchvision:x", "a.py:f", "m.n:f", "x.pt", "timm:x", "hf-hub:o/n", "hf:o/n", "transformers:o/n", "x.onnx")
         assert [models.find_source(s)[0].name for s in specs] == [

@@ -14,7 +14,8 @@ import typer
 from torch import nn
 
 import transinv
-from transinv import cli, distributed, metric_registry
+from transinv import cli, metric_registry
+from transinv.engine import distributed
 from transinv.errors import UserError
 from transinv.options import MeasureOptions, OptionError, flag, flag_reference, option_names
 from transinv.models import LoadedModel
@@ -167,7 +168,7 @@ def test_auto_weights_fall_back_to_random_weights_with_a_note_and_the_header_say
 
     from rich.console import Console
 
-    from transinv.render import print_result
+    from transinv.reports.render import print_result
 
     notes: list[str] = []
     result = transinv.measure("resnet18", weights="auto", shift="0..1", size=32, resize=40, num_images=2,

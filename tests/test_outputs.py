@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import transinv
-from transinv import metrics as M
+from transinv.engine import metrics as M
 from transinv.examples import FixedMap, token_mixer
-from transinv.layers import probe_layers, token_grid, to_nchw
+from transinv.engine.layers import probe_layers, token_grid, to_nchw
 
 SMALL = dict(size=32, resize=48, weights="none", seed=0, mode="circular")
 
@@ -80,7 +80,7 @@ def test_constant_embedding_retrieves_nothing_and_task_overrides_the_kind(few_im
 
 
 def test_compare_embeddings_known_values() -> None:
-    from transinv.outputs import compare_embeddings
+    from transinv.models.outputs import compare_embeddings
 
     ref = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
     cur = torch.tensor([[0.0, 2.0], [0.0, 3.0]])  # the first now points at the second's reference

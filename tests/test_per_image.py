@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 
 import transinv
-from transinv.data import builtin_images_dir
+from transinv.engine.data import builtin_images_dir
 from transinv.errors import UserError
-from transinv.flips import draw_flips, load_per_image, rank_flips
-from transinv.per_image import COLUMNS
+from transinv.reports.flips import draw_flips, load_per_image, rank_flips
+from transinv.reports.per_image import COLUMNS
 
 IMAGES = builtin_images_dir()
 FC_HEAD = "transinv.tour_models:fc_head"  # a flattened head: its class flips at small shifts

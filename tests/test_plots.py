@@ -19,9 +19,9 @@ from typer.testing import CliRunner
 
 import transinv
 from transinv.cli import app
-from transinv.data import builtin_images_dir
-from transinv.plots import DPI, draw_results, plot_results, plot_style
-from transinv.results import load_results
+from transinv.engine.data import builtin_images_dir
+from transinv.reports.plots import DPI, draw_results, plot_results, plot_style
+from transinv.reports.results import load_results
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from transinv.prefetch import prefetched
+from transinv.engine.prefetch import prefetched
 
 
 def test_items_arrive_in_order_and_complete() -> None:

@@ -15,12 +15,12 @@ from PIL import Image
 from torch import nn
 
 import transinv
-from transinv import metrics as M
-from transinv.data import builtin_images_dir
+from transinv.engine import metrics as M
+from transinv.engine.data import builtin_images_dir
 from transinv.errors import UserError
 from transinv.models import IMAGENET_MEAN, IMAGENET_STD
 from transinv.presets import list_presets, load_preset
-from transinv.shifts import ShiftPlan, make_shift_set, parse_fill, parse_pair_offsets
+from transinv.engine.shifts import ShiftPlan, make_shift_set, parse_fill, parse_pair_offsets
 
 BLACK = torch.tensor(parse_fill("black", IMAGENET_MEAN, IMAGENET_STD))
 PHOTOS = {"chelsea": "n02123045", "coffee": "n07920052", "rocket": "n04266014"}  # tabby, espresso, space shuttle

@@ -21,8 +21,8 @@ from PIL import Image
 from torch import nn
 
 import transinv
-from transinv import metrics as M
-from transinv.data import imagenet_classes
+from transinv.engine import metrics as M
+from transinv.engine.data import imagenet_classes
 from transinv.metric_registry import fixed_at_reference, is_proportion
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)

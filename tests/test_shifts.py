@@ -9,14 +9,14 @@ import torch
 from PIL import Image
 
 import transinv
-from transinv.data import builtin_images_dir
+from transinv.engine.data import builtin_images_dir
 from hypothesis import given
 from hypothesis import strategies as st
 
 from transinv.errors import UserError
 from transinv.options import MeasureOptions
-from transinv.runner import worst_case_sets
-from transinv.shifts import (
+from transinv.engine.runner import worst_case_sets
+from transinv.engine.shifts import (
     ShiftPlan, check_shifts, embed_origin, make_shift_set, make_shifts, parse_fill, parse_shift_values,
     shifted_view,
 )

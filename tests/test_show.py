@@ -11,9 +11,9 @@ import pandas as pd
 import pytest
 import torch
 
-from transinv.data import builtin_images_dir
+from transinv.engine.data import builtin_images_dir
 from transinv.errors import UserError
-from transinv.show import capture, draw, error_map, moved_reference, parse_shift, show
+from transinv.reports.show import capture, draw, error_map, moved_reference, parse_shift, show
 
 CAT = builtin_images_dir() / "chelsea.jpg"
 SMALL = {"weights": "none", "size": 32, "resize": 48}

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import transinv
-from transinv import metrics as M
+from transinv.engine import metrics as M
 
 
 def test_stacked_shifts_give_each_shifts_pooled_error_exactly() -> None:

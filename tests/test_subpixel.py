@@ -10,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from transinv.shifts import shifted_view
-from transinv.subpixel import bilinear_shift, fourier_shift
+from transinv.engine.shifts import shifted_view
+from transinv.engine.subpixel import bilinear_shift, fourier_shift
 
 sizes = st.integers(min_value=1, max_value=12)
 whole = st.integers(min_value=-15, max_value=15)

@@ -19,10 +19,10 @@ import torch
 import torchvision
 
 from transinv import metric_registry as R
-from transinv.data import builtin_images_dir, imagenet_classes
+from transinv.engine.data import builtin_images_dir, imagenet_classes
 from transinv.errors import UserError
 from transinv.examples import EXAMPLES
-from transinv.leaderboard import leaderboard, plot_leaderboard
+from transinv.reports.leaderboard import leaderboard, plot_leaderboard
 from transinv.options import MeasureOptions, OptionError
 from transinv.progress import time_left
 from transinv.sweep import (DONE, FAILED, SKIPPED, expand_models, file_stem, parse_shard, read_record, result_files,

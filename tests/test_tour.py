@@ -336,7 +336,7 @@ ALIGNED_AT_4 = ["conv1", "relu", "maxpool", "layer1"]  # resnet18's layers of st
 def check_show_layer1(run: Run, runs: "Runs") -> None:
     """One aligned layer of resnet18 under a circular shift: the error comes from the edges only;
     the middle columns of the error map (7 to 10 of 16) are exactly 0."""
-    from transinv.show import capture
+    from transinv.reports.show import capture
 
     rows = run.rows
     assert list(rows["layer"]) == ["layer1"] and rows["aligned"].all() and list(rows["stride"]) == [4]

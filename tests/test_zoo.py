@@ -19,8 +19,8 @@ from PIL import Image
 from torch import nn
 
 import transinv
-from transinv import metrics as M
-from transinv.data import builtin_images_dir, load_canvas
+from transinv.engine import metrics as M
+from transinv.engine.data import builtin_images_dir, load_canvas
 from transinv.errors import UserError
 from transinv.models import list_models, load_model
 

@@ -12,7 +12,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "measure": "api",
     "list_layers": "api",
-    "Result": "results",
+    "Result": "reports.results",
     "MeasureOptions": "options",
     "UserError": "errors",
 }

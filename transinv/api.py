@@ -15,23 +15,23 @@ import pandas as pd
 import torch
 from torch import nn
 
-from . import distributed
-from . import metrics as M
-from .attribution import LieAttribution, velocities
-from . import per_image
-from .error_maps import save_error_maps
+from .engine import distributed
+from .engine import metrics as M
+from .engine.attribution import LieAttribution, velocities
+from .reports import per_image
+from .engine.error_maps import save_error_maps
 from .errors import UserError
-from .data import Batch
+from .engine.data import Batch
 from .fixes import apply_variant, recalibrate_batchnorm
 from .fixes.report import CollapseCheck
-from .layers import LayerInfo, Probe, probe_layers, select_layers
+from .engine.layers import LayerInfo, Probe, probe_layers, select_layers
 from .options import MeasureOptions, option_names
-from .outputs import detect
+from .models.outputs import detect
 from .plan import Group, Job, ModelSpec, Plan, make_plan, prepare_model
-from .prefetch import prefetched
+from .engine.prefetch import prefetched
 from .progress import ConsoleProgress, ProgressStart
-from .results import Result, born_at, born_at_lie, interval_warnings, job_records, make_rows
-from .runner import Measurement, RunState, make_loader, resolve_device, run_batches
+from .reports.results import Result, born_at, born_at_lie, interval_warnings, job_records, make_rows
+from .engine.runner import Measurement, RunState, make_loader, resolve_device, run_batches
 
 Warn = Callable[[str], None]
 

@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # the heavy modules (torch, pandas) load only when a command 
     import pandas as pd
     from rich.progress import Progress
 
-    from .results import Result
+    from .reports.results import Result
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -86,7 +86,7 @@ def _emit(result: Result, fmt: Format | None, output: Optional[Path]) -> None:
     if fmt is None:
         fmt = Format.table if sys.stdout.isatty() else Format.csv
     if fmt == Format.table:
-        from .render import print_result
+        from .reports.render import print_result
 
         print_result(result, Console())
     elif fmt == Format.csv:
@@ -188,7 +188,8 @@ def _measure(ctx: typer.Context, models: list[str], **given: Any) -> None:
     """Measure output invariance and per-layer equivariance of one or more MODELs over a range of shifts."""
     cli_only = {p.name: given.pop(p.name) for p in _MEASURE_EXTRA}
     with _errors(cli_only["debug"]):
-        from . import api, distributed
+        from . import api
+        from .engine import distributed
 
         style = _style(None, cli_only["title"], cli_only["figsize"], cli_only["dpi"])
         if style and cli_only["plot"] is None:
@@ -238,7 +239,7 @@ app.command("measure")(_measure)
 
 def _plot(rows: pd.DataFrame, path: Path, metric: Optional[str] = None, layer: Optional[str] = None, **style: object) -> None:
     """Draw rows to ``path``; a bad metric, layer or label is a one-line error."""
-    from .plots import plot_results
+    from .reports.plots import plot_results
 
     try:
         panels = plot_results(rows, path, metric=metric, layer=layer, **style)
@@ -249,7 +250,7 @@ def _plot(rows: pd.DataFrame, path: Path, metric: Optional[str] = None, layer: O
 
 def _style(label: Optional[list[str]], title: Optional[str], figsize: Optional[str], dpi: Optional[int]) -> dict:
     """The figure's style flags as ``plot_results`` keywords, checked before any work."""
-    from .plots import plot_style
+    from .reports.plots import plot_style
 
     try:
         return plot_style(label, title, figsize, dpi)
@@ -271,7 +272,7 @@ def plot_command(
 ) -> None:
     """Draw saved results: output metrics against shift, layer-by-shift heatmaps, (dx, dy) maps."""
     with _errors(debug):
-        from .results import load_results
+        from .reports.results import load_results
 
         style = _style(label, title, figsize, dpi)
         try:
@@ -306,7 +307,7 @@ def _show(model: str, image: Path, **given: Any) -> None:
     Each layer's numbers for this image go to stdout."""
     extra = {name: given.pop(name) for name in _SHOW_EXTRA}
     with _errors(extra["debug"]):
-        from .show import show
+        from .reports.show import show
 
         options = MeasureOptions(**{k: (v.value if isinstance(v, Enum) else v) for k, v in given.items()})
         shown = show(model, image, extra["output"], extra["shift"], extra["layer"], options,
@@ -351,7 +352,7 @@ def flips(
     """Draw a contact sheet of the images whose top-1 class flips at the smallest shift (from a
     --per-image file), naming the shift and the two classes; the ranking goes to stdout."""
     with _errors(debug):
-        from .flips import plot_flips
+        from .reports.flips import plot_flips
 
         try:
             ranked = plot_flips(result, output, top, title=title, dpi=dpi)
@@ -370,9 +371,9 @@ def compare(
 ) -> None:
     """Differences B minus A, with paired 95% intervals: two saved runs, or the variants and models of one."""
     with _errors(debug):
-        from .compare import compare_runs, compare_within, summarize
-        from .render import comparison_tables
-        from .results import read_result
+        from .reports.compare import compare_runs, compare_within, summarize
+        from .reports.render import comparison_tables
+        from .reports.results import read_result
 
         try:
             a = read_result(before)
@@ -452,7 +453,7 @@ def _sweep(ctx: typer.Context, models: list[str], **given: Any) -> None:
     skips models done with the same settings and retries failed ones."""
     cli_only = {name: given.pop(name) for name in ("config", "results_dir", "shard", "progress", "debug")}
     with _errors(cli_only["debug"]):
-        from . import distributed
+        from .engine import distributed
         from .progress import SweepProgress
         from .sweep import FAILED, run_sweep
 
@@ -497,8 +498,8 @@ def leaderboard_command(
     interval, worst cases, the layer where the error is born, run time."""
     with _errors(debug):
         from . import metric_registry as R
-        from .leaderboard import leaderboard, plot_leaderboard, shown
-        from .results import write_atomic
+        from .reports.leaderboard import leaderboard, plot_leaderboard, shown
+        from .reports.results import write_atomic
 
         frame, headline = leaderboard(results_dir, metric, warn=lambda m: err.print(f"warning: {escape(m)}", highlight=False))
         if output is not None:
@@ -536,7 +537,8 @@ def _check(ctx: typer.Context, model: str, **given: Any) -> None:
         from .gates import check, parse_bounds
 
         bounds = parse_bounds(cli_only["at_most"], cli_only["at_least"])  # before torch loads: a typo costs no run
-        from . import api, distributed
+        from . import api
+        from .engine import distributed
         from .progress import ConsoleProgress
 
         options = _build_options(ctx, given, cli_only["config"])

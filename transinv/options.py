@@ -22,7 +22,7 @@ DIRECTIONS: tuple[str, ...] = ("x", "y", "diagonal", "grid")
 SUBPIXEL_METHODS: tuple[str, ...] = ("fourier", "bilinear")
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
 PADDING_MODES: tuple[str, ...] = ("zeros", "circular", "reflect", "replicate")
-TASKS: tuple[str, ...] = ("classification", "embedding", "segmentation")  # transinv.outputs' kinds
+TASKS: tuple[str, ...] = ("classification", "embedding", "segmentation")  # transinv.models.outputs' kinds
 
 WHAT, SHIFTS, PREPROCESS, FIXES, RUN = "What to measure", "How to shift", "Preprocessing", "Fixes", "How to run"
 GROUPS = (WHAT, SHIFTS, PREPROCESS, FIXES, RUN)
@@ -146,7 +146,7 @@ class MeasureOptions:
 
     def validate(self) -> "MeasureOptions":
         """Check every value that needs no model; return self. Raises ``OptionError`` naming the option."""
-        from .shifts import make_shift_set, parse_fill, parse_pair_offsets
+        from .engine.shifts import make_shift_set, parse_fill, parse_pair_offsets
 
         for f in fields(self):
             choices = f.metadata.get("choices")

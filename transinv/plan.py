@@ -14,12 +14,12 @@ from typing import Sequence
 
 from torch import nn
 
-from .data import ImageItem, Preprocess, find_images, select_images
-from .distributed import Context
+from .engine.data import ImageItem, Preprocess, find_images, select_images
+from .engine.distributed import Context
 from .errors import UserError, WeightsUnavailable
 from .models import LoadedModel, load_model, unique_labels, wrap_module
 from .options import MeasureOptions
-from .shifts import ShiftPlan, make_shift_set, parse_fill, parse_pair_offsets
+from .engine.shifts import ShiftPlan, make_shift_set, parse_fill, parse_pair_offsets
 
 ModelSpec = str | nn.Module
 

@@ -198,7 +198,7 @@ def _now() -> str:
 def _replace(path: Path, text: str, other: Path) -> None:
     """Write ``path`` atomically, then remove the model's other file (done vs failed), so each
     model has one file (a kill between the two leaves both; readers prefer the done file)."""
-    from .results import write_atomic
+    from .reports.results import write_atomic
 
     write_atomic(path, text)
     other.unlink(missing_ok=True)
@@ -209,7 +209,7 @@ def measure_one(spec: str, path: Path, options: MeasureOptions, config: str | No
     """Measure one model into ``path`` (or record its failure beside it); None when interrupted.
     ``write`` False: a torchrun process other than rank 0, which takes part and writes nothing."""
     from . import api
-    from .results import json_text
+    from .reports.results import json_text
 
     record = {"model": spec, "settings_hash": settings_hash(options), "config": config,
               "options": measured_settings(options)}
@@ -258,8 +258,8 @@ def run_sweep(
     ``progress``: a ``SweepProgress`` (two bars), or None. ``log`` gets one line per model.
     Under torchrun every process measures each model together and only rank 0 writes files.
     """
-    from . import distributed
-    from .runner import resolve_device
+    from .engine import distributed
+    from .engine.runner import resolve_device
 
     options = options.validate()
     if options.label is not None:

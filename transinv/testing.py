@@ -12,7 +12,7 @@ from typing import Any, Mapping
 from .gates import check, failure_message, parse_bounds
 from .options import MeasureOptions
 from .plan import ModelSpec
-from .results import Result
+from .reports.results import Result
 
 Bounds = Mapping[str, float] | None
 

@@ -163,7 +163,7 @@ def _trunk() -> list[tuple[str, nn.Module]]:
 
 def _calibration_images() -> torch.Tensor:
     """The built-in photographs as ``transinv measure --size 32 --resize 48`` sees them, unshifted."""
-    from transinv.data import builtin_images_dir, load_canvas
+    from transinv.engine.data import builtin_images_dir, load_canvas
     from transinv.models import default_preprocess
 
     pre = replace(default_preprocess(), resize=CALIBRATION_RESIZE, size=FC_INPUT_SIZE)

@@ -10,13 +10,13 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Collection, Sequence
 
-from ..outputs import CLASSIFICATION
+from .outputs import CLASSIFICATION
 
 if TYPE_CHECKING:
     from torch import nn
     from torchvision.transforms import InterpolationMode
 
-    from ..data import Preprocess
+    from ..engine.data import Preprocess
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -28,7 +28,7 @@ def default_preprocess() -> Preprocess:
     """ImageNet's usual evaluation: shorter side to 256 (bilinear), centre 224, ImageNet mean and std."""
     from torchvision.transforms import InterpolationMode
 
-    from ..data import Preprocess
+    from ..engine.data import Preprocess
 
     return Preprocess(DEFAULT_RESIZE, DEFAULT_SIZE, IMAGENET_MEAN, IMAGENET_STD, InterpolationMode.BILINEAR)
 
@@ -79,7 +79,7 @@ class LoadedModel:
     label: str = ""
     source: str = ""
     hooks: bool = True
-    output: str = CLASSIFICATION.name  # the output kind (``transinv.outputs``)
+    output: str = CLASSIFICATION.name  # the output kind (``transinv.models.outputs``)
     notes: list[str] = field(default_factory=list)
     preprocess_guessed: bool = False
 

@@ -18,7 +18,7 @@ from .extras import hf_cache_dir, hf_repo_dir, honour_offline, offline, require
 from .loaded import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, default_preprocess, interpolation, resize_for_crop
 
 if TYPE_CHECKING:
-    from ..data import Preprocess
+    from ..engine.data import Preprocess
 
 PREFIX = "hf"
 ALIAS = "transformers"
@@ -72,7 +72,7 @@ def _size(sizes: Any, key: str) -> int | None:
 def _preprocess(transformers: ModuleType, label: str, source: str, cache: dict[str, Any]) -> tuple[Preprocess, list[str], bool]:
     """The preprocessing of the model's image processor (resize, crop, filter, mean/std), notes where
     transinv's differs, and whether it had to be guessed (no processor saved with the model)."""
-    from ..data import Preprocess
+    from ..engine.data import Preprocess
 
     try:
         proc = transformers.AutoImageProcessor.from_pretrained(source, **cache)

@@ -18,7 +18,7 @@ from .loaded import LoadedModel, interpolation, resize_for_crop
 if TYPE_CHECKING:
     from torch import nn
 
-    from ..data import Preprocess
+    from ..engine.data import Preprocess
 
 PREFIX = "timm"
 HUB = "hf-hub:"
@@ -71,7 +71,7 @@ def _create(timm: ModuleType, shown: str, name: str, pretrained: bool) -> nn.Mod
 def _preprocess(timm: ModuleType, label: str, model: nn.Module) -> tuple[Preprocess, list[str]]:
     """The model's eval preprocessing from ``timm.data.resolve_data_config``, and notes where
     transinv's differs (crop modes other than centre, non-square inputs, filters tensors lack)."""
-    from ..data import Preprocess
+    from ..engine.data import Preprocess
 
     cfg = timm.data.resolve_data_config({}, model=model)
     _, height, width = cfg["input_size"]

@@ -17,7 +17,7 @@ from .loaded import LoadedModel, default_preprocess
 if TYPE_CHECKING:
     import torch
 
-    from ..data import Preprocess
+    from ..engine.data import Preprocess
 
 OFFLINE_ENV = "TRANSINV_OFFLINE"
 
@@ -56,7 +56,7 @@ def _load_pretrained_state(name: str, entry: Any) -> dict[str, torch.Tensor]:
 
 def _preprocess_from_entry(entry: Any) -> Preprocess:
     """The resize, crop size and normalisation the pretrained weights were evaluated with."""
-    from ..data import Preprocess
+    from ..engine.data import Preprocess
 
     t = entry.transforms()
     crop = getattr(t, "crop_size", None) or t.resize_size  # segmentation weights resize only

@@ -15,7 +15,7 @@ from typing import Iterable
 
 import torch
 
-from .metric_registry import (  # noqa: F401  (the names live in the registry; re-exported here)
+from ..metric_registry import (  # noqa: F401  (the names live in the registry; re-exported here)
     ACCURACY, CONSISTENCY, COSINE_DISTANCE, EMBEDDING_CHANGE, NN_AGREEMENT, PIXEL_AGREEMENT, PIXEL_KL_DIVERGENCE,
     SEGMENTATION_CONSISTENCY, CONSISTENCY_IF_CORRECT, CONSISTENCY_IF_WRONG, EQUIVARIANCE_ERROR, JAGGEDNESS,
     KL_DIVERGENCE, OUTPUT_LAYER, PATH_PROB_CHANGE, POOLED_INVARIANCE_ERROR, PROB_CHANGE, RANDOM_WORST_CASE_ACCURACY,
@@ -23,7 +23,7 @@ from .metric_registry import (  # noqa: F401  (the names live in the registry; r
     WORST_CASE_ACCURACY, WORST_CASE_ACCURACY_FRACTIONAL, WORST_CASE_ACCURACY_INTEGER, WORST_CASE_AGREEMENT,
     WORST_CASE_AGREEMENT_FRACTIONAL, WORST_CASE_AGREEMENT_INTEGER, fixed_at_reference, is_proportion, value_bounds,
 )
-from .metric_registry import EQUIVARIANCE_ERROR_INTERIOR, EQUIVARIANCE_ERROR_RESAMPLED, INPLACE_CHANGE  # noqa: F401
+from ..metric_registry import EQUIVARIANCE_ERROR_INTERIOR, EQUIVARIANCE_ERROR_RESAMPLED, INPLACE_CHANGE  # noqa: F401
 from .subpixel import fourier_shift
 
 Shift = tuple[int, int]

@@ -22,10 +22,10 @@ import torch
 from torch import nn
 from torch.func import jvp
 
-from .errors import UserError
+from ..errors import UserError
 from .layers import LayerInfo, _call_key, _snap
-from .metric_registry import LIE_CONTRIBUTION, LIE_DERIVATIVE, LIE_UNATTRIBUTED, OUTPUT_LAYER
-from .outputs import class_logits
+from ..metric_registry import LIE_CONTRIBUTION, LIE_DERIVATIVE, LIE_UNATTRIBUTED, OUTPUT_LAYER
+from ..models.outputs import class_logits
 from .shifts import ShiftPlan
 from .subpixel import bilinear_shift_derivative, fourier_shift_derivative
 

@@ -15,12 +15,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .data import ImageItem, class_names
-from .distributed import Context
+from ..engine.data import ImageItem, class_names
+from ..engine.distributed import Context
 from .results import whole_or_float, write_atomic
 
 if TYPE_CHECKING:
-    from .plan import Job, Plan
+    from ..plan import Job, Plan
 
 Shift = tuple[int, int]
 

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .layers import LayerInfo
-from .results import atomic_target
+from ..reports.results import atomic_target
 from .shifts import Shift
 
 

@@ -21,18 +21,18 @@ from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure, SubFigure
 
-from . import metrics as M
-from .data import Preprocess, class_names, load_canvas
-from .errors import UserError
-from .fixes import apply_variant
-from .layers import FeatureTap, LayerInfo, probe_layers, select_layers, to_nchw
-from .models import LoadedModel
-from .options import MeasureOptions
-from .outputs import class_logits
-from .plan import ModelSpec, prepare_model
+from ..engine import metrics as M
+from ..engine.data import Preprocess, class_names, load_canvas
+from ..errors import UserError
+from ..fixes import apply_variant
+from ..engine.layers import FeatureTap, LayerInfo, probe_layers, select_layers, to_nchw
+from ..models import LoadedModel
+from ..options import MeasureOptions
+from ..models.outputs import class_logits
+from ..plan import ModelSpec, prepare_model
 from .plots import CMAP, figure_dpi, figure_file, fit_titles, save_figure
-from .runner import resolve_device
-from .shifts import Shift, ShiftPlan, parse_fill, parse_shift_values
+from ..engine.runner import resolve_device
+from ..engine.shifts import Shift, ShiftPlan, parse_fill, parse_shift_values
 
 ERROR_CMAP = matplotlib.colormaps["magma"].with_extremes(bad="lightgrey")
 PANEL = 1.7  # inches per map panel

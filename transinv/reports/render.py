@@ -9,9 +9,9 @@ from rich import box
 from rich.table import Table
 from rich.text import Text
 
-from . import metrics as M
+from ..engine import metrics as M
 from .compare import Comparison, compare_within, reference_pairs
-from .metric_registry import LIE_CONTRIBUTION, LIE_DERIVATIVE, LIE_UNATTRIBUTED, order, spec
+from ..metric_registry import LIE_CONTRIBUTION, LIE_DERIVATIVE, LIE_UNATTRIBUTED, order, spec
 from .results import Result
 
 

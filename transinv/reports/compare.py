@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import metrics as M
-from .errors import UserError
-from .metric_registry import fixed_at_reference
+from ..engine import metrics as M
+from ..errors import UserError
+from ..metric_registry import fixed_at_reference
 from .results import Result, whole_or_float
 
 KEYS = ["model", "variant", "mode", "layer", "shift_x", "shift_y", "metric"]

@@ -1,6 +1,6 @@
 """Fractional (sub-pixel) shifts of image batches: an ideal Fourier shift and a bilinear one.
 
-Same convention as ``transinv.shifts``: a positive ``dx`` moves content right and a positive ``dy``
+Same convention as ``transinv.engine.shifts``: a positive ``dx`` moves content right and a positive ``dy``
 moves it down, so an integer shift matches ``torch.roll(x, (dy, dx), dims=(-2, -1))``.
 """
 

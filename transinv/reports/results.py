@@ -18,8 +18,8 @@ import pandas as pd
 import torch
 import torchvision
 
-from . import metrics as M
-from .metric_registry import LIE_CONTRIBUTION, LIE_DERIVATIVE, spec
+from ..engine import metrics as M
+from ..metric_registry import LIE_CONTRIBUTION, LIE_DERIVATIVE, spec
 
 COLUMNS = [
     "model",
@@ -56,7 +56,7 @@ TEXT_COLUMNS = ["model", "weights", "mode", "direction", "layer", "metric", "var
 
 def versions() -> dict[str, str]:
     """Versions that decide the numbers, recorded with every JSON result."""
-    from . import __version__
+    from .. import __version__
 
     return {
         "transinv": __version__,
@@ -149,7 +149,7 @@ class Result:
     """A finished (or interrupted) measurement: tidy rows plus the settings that produced them.
 
     ``replicates`` (``rows x R``, or None) holds each row's Poisson-bootstrap replicate means,
-    the raw material of paired differences (``transinv.compare``).
+    the raw material of paired differences (``transinv.reports.compare``).
     """
 
     rows: pd.DataFrame

@@ -14,8 +14,8 @@ from typing import Sequence
 import torch
 
 from .data import Preprocess
-from .errors import UserError
-from .options import DIRECTIONS, MODES, SUBPIXEL_METHODS  # noqa: F401  (their one home; re-exported)
+from ..errors import UserError
+from ..options import DIRECTIONS, MODES, SUBPIXEL_METHODS  # noqa: F401  (their one home; re-exported)
 from .subpixel import bilinear_shift, bilinear_shift_derivative, fourier_shift, fourier_shift_derivative
 
 Number = int | float

@@ -12,8 +12,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .data import Preprocess, load_canvas
-from .errors import UserError
+from ..engine.data import Preprocess, load_canvas
+from ..errors import UserError
 from .per_image import COLUMNS
 from .plots import figure_dpi, figure_file, fit_titles, save_figure
 

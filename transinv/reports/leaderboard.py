@@ -12,9 +12,9 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from . import metric_registry as R
-from .errors import UserError
-from .sweep import DONE, FAILED, FAILED_SUFFIX, read_record, result_files
+from .. import metric_registry as R
+from ..errors import UserError
+from ..sweep import DONE, FAILED, FAILED_SUFFIX, read_record, result_files
 
 Warn = Callable[[str], None]
 SET_FALLBACK = R.WORST_CASE_AGREEMENT
@@ -40,7 +40,7 @@ def _records(directory: Path) -> list[dict[str, Any]]:
 def choose_headline(rows: pd.DataFrame, configs: list[str], metric: str | None, warn: Warn) -> str:
     """The metric to rank by: ``metric``, else the presets' ``headline``, else the first whole-set
     metric present, else the first output metric (registry order)."""
-    from .presets import preset_headline
+    from ..presets import preset_headline
 
     present = set(rows["metric"])
     if metric is not None:

@@ -24,9 +24,9 @@ from matplotlib.figure import Figure, SubFigure
 from matplotlib.text import Text
 from matplotlib.ticker import MaxNLocator
 
-from . import metrics as M
-from .metric_registry import is_proportion, spec
-from .errors import UserError
+from ..engine import metrics as M
+from ..metric_registry import is_proportion, spec
+from ..errors import UserError
 from .results import TEXT_COLUMNS, atomic_target
 
 NEEDED = ["model", "mode", "layer", "shift_x", "shift_y", "metric", "value"]

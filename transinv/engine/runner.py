@@ -17,15 +17,15 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from . import metrics as M
-from .metric_registry import METRICS
+from ..metric_registry import METRICS
 from .attribution import LieAttribution
 from .data import Batch, CanvasDataset, ImageItem, Preprocess, collate
-from .errors import UserError
+from ..errors import UserError
 from .error_maps import ErrorMaps
 from .layers import FeatureTap, LayerInfo, to_nchw
 from .margins import padding_margins
-from .per_image import PerImage
-from .outputs import CLASSIFICATION, output_kind
+from ..reports.per_image import PerImage
+from ..models.outputs import CLASSIFICATION, output_kind
 from .shifts import Shift, ShiftPlan, is_fractional
 
 ProgressHook = Callable[[int], None]

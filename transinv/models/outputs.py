@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Optional
 
-from .errors import UserError, did_you_mean
+from ..errors import UserError, did_you_mean
 
 if TYPE_CHECKING:
     import torch
@@ -89,7 +89,7 @@ def compare_maps(reference: torch.Tensor, shifted: torch.Tensor, shift: Shift, c
     the share whose top class is the shifted reference's, and the mean KL(p_ref || p_shifted) in nats."""
     import torch
 
-    from .metrics import _pieces  # the slice pairs equivariance_error compares: the same regions
+    from ..engine.metrics import _pieces  # the slice pairs equivariance_error compares: the same regions
 
     if reference.shape[-2:] != shifted.shape[-2:]:
         raise UserError(f"segmentation maps of sizes {tuple(reference.shape[-2:])} and {tuple(shifted.shape[-2:])}: "

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .errors import UserError
+from ..errors import UserError
 
 FeatureCallback = Callable[[str, torch.Tensor], None]
 
