@@ -25,7 +25,9 @@ from transinv.reports.render import render
 from transinv.reports.results import Result, make_rows, read_result
 
 WORST = "worst_case_agreement"
-SETTINGS = dict(weights="none", size=32, resize=40, shift="0..2", layers="default", warn=lambda _: None)
+# layers every variant has (BlurPool adds blur layers of its own to the default selection)
+LAYERS = "conv1,maxpool,layer1,layer2,layer3,layer4"
+SETTINGS = dict(weights="none", size=32, resize=40, shift="0..2", layers=LAYERS, warn=lambda _: None)
 
 
 def _saved(rows: pd.DataFrame) -> pd.DataFrame:
@@ -40,7 +42,7 @@ def runs() -> dict[str, Result]:
         "both": transinv.measure("resnet18", variants="base,blurpool", **SETTINGS),
         "base": transinv.measure("resnet18", **SETTINGS),
         "blurpool": transinv.measure("resnet18", antialias="blurpool", **SETTINGS),
-        "vgg11": transinv.measure("vgg11", **SETTINGS),
+        "vgg11": transinv.measure("vgg11", **{**SETTINGS, "layers": "default"}),
     }
 
 
