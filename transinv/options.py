@@ -228,13 +228,16 @@ def _close(value: str, choices: Sequence[str]) -> str:
 
 
 def _reword(option: str, check: Any) -> Any:
-    """Run a parser whose errors are user errors and re-raise them naming ``option``."""
+    """Run a parser whose errors are user errors and re-raise them naming ``option`` once (the
+    parsers' messages name the flag: ``bad --shift '0..x': ...`` becomes ``shift '0..x': ...``)."""
     try:
         return check()
     except OptionError:
         raise
     except UserError as exc:
-        raise OptionError(option, f"is invalid: {exc}") from None
+        message = str(exc)
+        _, named, rest = message.partition(flag(option))
+        raise OptionError(option, rest.strip() if named else f"is invalid: {message}") from None
 
 
 def option_fields() -> list[Field]:

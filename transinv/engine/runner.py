@@ -253,13 +253,15 @@ class Measurement:
             return
         self.prediction = reference.argmax(dim=1)
         ref_correct = self.prediction == labels
-        predictions = {(0, 0): self._add_outputs(state, (0, 0), reference, reference, labels, ref_correct)}
+        ref_logits = M.ReferenceLogits.of(reference)  # the reference's softmax terms, once per batch
+        predictions = {(0, 0): self._add_outputs(state, (0, 0), ref_logits, reference, reference, labels, ref_correct)}
         path = {(0, 0): reference}  # logits, kept only for the path metrics
         for group in self._passes(len(labels)):
             comparer.shifts = group
             logits = self._forward(tap, torch.cat([self.plan.view(canvases, shift) for shift in group]))
             for shift, shifted in zip(group, logits.chunk(len(group))):
-                predictions[shift] = self._add_outputs(state, shift, reference, shifted, labels, ref_correct)
+                predictions[shift] = self._add_outputs(state, shift, ref_logits, reference, shifted, labels,
+                                                       ref_correct)
                 if self.path:
                     path[shift] = shifted
         comparer.shifts = None  # random views (pairs, worst of k) are compared at the output only
@@ -346,11 +348,12 @@ class Measurement:
             state.add((M.OUTPUT_LAYER, None, M.RANDOM_WORST_CASE_ACCURACY), _where_known(labels, correct))
 
     def _add_outputs(
-        self, state: M.MetricState, shift: Shift, reference: torch.Tensor, shifted: torch.Tensor,
-        labels: torch.Tensor, ref_correct: torch.Tensor,
+        self, state: M.MetricState, shift: Shift, ref_logits: M.ReferenceLogits, reference: torch.Tensor,
+        shifted: torch.Tensor, labels: torch.Tensor, ref_correct: torch.Tensor,
     ) -> torch.Tensor:
-        """Add one shift's output metrics; return the shifted view's predicted classes."""
-        out = M.compare_outputs(reference, shifted)
+        """Add one shift's output metrics; return the shifted view's predicted classes
+        (``reference``: the unshifted logits, ``ref_logits`` their softmax terms)."""
+        out = M.compare_outputs(ref_logits, shifted)
         state.add((M.OUTPUT_LAYER, shift, M.TOP1_AGREEMENT), out.agreement)
         state.add((M.OUTPUT_LAYER, shift, M.KL_DIVERGENCE), out.kl)
         state.add((M.OUTPUT_LAYER, shift, M.PROB_CHANGE), out.prob_change)
