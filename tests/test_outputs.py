@@ -3,6 +3,7 @@ whose true values are exact by design."""
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pandas as pd
@@ -87,7 +88,32 @@ def test_compare_embeddings_known_values() -> None:
     out = compare_embeddings(ref, cur, (1, 0), False)
     assert out["cosine_distance"].tolist() == [1.0, 0.0]
     assert torch.allclose(out["embedding_change"], torch.tensor([5 ** 0.5, 2.0], dtype=torch.float64))
-    assert out["nn_agreement"].tolist() == [0.0, 1.0]
+    assert set(out) == {"cosine_distance", "embedding_change"}
+
+
+def test_gallery_retrieves_among_the_whole_set_and_ties_fail() -> None:
+    from transinv.engine.distributed import Context
+    from transinv.engine.gallery import Gallery
+
+    ids = torch.tensor([7, 2, 5])  # any order, gaps allowed
+    gallery = Gallery.gather(ids, torch.tensor([[0.0, 1.0], [1.0, 0.0], [1.0, 1.0]]), Context(), torch.device("cpu"))
+    shifted = torch.tensor([[1.0, 0.1], [2.0, 0.0], [0.1, 1.0], [0.0, 3.0]])
+    own = torch.tensor([2, 2, 5, 7])  # 1: nearest is 2's; 2: exactly 2's; 3: nearer 7's than 5's; 4: 7's exactly
+    assert gallery.own_is_nearest(shifted, own).tolist() == [1.0, 1.0, 0.0, 1.0]
+    tied = Gallery.gather(torch.tensor([0, 1]), torch.tensor([[1.0, 0.0], [2.0, 0.0]]), Context(), torch.device("cpu"))
+    assert tied.own_is_nearest(torch.tensor([[1.0, 0.0]]), torch.tensor([0])).tolist() == [0.0]
+
+
+def test_nn_agreement_searches_the_whole_set_whatever_the_batch(few_images: Path, tmp_path: Path) -> None:
+    """Six photos and a copy of one: an exactly invariant encoder retrieves all but the identical
+    pair (a tie fails), 5/7, in batches of one image as in one batch."""
+    folder = tmp_path / "seven"
+    shutil.copytree(few_images, folder)
+    shutil.copy(next(few_images.iterdir()), folder / "n01440764_copy.JPEG")
+    for batch_size in (1, 7):
+        rows = transinv.measure("example:circular_encoder", data=str(folder), shift="0,1,3", layers="none",
+                                **{**SMALL, "batch_size": batch_size}).rows
+        assert _rows(rows, M.NN_AGREEMENT)["value"].tolist() == [5 / 7] * 3
 
 
 def test_circular_segmenter_maps_move_exactly_with_the_input(few_images: Path) -> None:

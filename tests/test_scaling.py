@@ -90,22 +90,47 @@ def test_models_and_variants_measured_side_by_side(few_images: Path) -> None:
     _assert_same(result.rows[(result.rows["model"] == "resnet18") & (result.rows["variant"] == "base")], alone)
 
 
-def test_torchrun_two_processes_equal_one(few_images: Path, tmp_path: Path) -> None:
-    """7 images over 2 ranks (4 + 3): no image lost or counted twice, same numbers to 1e-6."""
+@pytest.fixture
+def seven_images(few_images: Path) -> Path:
+    """The six photos and a copy of the first: 7 images, two of them identical."""
     extra = few_images.parent / "seven"
     extra.mkdir(exist_ok=True)
     for f in few_images.iterdir():
         shutil.copy(f, extra / f.name)
     shutil.copy(next(few_images.iterdir()), extra / "n01440764_copy.JPEG")
-    args = ["measure", "resnet18", "--weights", "none", "--data", str(extra), "--size", "32", "--resize", "48",
-            "--shift", "0..3", "--batch-size", "3", "-f", "csv"]
+    return extra
+
+
+def _one_and_two_processes(args: list[str], port: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The CSV rows of ``transinv ARGS`` in one process and under torchrun with two."""
     single = subprocess.run([sys.executable, "-m", "transinv", *args], capture_output=True, text=True, timeout=300)
     assert single.returncode == 0, single.stderr
     multi = subprocess.run(  # torchrun, as the module every torch install has
-        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29517", "-m", "transinv", *args],
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port),
+         "-m", "transinv", *args],
         capture_output=True, text=True, timeout=300,
     )
     assert multi.returncode == 0, multi.stderr
-    a, b = pd.read_csv(io.StringIO(single.stdout)), pd.read_csv(io.StringIO(multi.stdout))
+    return pd.read_csv(io.StringIO(single.stdout)), pd.read_csv(io.StringIO(multi.stdout))
+
+
+def test_torchrun_two_processes_equal_one(seven_images: Path) -> None:
+    """7 images over 2 ranks (4 + 3): no image lost or counted twice, same numbers to 1e-6."""
+    a, b = _one_and_two_processes(
+        ["measure", "resnet18", "--weights", "none", "--data", str(seven_images), "--size", "32", "--resize", "48",
+         "--shift", "0..3", "--batch-size", "3", "-f", "csv"], 29517)
     assert a[a["metric"] == "top1_agreement"]["n"].eq(7).all()
     _assert_same(a, b)
+
+
+def test_torchrun_retrieves_among_every_process_images(seven_images: Path) -> None:
+    """nn_agreement searches the whole set: an exactly invariant encoder retrieves every image but
+    the two identical ones (a tie fails), 5/7, in batches of 2 on one process or split over two."""
+    a, b = _one_and_two_processes(
+        ["measure", "example:circular_encoder", "--data", str(seven_images), "--size", "32", "--resize", "48",
+         "--mode", "circular", "--shift", "0..2", "--layers", "none", "--batch-size", "2", "-f", "csv"], 29518)
+    nearest = a[a["metric"] == "nn_agreement"]
+    assert len(nearest) == 3 and (nearest["value"] == 5 / 7).all() and nearest["n"].eq(7).all()
+    _assert_same(nearest, b[b["metric"] == "nn_agreement"])
+    rounding = ["ci_low", "ci_high"]  # of embedding changes ~1e-7, rounding apart between batchings
+    _assert_same(a.drop(columns=rounding), b.drop(columns=rounding))

@@ -14,12 +14,14 @@ import numpy as np
 import pandas as pd
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from .engine import distributed
 from .engine import metrics as M
 from .engine.attribution import LieAttribution, velocities
 from .reports import per_image
 from .engine.error_maps import save_error_maps
+from .engine.gallery import Gallery
 from .errors import UserError
 from .engine.data import Batch
 from .fixes import apply_variant, recalibrate_batchnorm
@@ -161,8 +163,33 @@ def prepare_jobs(plan: Plan, options: MeasureOptions, device: torch.device, warn
     return out
 
 
+def _batches(loader: DataLoader, options: MeasureOptions) -> closing[Iterator[Batch]]:
+    """The loader's batches, decoded ahead in a background thread unless workers decode them."""
+    return closing(prefetched(loader) if options.prefetch and not options.workers else (b for b in loader))
+
+
+def _build_galleries(measured: list[Measured], loader: DataLoader, options: MeasureOptions,
+                     context: distributed.Context) -> None:
+    """Models whose outputs are retrieved among the whole set (embeddings' ``nn_agreement``): every
+    image's reference output, one pass over the images before the shifted ones, on all processes."""
+    retrieving = [m.measurement for m in measured if m.measurement.kind.retrieval]
+    if not retrieving:
+        return
+    ids: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long)]
+    outputs: list[list[torch.Tensor]] = [[] for _ in retrieving]
+    with torch.inference_mode(), _batches(loader, options) as batches:
+        for batch in batches:
+            if len(batch.indices):
+                ids.append(batch.indices)
+                for kept, measurement in zip(outputs, retrieving):
+                    kept.append(measurement.reference_outputs(batch.canvases).double().cpu())
+    for kept, measurement in zip(outputs, retrieving):
+        vectors = torch.cat(kept) if kept else torch.zeros(0, 1, dtype=torch.float64)
+        measurement.gallery = Gallery.gather(torch.cat(ids), vectors, context, measurement.device)
+
+
 def run_plan(plan: Plan, groups: list[list[Measured]], options: MeasureOptions, progress: ProgressStart | None,
-             collapses: list[list[Collapse]]) -> RunState:
+             collapses: list[list[Collapse]], context: distributed.Context) -> RunState:
     """Every group over this process's images; stops at the first interrupted group."""
     run = RunState()
     advance = progress(len(plan.items) * len(plan.groups), 0) if progress is not None else None
@@ -170,12 +197,17 @@ def run_plan(plan: Plan, groups: list[list[Measured]], options: MeasureOptions, 
         loader = make_loader(plan.items, group.shifts.decoding(group.preprocess), group.shifts.canvas,
                              options.batch_size, options.workers, plan.ids)
         group_run = RunState()
+        try:
+            _build_galleries(measured, loader, options, context)
+        except KeyboardInterrupt:  # nothing measured yet in this group
+            run.partial = True
+            break
 
         def after_batch(batch: Batch, pairs: list[Collapse] = pairs) -> None:
             for pair in pairs:
                 pair.add(batch)
 
-        with closing(prefetched(loader) if options.prefetch and not options.workers else (b for b in loader)) as batches:
+        with _batches(loader, options) as batches:
             run_batches([m.measurement for m in measured], [m.state for m in measured], batches, group_run, advance,
                         after_batch)
         run.images, run.skipped = group_run.images, group_run.skipped
@@ -236,7 +268,7 @@ def measure(
         bar = ConsoleProgress() if progress is True and context.is_main else None
         try:
             run = run_plan(plan, groups, opts, bar or (progress if callable(progress) and context.is_main else None),
-                           collapses)
+                           collapses, context)
         finally:
             if bar is not None:
                 bar.close()

@@ -164,9 +164,9 @@ _SPECS = (
                "`‖e(T_d x) − e(x)‖₂ / ‖e(x)‖₂` (`--task embedding`)", bounds=(0.0, float("inf")),
                at_reference=0.0, task="embedding"),
     MetricSpec(NN_AGREEMENT, "output", "proportion", "higher",
-               "`1[cos(e(T_d x), e(x)) > cos(e(T_d x), e(x')) for every other image x' of its batch]`: the shifted "
-               "view retrieves its own unshifted image (the whole set when `--batch-size` ≥ the images; "
-               "`--task embedding`)", at_reference=1.0, task="embedding"),
+               "`1[cos(e(T_d x), e(x)) > cos(e(T_d x), e(x')) for every other image x' of the measured set]`: the "
+               "shifted view retrieves its own unshifted image among all the run's images (all processes under "
+               "torchrun); a tie fails (`--task embedding`)", task="embedding"),
     MetricSpec(PIXEL_AGREEMENT, "output", "mean", "higher",
                "share of the pixels `p` present in both views with `argmax_k s(T_d x)[k, p + d] = argmax_k s(x)[k, p]` "
                "(segmentation scores `s`, wrapped under `--mode circular`); Rojas-Gomez et al. 2022's mASSC at one "

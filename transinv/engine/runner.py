@@ -22,6 +22,7 @@ from .attribution import LieAttribution
 from .data import Batch, CanvasDataset, ImageItem, Preprocess, collate
 from ..errors import UserError
 from .error_maps import ErrorMaps
+from .gallery import Gallery
 from .layers import FeatureTap, LayerInfo, to_nchw
 from .margins import padding_margins
 from ..reports.per_image import PerImage
@@ -210,14 +211,20 @@ class Measurement:
                                 plan.random_shifts > 0, task) + (attribution.keys if attribution is not None else [])
         self.attribution = attribution
         self.prediction: torch.Tensor | None = None  # the last batch's top-1 classes on the unshifted views
+        self.gallery: Gallery | None = None  # the whole set's reference embeddings (output kinds with retrieval)
 
-    def _forward(self, tap: FeatureTap, views: torch.Tensor) -> torch.Tensor:
-        tap.reset()
+    def _forward(self, tap: FeatureTap | None, views: torch.Tensor) -> torch.Tensor:
+        if tap is not None:
+            tap.reset()
         views = views.contiguous(memory_format=self.memory_format)
         if self.dtype == torch.float32:
             return self.kind.extract(self.forward_model(views)).float()
         with torch.autocast(self.device.type, dtype=self.dtype):
             return self.kind.extract(self.forward_model(views)).float()
+
+    def reference_outputs(self, canvases: torch.Tensor) -> torch.Tensor:
+        """The model's outputs on the reference views (shift 0) of ``canvases``, with no layer hooks."""
+        return self._forward(None, self.plan.view(canvases.to(self.device), (0, 0)))
 
     def _passes(self, images: int) -> list[list[Shift]]:
         """The non-zero shifts grouped so each pass holds about ``views_per_pass`` views."""
@@ -249,7 +256,7 @@ class Measurement:
             ref = comparer.reference[layer.name]
             comparer.compare(layer, ref, ref.maps, (0, 0))
         if self.kind.compare is not None:
-            self._measure_other_kind(tap, canvases, state, reference)
+            self._measure_other_kind(tap, canvases, batch.indices, state, reference)
             return
         self.prediction = reference.argmax(dim=1)
         ref_correct = self.prediction == labels
@@ -276,21 +283,27 @@ class Measurement:
         if self.attribution is not None:
             self.attribution.add(canvases, state)
 
-    def _measure_other_kind(self, tap: FeatureTap, canvases: torch.Tensor, state: M.MetricState,
+    def _measure_other_kind(self, tap: FeatureTap, canvases: torch.Tensor, ids: torch.Tensor, state: M.MetricState,
                             reference: torch.Tensor) -> None:
         """The shifted passes of a model whose output is not class logits: its kind's metrics per
-        shift, and the mean pixel agreement over the non-zero shifts (segmentation consistency)."""
+        shift, retrieval among the whole set's references (``nn_agreement``), and the mean pixel
+        agreement over the non-zero shifts (segmentation consistency)."""
         circular, agreements = self.plan.mode == "circular", []
-        for metric, values in self.kind.compare(reference, reference, (0, 0), circular).items():
-            state.add((M.OUTPUT_LAYER, (0, 0), metric), values)
-        for group in self._passes(len(reference)):
-            self.comparer.shifts = group
-            outputs = self._forward(tap, torch.cat([self.plan.view(canvases, shift) for shift in group]))
+        for group in [[(0, 0)], *self._passes(len(reference))]:
+            if group == [(0, 0)]:
+                outputs = reference
+            else:
+                self.comparer.shifts = group
+                outputs = self._forward(tap, torch.cat([self.plan.view(canvases, shift) for shift in group]))
             for shift, shifted in zip(group, outputs.chunk(len(group))):
                 for metric, values in self.kind.compare(reference, shifted, shift, circular).items():
                     state.add((M.OUTPUT_LAYER, shift, metric), values)
-                    if metric == M.PIXEL_AGREEMENT:
+                    if metric == M.PIXEL_AGREEMENT and shift != (0, 0):
                         agreements.append(values)
+                if self.kind.retrieval:
+                    if self.gallery is None:
+                        raise RuntimeError("nn_agreement needs the set's reference embeddings: build_gallery first")
+                    state.add((M.OUTPUT_LAYER, shift, M.NN_AGREEMENT), self.gallery.own_is_nearest(shifted, ids))
         self.comparer.shifts = None
         if agreements:
             state.add((M.OUTPUT_LAYER, None, M.SEGMENTATION_CONSISTENCY), torch.stack(agreements).mean(dim=0))

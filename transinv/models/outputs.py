@@ -7,6 +7,7 @@ probability change, accuracy and the whole-set metrics, computed by the runner),
 ``segmentation`` (per-pixel class scores (N, K, H, W) at the input's resolution: pixel agreement
 and pixel KL on the region present in both views). A model source says which kind its models give
 (``LoadedModel.output``); ``--task`` overrides it. Light to import (torch only inside functions).
+Nearest-neighbour retrieval over the whole set (``nn_agreement``) lives in ``engine/gallery.py``.
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ class OutputKind:
     extract: Callable[[object], torch.Tensor]
     compare: Optional[Compare] = None
     metrics: tuple[str, ...] = ()  # the output-scope metrics ``compare`` fills
+    retrieval: bool = False  # shifted outputs are also retrieved among the set's references (nn_agreement)
 
 
 def _first_tensor(output: object) -> torch.Tensor | None:
@@ -70,18 +72,13 @@ class_maps = _extractor(4, "class scores of shape (N, K, H, W)")
 
 
 def compare_embeddings(reference: torch.Tensor, shifted: torch.Tensor, _shift: Shift, _circular: bool) -> dict[str, torch.Tensor]:
-    """Per image: cosine distance and relative L2 change of the embedding; per image too, whether the
-    shifted embedding's nearest reference embedding (cosine, among this batch's images) is its own."""
+    """Per image: cosine distance and relative L2 change of the embedding."""
     import torch
 
     ref, cur = reference.double(), shifted.double()
     cosine = torch.nn.functional.cosine_similarity(ref, cur, dim=1)
     change = torch.linalg.vector_norm(cur - ref, dim=1) / torch.linalg.vector_norm(ref, dim=1)
-    similarity = torch.nn.functional.normalize(cur, dim=1) @ torch.nn.functional.normalize(ref, dim=1).T
-    own = similarity.diagonal()
-    nearest = (similarity < own[:, None]).sum(dim=1) == len(ref) - 1  # strictly closer to its own: ties fail
-    return {"cosine_distance": (1 - cosine).clamp_min(0.0), "embedding_change": change,
-            "nn_agreement": nearest.double()}
+    return {"cosine_distance": (1 - cosine).clamp_min(0.0), "embedding_change": change}
 
 
 def compare_maps(reference: torch.Tensor, shifted: torch.Tensor, shift: Shift, circular: bool) -> dict[str, torch.Tensor]:
@@ -114,7 +111,7 @@ def compare_maps(reference: torch.Tensor, shifted: torch.Tensor, shift: Shift, c
 
 CLASSIFICATION = OutputKind("classification", "class logits (N, classes)", class_logits)
 EMBEDDING = OutputKind("embedding", "an embedding vector per image (N, D)", embeddings, compare_embeddings,
-                       ("cosine_distance", "embedding_change", "nn_agreement"))
+                       ("cosine_distance", "embedding_change"), retrieval=True)
 SEGMENTATION = OutputKind("segmentation", "per-pixel class scores (N, K, H, W), or a dict's 'out'", class_maps,
                           compare_maps, ("pixel_agreement", "pixel_kl_divergence"))
 
