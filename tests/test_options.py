@@ -87,11 +87,11 @@ def test_errors_name_the_option_and_the_cli_names_the_flag(changes: dict, option
 
 
 def test_unknown_keyword_or_preset_key_names_the_closest_option(tmp_path: Path) -> None:
-    with pytest.raises(UserError, match="'batch_size'"):
+    with pytest.raises(UserError, match=r"'batch_sise' \(did you mean batch_size\?\)"):
         transinv.measure("example:constant", batch_sise=4)
     preset = tmp_path / "mine.yaml"
     preset.write_text("shift: 0..2\nnum_image: 3\n")
-    with pytest.raises(UserError, match="unknown setting 'num_image'.*'num_images'"):
+    with pytest.raises(UserError, match=r"unknown setting 'num_image' \(did you mean num_images"):
         load_preset(str(preset))
 
 

@@ -208,7 +208,7 @@ def test_pinned_weights_apply_per_model(labelled: Path) -> None:
 def test_bad_presets_are_clear_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
     bad.write_text("shfit: 3\n")
-    with pytest.raises(UserError, match="unknown setting .shfit.; did you mean .shift."):
+    with pytest.raises(UserError, match=r"unknown setting .shfit. \(did you mean shift\?\)"):
         load_preset(str(bad))
     with pytest.raises(UserError, match="zhang2019-consistency"):
         load_preset("zhang2019")

@@ -7,14 +7,13 @@ decides. A bound that matches no row of the run is an error, never a silent pass
 
 from __future__ import annotations
 
-import difflib
 import math
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Sequence
 
 import pandas as pd
 
-from .errors import UserError
+from .errors import UserError, did_you_mean
 from .metric_registry import METRICS, OUTPUT_LAYER
 
 Side = Literal["max", "min"]
@@ -44,11 +43,6 @@ def _fail(side: Side, text: str, why: str) -> UserError:
     return UserError(f"--{side} {text}: {why}")
 
 
-def _close(value: str, choices: Sequence[str]) -> str:
-    found = difflib.get_close_matches(value, list(choices), n=1, cutoff=0.5)
-    return f" (did you mean {found[0]}?)" if found else ""
-
-
 def parse_bound(text: str, side: Side) -> Bound:
     """``metric[@layer][:shift]=value`` -> Bound; every mistake is a one-line ``UserError``."""
     left, equals, value = text.rpartition("=")
@@ -64,7 +58,7 @@ def parse_bound(text: str, side: Side) -> Bound:
     metric, at, layer = head.partition("@")
     spec = METRICS.get(metric)
     if spec is None:
-        raise _fail(side, text, f"unknown metric {metric!r}{_close(metric, list(METRICS))}")
+        raise _fail(side, text, f"unknown metric {metric!r}{did_you_mean(metric, list(METRICS))}")
     if at and not layer:
         raise _fail(side, text, "@ needs a layer name (see `transinv layers MODEL`)")
     if spec.scope != "layer" and layer not in ("", OUTPUT_LAYER):
@@ -167,7 +161,7 @@ def evaluate(bound: Bound, rows: pd.DataFrame) -> Verdict:
         layers = list(dict.fromkeys(found["layer"]))
         found = found[found["layer"] == bound.layer]
         if found.empty:
-            raise _fail(side, text, f"no layer {bound.layer!r} in this run{_close(bound.layer, layers)}; "
+            raise _fail(side, text, f"no layer {bound.layer!r} in this run{did_you_mean(bound.layer, layers)}; "
                                     f"it measured: {', '.join(layers)}")
     if spec.scope != "set":
         if bound.shift is not None:

@@ -9,13 +9,12 @@ This module imports no torch, so ``transinv --help`` stays fast.
 
 from __future__ import annotations
 
-import difflib
 import types
 import typing
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replace
 from typing import Any, Mapping, Sequence, Union
 
-from .errors import UserError
+from .errors import UserError, did_you_mean
 
 MODES: tuple[str, ...] = ("crop", "circular", "pad", "embed")
 DIRECTIONS: tuple[str, ...] = ("x", "y", "diagonal", "grid")
@@ -152,7 +151,8 @@ class MeasureOptions:
             choices = f.metadata.get("choices")
             value = getattr(self, f.name)
             if choices and value is not None and value not in choices:
-                raise OptionError(f.name, f"must be one of {', '.join(choices)} (got {value!r}{_close(value, choices)})")
+                hint = did_you_mean(str(value), list(choices))
+                raise OptionError(f.name, f"must be one of {', '.join(choices)} (got {value!r}){hint}")
         for name in ("batch_size", "num_images", "size", "resize", "embed_size", "consistency_draws"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
@@ -214,17 +214,12 @@ class MeasureOptions:
         known = option_names()
         for key in mapping:
             if key not in known:
-                raise UserError(f"{source}: unknown setting {key!r}{_close(key, known)}")
+                raise UserError(f"{source}: unknown setting {key!r}{did_you_mean(key, known)}")
         return cls(**dict(mapping))
 
     def updated(self, **changes: Any) -> "MeasureOptions":
         """A copy with some options changed (the object itself is frozen)."""
         return replace(self, **changes)
-
-
-def _close(value: str, choices: Sequence[str]) -> str:
-    found = difflib.get_close_matches(str(value), list(choices), n=1, cutoff=0.5)
-    return f"; did you mean {found[0]!r}?" if found else ""
 
 
 def _reword(option: str, check: Any) -> Any:
