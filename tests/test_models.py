@@ -275,8 +275,10 @@ def test_a_new_source_is_one_register_call(monkeypatch: pytest.MonkeyPatch, few_
     loaded = load_model("zoo:gap")
     assert (loaded.name, loaded.source, loaded.label, loaded.weights) == ("zoo:gap", "zoo", "zoo-gap", "zoo-weights")
     assert find_source("gap.zoo")[0].name == "zoo"
-    with pytest.raises(UserError, match=r"did you mean zoo:gap\?\): .*; zoo:NAME$"):
+    with pytest.raises(UserError, match=r"did you mean zoo:gap\?\); `transinv models` lists them$"):
         load_model("zoo_gap")
+    with pytest.raises(UserError, match=r"unknown model 'qqqq': use .*; zoo:NAME$"):  # no near miss: every source
+        load_model("qqqq")
     with pytest.raises(ValueError, match="already registered"):
         register_source(ZooSource())
     result = transinv.measure("zoo:gap", data=str(few_images), **TINY)

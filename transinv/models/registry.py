@@ -71,7 +71,9 @@ def find_source(spec: str) -> tuple[ModelSource, str]:
         if source.claims(spec):
             return source, spec
     names = [name for source in _SOURCES for name in _listable(source)]
-    raise UserError(f"unknown model {spec!r}{did_you_mean(spec, names)}: use {'; '.join(s.hint for s in _SOURCES)}")
+    if hint := did_you_mean(spec, names):  # a near miss: the names say enough
+        raise UserError(f"unknown model {spec!r}{hint}; `transinv models` lists them")
+    raise UserError(f"unknown model {spec!r}: use {'; '.join(s.hint for s in _SOURCES)}")
 
 
 def _listable(source: ModelSource) -> list[str]:
