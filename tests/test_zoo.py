@@ -293,10 +293,47 @@ def test_hf_random_weights_and_kinds_it_refuses(tiny_convnext, transformers, tmp
         load_model(f"hf:{detector}", "none")
     text = tmp_path / "text"
     transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(text)
-    with pytest.raises(UserError, match="no image-classification class"):
+    with pytest.raises(UserError, match="neither an image classifier nor an image encoder"):
         load_model(f"hf:{text}", "none")
     with pytest.raises(UserError, match="has no config.json"):
         load_model(f"hf:{tmp_path}", "none")
+
+
+def test_hf_image_encoders_give_their_embedding(transformers, tmp_path: Path) -> None:
+    """A DINOv2 encoder gives its pooler output (the normalised class token), a CLIP model its image
+    tower's projected embedding (CLIP's own ``get_image_features``), both as embedding models;
+    a text model is refused."""
+    dino = tmp_path / "tiny-dinov2"
+    config = transformers.Dinov2Config(hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32,
+                                       patch_size=4, image_size=32)
+    encoder = transformers.Dinov2Model(config).eval()
+    encoder.save_pretrained(dino)
+    clip = tmp_path / "tiny-clip"
+    clip_config = transformers.CLIPConfig(
+        vision_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32, patch_size=8,
+                           image_size=32),
+        text_config=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
+        projection_dim=12)
+    both = transformers.CLIPModel(clip_config).eval()
+    both.save_pretrained(clip)
+    x = torch.randn(2, 3, 32, 32)
+    for folder, expected in ((dino, encoder(pixel_values=x).pooler_output),
+                             (clip, both.get_image_features(pixel_values=x))):
+        loaded = load_model(f"hf:{folder}", "DEFAULT")
+        assert loaded.output == "embedding" and loaded.preprocess_guessed
+        expected = expected if isinstance(expected, torch.Tensor) else expected.pooler_output
+        assert torch.allclose(loaded.module(x), expected, atol=1e-6)
+        random = load_model(f"hf:{folder}", "none", seed=1)
+        assert random.output == "embedding" and random.module(x).shape == expected.shape
+    rows = transinv.measure(f"hf:{dino}", weights="none", layers="none", **TINY).rows
+    assert set(rows["metric"]) == {M.COSINE_DISTANCE, M.EMBEDDING_CHANGE, M.NN_AGREEMENT}
+    layers = transinv.measure(f"hf:{dino}", weights="none", **TINY).rows
+    blocks = layers[layers["layer"].str.fullmatch(r"encoder\.encoder\.layer\.\d")]
+    assert set(blocks["layer"]) == {"encoder.encoder.layer.0", "encoder.encoder.layer.1"}  # tokens on the patch grid
+    text = tmp_path / "text"
+    transformers.BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2).save_pretrained(text)
+    with pytest.raises(UserError, match="neither an image classifier nor an image encoder"):
+        load_model(f"hf:{text}", "none")
 
 
 def test_hf_processor_sizes_that_transinv_cannot_follow_exactly_are_named(tiny_convnext, transformers) -> None:

@@ -1,7 +1,8 @@
-"""Hugging Face ``transformers`` image classifiers: ``hf:ORG/NAME`` (a hub id) or ``hf:/path/to/dir``
-(a ``save_pretrained`` folder), also written ``transformers:``, with the preprocessing of their
-image processor. transformers is an optional extra (``pip install 'transinv[hf]'``); hub code is
-never run (``trust_remote_code=False``)."""
+"""Hugging Face ``transformers`` image classifiers and image encoders: ``hf:ORG/NAME`` (a hub id) or
+``hf:/path/to/dir`` (a ``save_pretrained`` folder), also written ``transformers:``, with the
+preprocessing of their image processor. A checkpoint whose architecture is not an image classifier
+(``Dinov2Model``, ``ViTModel``, ``CLIPModel``'s image tower, ...) is measured as an embedding model.
+transformers is an optional extra (``pip install 'transinv[hf]'``); hub code is never run."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 from ..errors import UserError
 from .checkpoints import checkpoint_path, load_checkpoint, no_such_file
 from .extras import hf_cache_dir, hf_repo_dir, honour_offline, offline, require
+from .outputs import CLASSIFICATION, EMBEDDING
 from .loaded import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, default_preprocess, interpolation, resize_for_crop
 
 if TYPE_CHECKING:
@@ -24,6 +26,8 @@ PREFIX = "hf"
 ALIAS = "transformers"
 DETECTION = "ForObjectDetection"
 CLASSIFIER = "ForImageClassification"
+# multimodal models: the class of their image tower and the output field that is its embedding
+TOWERS = {"clip": ("CLIPVisionModelWithProjection", "image_embeds"), "siglip": ("SiglipVisionModel", "pooler_output")}
 
 
 def _transformers() -> ModuleType:
@@ -51,16 +55,23 @@ def _config(transformers: ModuleType, spec: str) -> Any:
                         "download it once online, or pass the folder save_pretrained() wrote as hf:/path/to/dir") from exc
 
 
-def _check_kind(spec: str, config: Any) -> None:
-    """Detection models and models without an image-classification head are one line each."""
+def _is_classifier(spec: str, config: Any) -> bool:
+    """True for an image classifier, False for an image encoder (its architecture is not a
+    classifier, or a vision model with no classifier class); detection and non-image models are
+    one line each."""
     from transformers.models.auto import modeling_auto
 
     architectures = list(getattr(config, "architectures", None) or [])
     if config.model_type in modeling_auto.MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES or any(DETECTION in a for a in architectures):
-        raise UserError(f"hf:{spec}: detection models are not supported yet (transinv measures image classifiers)")
-    if config.model_type not in modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES:
-        raise UserError(f"hf:{spec}: a {config.model_type!r} model has no image-classification class in transformers "
-                        "(AutoModelForImageClassification): transinv measures image classifiers")
+        raise UserError(f"hf:{spec}: detection models are not supported yet (transinv measures image classifiers "
+                        "and encoders)")
+    classifiable = config.model_type in modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES
+    if any(a.endswith(CLASSIFIER) for a in architectures) or (classifiable and not architectures):
+        return True
+    if config.model_type in TOWERS or (hasattr(config, "num_channels") and config.model_type in modeling_auto.MODEL_MAPPING_NAMES):
+        return False
+    raise UserError(f"hf:{spec}: a {config.model_type!r} model is neither an image classifier nor an image encoder "
+                    "in transformers: transinv measures images")
 
 
 def _size(sizes: Any, key: str) -> int | None:
@@ -103,35 +114,53 @@ def _preprocess(transformers: ModuleType, label: str, source: str, cache: dict[s
     return Preprocess(resize, size, mean, std, mode), notes, False
 
 
+def _tower_config(config: Any) -> Any:
+    """The config the image tower is built from: a multimodal model's ``vision_config`` (with the
+    model's projection size), else the config itself."""
+    vision = getattr(config, "vision_config", None)
+    if vision is None:
+        return config
+    if hasattr(config, "projection_dim"):
+        vision.projection_dim = config.projection_dim
+    return vision
+
+
 @contextmanager
 def _quiet(transformers: ModuleType) -> Iterator[None]:
-    """No "Loading weights" progress bar on stderr, where transinv draws its own."""
+    """No "Loading weights" progress bar on stderr, where transinv draws its own, and no load report
+    (an image tower leaves its model's text weights unused by design)."""
     logging = transformers.utils.logging
-    shown = logging.is_progress_bar_enabled()
+    shown, verbosity = logging.is_progress_bar_enabled(), logging.get_verbosity()
     logging.disable_progress_bar()
+    logging.set_verbosity_error()
     try:
         yield
     finally:
+        logging.set_verbosity(verbosity)
         if shown:
             logging.enable_progress_bar()
 
 
-def _cached_classifiers() -> list[str]:
-    """Hub ids of image classifiers in the Hugging Face cache (their config.json names a
-    ``...ForImageClassification`` class)."""
+def _cached_image_models() -> list[str]:
+    """Hub ids of image models in the Hugging Face cache: their config.json names a
+    ``...ForImageClassification`` class, a multimodal model with an image tower, or an encoder
+    (a ``...Model`` class) of images (``num_channels``)."""
     found = set()
     for config in hf_cache_dir().glob("models--*/snapshots/*/config.json"):
         try:
-            architectures = json.loads(config.read_text()).get("architectures") or []
+            settings = json.loads(config.read_text())
         except (OSError, ValueError):
             continue
-        if any(CLASSIFIER in a for a in architectures):
+        architectures = settings.get("architectures") or []
+        encoder = "num_channels" in settings and any(a.endswith("Model") for a in architectures)
+        if any(CLASSIFIER in a for a in architectures) or settings.get("model_type") in TOWERS or encoder:
             found.add(config.parents[2].name.removeprefix("models--").replace("--", "/"))
     return sorted(found)
 
 
 class HuggingFaceSource:
-    """transformers' image classifiers (``AutoModelForImageClassification``); the label is the
+    """transformers' image classifiers (``AutoModelForImageClassification``) and image encoders
+    (``AutoModel``'s ``pooler_output``, CLIP's and SigLIP's image towers); the label is the
     repository's or folder's name."""
 
     name = "hf"
@@ -144,7 +173,7 @@ class HuggingFaceSource:
 
     def names(self, pattern: str = "*", pretrained: bool = False) -> list[str]:
         _transformers()
-        found = [f"{PREFIX}:{n}" for n in _cached_classifiers()]
+        found = [f"{PREFIX}:{n}" for n in _cached_image_models()]
         return [n for n in found if fnmatch.fnmatchcase(n, pattern) or fnmatch.fnmatchcase(n.removeprefix(f"{PREFIX}:"), pattern)]
 
     def load(self, spec: str, weights: str, seed: int) -> LoadedModel:
@@ -156,26 +185,34 @@ class HuggingFaceSource:
         if checkpoint is None and weights.lower() not in ("none", "default"):
             raise UserError(f"--weights {weights}: transformers models take DEFAULT (their own), none or a checkpoint path")
         config = _config(transformers, spec)
-        _check_kind(spec, config)
+        classifier = _is_classifier(spec, config)
         local = _is_path(spec)
         source = str(Path(spec).expanduser()) if local else spec
         cache: dict[str, Any] = {"local_files_only": True} if local else {"cache_dir": str(hf_cache_dir()), "local_files_only": offline()}
-        auto = transformers.AutoModelForImageClassification
+        tower, field = TOWERS.get(config.model_type, ("AutoModel", "pooler_output"))
+        auto = transformers.AutoModelForImageClassification if classifier else getattr(transformers, tower)
         torch.manual_seed(seed)
         if checkpoint is None and weights.lower() == "default":
             try:
                 with _quiet(transformers):
-                    module = auto.from_pretrained(source, **cache)
+                    module = auto.from_pretrained(source, **cache) if classifier else \
+                        auto.from_pretrained(source, config=_tower_config(config), **cache)
             except OSError as exc:
                 where = source if local else hf_repo_dir(spec)
                 raise UserError(f"hf:{spec}: its weights are not in {where} and cannot be loaded: "
                                 "download them once online, or measure with --weights none") from exc
         else:
-            module = auto.from_config(config)
-            if checkpoint is not None:
+            built = config if classifier else _tower_config(config)
+            module = auto.from_config(built) if hasattr(auto, "from_config") else auto(built)  # Auto* or a class
+            if checkpoint is not None:  # the checkpoint of the transformers model itself
                 load_checkpoint(module, checkpoint)
+        if not classifier:
+            from .hf_embedding import ImageEmbedding
+
+            module = ImageEmbedding(module, field)
         label = Path(source).name if local else spec.rsplit("/", 1)[-1]
         preprocess, notes, guessed = _preprocess(transformers, label, source, cache)
         resolved = "pretrained" if checkpoint is None and weights.lower() == "default" else weights
         return LoadedModel(spec, resolved, module, preprocess, label=label, notes=notes,
-                           preprocess_guessed=guessed or checkpoint is not None)
+                           preprocess_guessed=guessed or checkpoint is not None,
+                           output=CLASSIFICATION.name if classifier else EMBEDDING.name)
