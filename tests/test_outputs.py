@@ -162,6 +162,80 @@ def test_timm_vit_blocks_get_rows_at_the_patch_stride_and_encoders_are_embedding
 
 
 def test_class_based_set_metrics_are_refused_for_other_output_kinds(few_images: Path) -> None:
-    with pytest.raises(transinv.UserError, match="compare top-1 classes: not for --task embedding"):
+    with pytest.raises(transinv.UserError, match="compares top-1 classes: not for --task embedding"):
         transinv.measure("example:circular_encoder", data=str(few_images), shift="0,1", consistency="-2..2",
                          layers="none", **SMALL)
+    with pytest.raises(transinv.UserError, match="random-shifts compares top-1 classes or segmentation maps: not fo"):
+        transinv.measure("example:circular_encoder", data=str(few_images), shift="0,1", random_shifts=2,
+                         layers="none", **SMALL)
+    with pytest.raises(transinv.UserError, match="draws whole pixels: drop --subpixel"):
+        transinv.measure("example:circular_segmenter", data=str(few_images), shift="-2,2", random_shifts=2,
+                         subpixel="fourier", layers="none", **SMALL)
+
+
+# Rojas-Gomez et al.'s mASSC: random draws per image (random_segmentation_consistency)
+RANDOM = dict(SMALL, shift="-9,9", direction="grid", random_shifts=5, layers="none")
+
+
+def _agreement_at(classes: torch.Tensor, dx: int, dy: int, circular: bool) -> float:
+    """Pixel by pixel: the share of positions p (wrapped, or inside both frames) where a map that
+    ignores its input has the same class at p + d (the shifted view's) as at p (the reference's)."""
+    h, w = classes.shape
+    same = total = 0
+    for y in range(h):
+        for x in range(w):
+            ty, tx = y + dy, x + dx
+            if circular:
+                ty, tx = ty % h, tx % w
+            elif not (0 <= ty < h and 0 <= tx < w):
+                continue
+            total += 1
+            same += int(classes[ty, tx] == classes[y, x])
+    return same / total
+
+
+@pytest.mark.parametrize("mode", ["circular", "pad"])
+def test_random_draws_of_a_fixed_map_give_the_computed_agreement(few_images: Path, mode: str) -> None:
+    """Each image's own draws (as ShiftPlan.random_draws makes them), the map at p + d against p."""
+    from transinv.engine.shifts import ShiftPlan, make_shift_set
+
+    torch.manual_seed(0)
+    model = FixedMap(classes=2, size=32)
+    rows = transinv.measure(model, data=str(few_images), **dict(RANDOM, mode=mode)).rows
+    got = _rows(rows, M.RANDOM_SEGMENTATION_CONSISTENCY)
+    assert len(got) == 1 and got["n"].item() == 6
+    plan = ShiftPlan(tuple(make_shift_set("-9,9", "grid")), 32, mode, random_shifts=5)
+    draws = plan.random_draws(torch.arange(6), seed=0)
+    assert len({d for image in draws for d in image}) > 20  # per image: 30 draws, nearly all different
+    classes = model.scores.argmax(dim=0)
+    per_image = [sum(_agreement_at(classes, dx, dy, mode == "circular") for dx, dy in image) / 5 for image in draws]
+    assert got["value"].item() == pytest.approx(sum(per_image) / 6, abs=1e-12)
+    assert got["value"].item() < 0.9
+    moved = _rows(rows, M.PIXEL_AGREEMENT).query("shift_x != 0 or shift_y != 0")["value"]
+    assert len(moved) == 4  # the set's own corners: its mean takes no draw
+    assert _rows(rows, M.SEGMENTATION_CONSISTENCY)["value"].item() == pytest.approx(moved.mean(), abs=1e-12)
+
+
+def test_random_draws_of_an_equivariant_segmenter_agree_exactly(few_images: Path) -> None:
+    """Circular convolutions under circular draws, and a per-pixel (1x1) map under pad and crop
+    draws, move exactly with the input: 1 at every draw (a sign slip in the overlap would not be)."""
+    circular = transinv.measure("example:circular_segmenter", data=str(few_images), **RANDOM).rows
+    assert _rows(circular, M.RANDOM_SEGMENTATION_CONSISTENCY)["value"].item() == 1.0
+    torch.manual_seed(0)
+    pointwise = torch.nn.Conv2d(3, 4, 1)
+    for mode in ("pad", "crop"):
+        rows = transinv.measure(pointwise, data=str(few_images), **dict(RANDOM, mode=mode, resize=56)).rows
+        assert _rows(rows, M.RANDOM_SEGMENTATION_CONSISTENCY)["value"].item() == 1.0
+        assert _rows(rows, M.SEGMENTATION_CONSISTENCY)["value"].item() == 1.0
+
+
+def test_random_segmentation_draws_do_not_depend_on_batching(few_images: Path) -> None:
+    torch.manual_seed(0)
+    model = FixedMap(classes=2, size=32)
+    values = [_rows(transinv.measure(model, data=str(few_images), batch_size=size, **RANDOM).rows,
+                    M.RANDOM_SEGMENTATION_CONSISTENCY)["value"].item() for size in (1, 4, 32)]
+    assert values[1] == pytest.approx(values[0], abs=1e-12) and values[2] == pytest.approx(values[0], abs=1e-12)
+    other = transinv.measure(model, data=str(few_images), batch_size=4, **dict(RANDOM, seed=1)).rows
+    assert abs(_rows(other, M.RANDOM_SEGMENTATION_CONSISTENCY)["value"].item() - values[0]) > 1e-6  # new draws
+    plain = transinv.measure(model, data=str(few_images), **dict(RANDOM, random_shifts=0)).rows
+    assert M.RANDOM_SEGMENTATION_CONSISTENCY not in set(plain["metric"])

@@ -80,7 +80,8 @@ class NyquistGone(nn.Module):
 def test_every_preset_is_listed_and_names_its_paper() -> None:
     names = {p["name"] for p in list_presets()}
     assert names >= {"zhang2019-consistency", "chaman2021-circular", "azulay2019-jaggedness", "azulay2019-black-canvas",
-                     "michaeli2023-worstcase", "engstrom2019-worst-of-k", "layers-sweep"}
+                     "michaeli2023-worstcase", "engstrom2019-worst-of-k", "layers-sweep",
+                     "rojasgomez2022-massc-circular", "rojasgomez2022-massc-linear"}
     assert all(p["description"] and p["paper"] for p in list_presets())
 
 
@@ -175,6 +176,24 @@ def test_engstrom_grid_and_worst_of_ten_on_black_padding(labelled: Path) -> None
     accuracy = constant[(constant["metric"] == M.ACCURACY) & (constant["shift_x"] == 0) & (constant["shift_y"] == 0)]
     for metric in (M.WORST_CASE_ACCURACY, M.RANDOM_WORST_CASE_ACCURACY):
         assert _whole_set(constant, metric) == accuracy["value"].iloc[0]
+
+
+@pytest.mark.parametrize("preset, mode", [("rojasgomez2022-massc-circular", "circular"),
+                                          ("rojasgomez2022-massc-linear", "pad")])
+def test_rojasgomez_massc_draws_five_shifts_within_32_px_at_513(labelled: Path, preset: str, mode: str) -> None:
+    """Their defaults (num_shifts 5, max_shift 32, VOC's 513 crop), and the known answer at the
+    preset's own sizes: maps that move exactly with the input agree at every draw (circular
+    convolutions under rolls; a per-pixel map on the overlap of pad shifts)."""
+    settings = load_preset(preset)
+    assert (settings["size"], settings["resize"], settings["random_shifts"], settings["mode"]) == (513, 513, 5, mode)
+    plan = ShiftPlan(tuple(make_shift_set(settings["shift"], settings["direction"])), 513, mode, random_shifts=5)
+    draws = [d for image in plan.random_draws(torch.arange(200), seed=settings["seed"]) for d in image]
+    assert {min(c) for c in zip(*draws)} == {-32} and {max(c) for c in zip(*draws)} == {32}  # both axes, both ends
+    torch.manual_seed(0)
+    model = "example:circular_segmenter" if mode == "circular" else nn.Conv2d(3, 4, 1)
+    rows = _run(preset, model, labelled, num_images=2)
+    assert _whole_set(rows, M.RANDOM_SEGMENTATION_CONSISTENCY) == 1.0
+    assert rows[rows["metric"] == M.RANDOM_SEGMENTATION_CONSISTENCY]["n"].item() == 2
 
 
 def test_layers_sweep_is_exact_on_a_circular_network(labelled: Path) -> None:

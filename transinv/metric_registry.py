@@ -35,6 +35,7 @@ class MetricSpec:
     at_reference: float | None = None  # its value at shift 0 by definition (None: not fixed, or no shift)
     attribution: bool = False  # only with --attribution lie; shift columns hold the direction of an infinitesimal shift
     task: str = "classification"  # output and set metrics: the output kind they read (``--task``)
+    random_draws: bool = False  # only with --random-shifts (read from each image's random draws)
 
 
 TOP1_AGREEMENT = "top1_agreement"
@@ -62,6 +63,7 @@ NN_AGREEMENT = "nn_agreement"
 PIXEL_AGREEMENT = "pixel_agreement"
 PIXEL_KL_DIVERGENCE = "pixel_kl_divergence"
 SEGMENTATION_CONSISTENCY = "segmentation_consistency"
+RANDOM_SEGMENTATION_CONSISTENCY = "random_segmentation_consistency"
 EQUIVARIANCE_ERROR = "equivariance_error"
 POOLED_INVARIANCE_ERROR = "pooled_invariance_error"
 LIE_DERIVATIVE = "lie_derivative"
@@ -123,9 +125,10 @@ _SPECS = (
     MetricSpec(RANDOM_WORST_CASE_AGREEMENT, "set", "proportion", "higher",
                "`1[c(T_{r_k} x) = c(x) for k = 1..K]`, `K = --random-shifts`, each `r_k` drawn per image, each axis "
                "uniform between the smallest and largest shift of that axis in `--shift` (whole pixels; real values "
-               "with `--subpixel`) (Engstrom et al. 2019's worst of 10)"),
+               "with `--subpixel`) (Engstrom et al. 2019's worst of 10)", random_draws=True),
     MetricSpec(RANDOM_WORST_CASE_ACCURACY, "set", "proportion", "higher",
-               "`1[c(x) = y and c(T_{r_k} x) = y for k = 1..K]`, the same draws", needs_labels=True),
+               "`1[c(x) = y and c(T_{r_k} x) = y for k = 1..K]`, the same draws", needs_labels=True,
+               random_draws=True),
     MetricSpec(JAGGEDNESS, "set", "mean", "lower",
                "share of consecutive steps `d_i → d_{i+1}` of the path (shifts sorted by `dx + dy`, along `--direction "
                "x`, `y` or `diagonal`) where `c` changes (Azulay & Weiss 2019's \"P(top-1 change)\"); two shifts or more"),
@@ -175,9 +178,15 @@ _SPECS = (
                "mean over the same pixels of `KL(softmax s(x)[:, p] ‖ softmax s(T_d x)[:, p + d])`, natural log "
                "(`--task segmentation`)", bounds=(0.0, float("inf")), at_reference=0.0, task="segmentation"),
     MetricSpec(SEGMENTATION_CONSISTENCY, "set", "mean", "higher",
-               "mean of `pixel_agreement` over the set's shifts besides 0 (Rojas-Gomez et al.'s mASSC, averaged over "
-               "the shift set instead of random draws); only when the set has a shift besides 0",
+               "mean of `pixel_agreement` over the set's shifts besides 0 (every chosen shift, not Rojas-Gomez et "
+               "al.'s random draws: see `random_segmentation_consistency`); only when the set has a shift besides 0",
                task="segmentation"),
+    MetricSpec(RANDOM_SEGMENTATION_CONSISTENCY, "set", "mean", "higher",
+               "`(1/K) Σ_k pixel_agreement(r_k)`, `K = --random-shifts`, each `r_k` drawn per image, each axis uniform "
+               "in whole pixels between the smallest and largest shift of that axis in `--shift`: Rojas-Gomez et al. "
+               "2022's mASSC (their protocol: `--shift -32,32 --direction grid --random-shifts 5`; `--mode circular` "
+               "for their circular score, `--mode pad` for their linear one; `--task segmentation`)",
+               task="segmentation", random_draws=True),
 )
 
 METRICS: dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}

@@ -103,7 +103,7 @@ class MeasureOptions:
     subpixel: str | None = _opt(None, "Method for fractional shifts (0..2:0.25): fourier (circular mode) or bilinear (crop, pad, embed).", SHIFTS, choices=SUBPIXEL_METHODS)
     consistency: str | None = _opt(None, "Also measure consistency: top-1 agreement of two views at random offsets, each axis uniform in LO..HI (e.g. -15..16).", SHIFTS, metavar="LO..HI")
     consistency_draws: int = _opt(1, "Random pairs of views per image for --consistency (Zhang 2019 draws 5).", SHIFTS)
-    random_shifts: int = _opt(0, "Also report the worst case over this many random shifts per image, drawn in the span of --shift (Engstrom 2019: 10).", SHIFTS)
+    random_shifts: int = _opt(0, "Also draw this many random shifts per image in the span of --shift: the worst case over them (Engstrom 2019: 10), or with --task segmentation the mean pixel agreement (mASSC, Rojas-Gomez 2022: 5).", SHIFTS)
     # preprocessing
     size: int | None = _opt(None, "View size in pixels (default: the weights' crop size, else 224).", PREPROCESS)
     resize: int | None = _opt(None, "Shorter side after resizing, before cropping (default: the weights', else 256).", PREPROCESS)

@@ -24,6 +24,7 @@ from ..metric_registry import (  # noqa: F401  (the names live in the registry; 
     WORST_CASE_AGREEMENT_FRACTIONAL, WORST_CASE_AGREEMENT_INTEGER, fixed_at_reference, is_proportion, value_bounds,
 )
 from ..metric_registry import EQUIVARIANCE_ERROR_INTERIOR, EQUIVARIANCE_ERROR_RESAMPLED, INPLACE_CHANGE  # noqa: F401
+from ..metric_registry import RANDOM_SEGMENTATION_CONSISTENCY  # noqa: F401
 from .subpixel import fourier_shift
 
 Shift = tuple[int, int]

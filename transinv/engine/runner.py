@@ -26,7 +26,7 @@ from .gallery import Gallery
 from .layers import FeatureTap, LayerInfo, to_nchw
 from .margins import padding_margins
 from ..reports.per_image import PerImage
-from ..models.outputs import CLASSIFICATION, output_kind
+from ..models.outputs import CLASSIFICATION, SEGMENTATION, output_kind
 from .shifts import Shift, ShiftPlan, is_fractional
 
 ProgressHook = Callable[[int], None]
@@ -66,7 +66,7 @@ def metric_keys(
     """Every (layer, shift, metric) the run can fill, in output order. Worst cases need a shift
     besides 0, jaggedness a path of two shifts or more; worst cases over the whole-pixel and the
     fractional shifts come apart when the set holds both kinds. Output and set metrics are those
-    of the output kind ``task``."""
+    of the output kind ``task``; those read from random draws only with ``random``."""
     keys: list[M.Key] = []
     for layer in layers:
         for shift in shifts:
@@ -82,8 +82,9 @@ def metric_keys(
                 keys.append((M.OUTPUT_LAYER, shift, spec.name))
     whole: list[str] = []
     if task != CLASSIFICATION.name:
-        sets = [s.name for s in METRICS.values() if s.scope == "set" and s.task == task]
-        return keys + [(M.OUTPUT_LAYER, None, metric) for metric in sets if len(shifts) > 1]
+        sets = [s.name for s in METRICS.values() if s.scope == "set" and s.task == task
+                and (s.random_draws and random or not s.random_draws and len(shifts) > 1)]
+        return keys + [(M.OUTPUT_LAYER, None, metric) for metric in sets]
     if len(shifts) > 1:
         for agreement, accuracy, _ in worst_case_sets(shifts):
             whole += [agreement, accuracy] if labelled else [agreement]
@@ -191,8 +192,12 @@ class Measurement:
         compile: bool = False,
     ) -> None:
         self.kind = output_kind(task)
-        if self.kind.compare is not None and (plan.pair_offsets is not None or plan.random_shifts):
-            raise UserError(f"--consistency and --random-shifts compare top-1 classes: not for --task {task}")
+        if self.kind.compare is not None and plan.pair_offsets is not None:
+            raise UserError(f"--consistency compares top-1 classes: not for --task {task}")
+        if plan.random_shifts and task not in (CLASSIFICATION.name, SEGMENTATION.name):
+            raise UserError(f"--random-shifts compares top-1 classes or segmentation maps: not for --task {task}")
+        if plan.random_shifts and task == SEGMENTATION.name and plan.subpixel is not None:
+            raise UserError("--random-shifts with --task segmentation draws whole pixels: drop --subpixel")
         self.model, self.plan, self.layers, self.device = model, plan, layers, device
         self.labelled, self.views_per_pass = labelled, views_per_pass
         self.dtype = PRECISIONS[precision]
@@ -286,8 +291,9 @@ class Measurement:
     def _measure_other_kind(self, tap: FeatureTap, canvases: torch.Tensor, ids: torch.Tensor, state: M.MetricState,
                             reference: torch.Tensor) -> None:
         """The shifted passes of a model whose output is not class logits: its kind's metrics per
-        shift, retrieval among the whole set's references (``nn_agreement``), and the mean pixel
-        agreement over the non-zero shifts (segmentation consistency)."""
+        shift, retrieval among the whole set's references (``nn_agreement``), the mean pixel
+        agreement over the non-zero shifts (segmentation consistency) and, with random shifts, over
+        each image's random draws (Rojas-Gomez et al.'s mASSC)."""
         circular, agreements = self.plan.mode == "circular", []
         for group in [[(0, 0)], *self._passes(len(reference))]:
             if group == [(0, 0)]:
@@ -307,6 +313,25 @@ class Measurement:
         self.comparer.shifts = None
         if agreements:
             state.add((M.OUTPUT_LAYER, None, M.SEGMENTATION_CONSISTENCY), torch.stack(agreements).mean(dim=0))
+        if self.plan.random_shifts:
+            self._add_random_segmentation(tap, canvases, ids, state, reference)
+
+    def _add_random_segmentation(self, tap: FeatureTap, canvases: torch.Tensor, indices: torch.Tensor,
+                                 state: M.MetricState, reference: torch.Tensor) -> None:
+        """Per image: its pixel agreement at each of its ``random_shifts`` random shifts, averaged
+        (each view compared with its own image's reference map at its own shift)."""
+        assert self.kind.compare is not None
+        draws = self.plan.random_draws(indices, self.seed)
+        jobs = [(i, shift) for i, shifts in enumerate(draws) for shift in shifts]
+        agreement = torch.empty(len(jobs), dtype=torch.float64, device=reference.device)
+        for start, outputs in self._job_outputs(tap, canvases, jobs):
+            for j, output in enumerate(outputs, start):
+                image, shift = jobs[j]
+                compared = self.kind.compare(reference[image : image + 1], output[None], shift,
+                                             self.plan.mode == "circular")
+                agreement[j] = compared[M.PIXEL_AGREEMENT][0]
+        state.add((M.OUTPUT_LAYER, None, M.RANDOM_SEGMENTATION_CONSISTENCY),
+                  agreement.reshape(len(draws), self.plan.random_shifts).mean(dim=1))
 
     def _add_worst_cases(self, state: M.MetricState, predictions: dict[Shift, torch.Tensor], labels: torch.Tensor) -> None:
         """Per image: the same class as unshifted (agreement) or the label (accuracy) at every
@@ -327,11 +352,17 @@ class Measurement:
         state.add((M.OUTPUT_LAYER, None, M.JAGGEDNESS), (1 - out.agreement).reshape(steps, images).mean(dim=0))
         state.add((M.OUTPUT_LAYER, None, M.PATH_PROB_CHANGE), out.prob_change.reshape(steps, images).mean(dim=0))
 
+    def _job_outputs(self, tap: FeatureTap, canvases: torch.Tensor,
+                     jobs: Sequence[tuple[int, Shift]]) -> Iterator[tuple[int, torch.Tensor]]:
+        """The outputs of the views ``(image index, shift)``, in passes of ``views_per_pass``: each
+        pass's outputs with the index of its first job (so a pass's maps are let go before the next)."""
+        step = self.views_per_pass
+        for i in range(0, len(jobs), step):
+            yield i, self._forward(tap, self.plan.views_at(canvases, jobs[i : i + step]))
+
     def _classes(self, tap: FeatureTap, canvases: torch.Tensor, jobs: Sequence[tuple[int, Shift]]) -> torch.Tensor:
         """Top-1 classes of the views ``(image index, shift)``, in passes of ``views_per_pass``."""
-        step = self.views_per_pass
-        return torch.cat([self._forward(tap, self.plan.views_at(canvases, jobs[i : i + step])).argmax(dim=1)
-                          for i in range(0, len(jobs), step)])
+        return torch.cat([outputs.argmax(dim=1) for _, outputs in self._job_outputs(tap, canvases, jobs)])
 
     def _add_consistency(
         self, tap: FeatureTap, state: M.MetricState, canvases: torch.Tensor, indices: torch.Tensor,
