@@ -65,10 +65,13 @@ PROBE_STEP = 32  # the second probe is this many pixels larger: every common str
 def _snap(ratio: float) -> int:
     """A measured stride, snapped to the nearest power of two when within 15% of it.
 
-    Unpadded layers and odd sizes make size ratios inexact (299 px -> 35 px at stride 8).
+    Unpadded layers and odd sizes make size ratios inexact (299 px -> 35 px at stride 8); a whole
+    ratio is the stride (EVA's 14 px patches at 56 px: 4x4).
     """
     if ratio <= 1.15:
         return 1
+    if ratio.is_integer():
+        return int(ratio)
     power = 2 ** round(math.log2(ratio))
     return power if abs(ratio - power) <= 0.15 * power else max(1, round(ratio))
 
@@ -78,22 +81,36 @@ def _geometry(shape: torch.Size, larger: torch.Size | None, size: int) -> tuple[
 
     The spatial axes are those that grow when the input grows (``larger``: the same layer's
     shape at ``size + PROBE_STEP``). Without a second probe (fixed-size models), a square input
-    is assumed to give a square map: NCHW when dims 2 and 3 are equal, else NHWC.
+    is assumed to give a square map that fits the input at a whole stride (``fits``): NCHW when
+    dims 2 and 3 are equal, else NHWC.
     """
     _, a, b, c = shape
-    if larger is not None and len(larger) == 4:
+    if larger is not None:
+        if len(larger) != 4:
+            return None
         changed = [d for d in (1, 2, 3) if larger[d] != shape[d]]
+        if changed and not all(0 < larger[d] - shape[d] <= PROBE_STEP for d in changed):
+            return None  # not a stride of at least 1 (a token-by-token attention map grows faster)
         if changed == [2, 3]:
             return a, b, c, False, False
         if changed == [1, 2]:
             return c, a, b, True, False
         if changed:
             return None
-    if b == c and b <= size:
-        return a, b, c, False, larger is not None or b == 1
-    if a == b and a <= size:
-        return c, a, b, True, larger is not None or a == 1
+        # square, and it does not grow with the input: a fixed-size map (adaptive pooling)
+        return (a, b, c, False, True) if b == c else (c, a, b, True, True) if a == b else None
+    if b == c and fits(size, b):
+        return a, b, c, False, b == 1
+    if a == b and fits(size, a):
+        return c, a, b, True, a == 1
     return None
+
+
+def fits(size: int, side: int) -> bool:
+    """True when a ``side`` px map can come from a ``size`` px input at a whole stride ``s``
+    (``side`` is ``size // s`` or ``ceil(size / s)``): a window attention's 49x49 scores at 224 px do not."""
+    first = size // side
+    return any(side in (size // s, -(-size // s)) for s in (first, first + 1) if s)
 
 
 class FeatureTap:
@@ -228,8 +245,9 @@ def _record(model: nn.Module, size: int, device: torch.device | str, flow: _Data
     captured: list[Capture] = []
 
     def record(key: str, output: torch.Tensor) -> None:
-        # a 3-D output whose first axis is not the batch (heads x N inside attention) is not a layer
-        if output.dim() == 4 or output.dim() == 3 and output.shape[0] == 1:
+        # an output whose first axis is not the batch of 1 (heads x N inside attention, images x
+        # windows in a window attention's partitions) is not a layer
+        if output.dim() in (3, 4) and output.shape[0] == 1:
             captured.append((key, output, _state(output)))
 
     x = torch.zeros(1, 3, size, size, device=device)
@@ -315,15 +333,28 @@ def _holds_stages(kids: list[tuple[str, nn.Module]], stride: int, strides: dict[
     return raising >= 2
 
 
-def _transformer_blocks(model: nn.Module, token_layers: set[str]) -> set[str]:
-    """The blocks of transformers: token layers that are containers, two or more of one class
-    side by side in one parent (timm's ``blocks.0``, torchvision's ``encoder_layer_0``)."""
+def _has_attention(module: nn.Module) -> bool:
+    """A module holding an attention module (timm's ``Attention``, ``WindowAttention``,
+    ``PartitionAttentionCl``; torch's ``MultiheadAttention``)."""
+    return any("Attention" in type(m).__name__ for m in module.modules())
+
+
+def _transformer_blocks(model: nn.Module, token_layers: set[str], maps: set[str]) -> set[str]:
+    """The blocks of transformers: containers of one class, two or more side by side in a
+    ``Sequential`` or ``ModuleList``, whose outputs are token layers (timm's ``blocks.0``,
+    torchvision's ``encoder_layer_0``) or maps of blocks holding attention (Swin's
+    ``layers.0.blocks.0``, MaxViT's ``stages.0.blocks.0``); the innermost such level (blocks, not
+    the stages holding them)."""
     blocks: set[str] = set()
     for parent, module in model.named_modules():
+        if not isinstance(module, (nn.Sequential, nn.ModuleList)):
+            continue
         kids = [(f"{parent}.{k}" if parent else k, m) for k, m in module.named_children()]
-        kinds = Counter(type(m) for name, m in kids if name in token_layers and any(True for _ in m.children()))
-        blocks.update(name for name, m in kids if kinds[type(m)] >= 2 and name in token_layers)
-    return blocks
+        found = [(name, m) for name, m in kids if any(True for _ in m.children())
+                 and (name in token_layers or name in maps and _has_attention(m))]
+        kinds = Counter(type(m) for _, m in found)
+        blocks.update(name for name, m in found if kinds[type(m)] >= 2)
+    return {name for name in blocks if not any(inner.startswith(f"{name}.") for inner in blocks)}
 
 
 def _default_layers(model: nn.Module, layers: list[LayerInfo], tensor_of: dict[str, int]) -> set[str]:
@@ -337,7 +368,8 @@ def _default_layers(model: nn.Module, layers: list[LayerInfo], tensor_of: dict[s
     usable = [layer for layer in layers if layer.main and not layer.fixed
               and not _is_padding(modules[layer.name.split("#")[0]])]
     strides = {layer.name: max(layer.stride) for layer in usable if "#" not in layer.name}
-    blocks = _transformer_blocks(model, {layer.name for layer in usable if layer.tokens is not None})
+    blocks = _transformer_blocks(model, {layer.name for layer in usable if layer.tokens is not None},
+                                 {layer.name for layer in usable})
     stages = _stage_names(model, strides) | blocks
     last = {tensor_of[layer.name]: layer.name for layer in usable}  # the outermost name of each tensor
     chosen: dict[int, tuple[bool, str]] = {}  # output tensor -> (is a stage, name)
@@ -376,6 +408,8 @@ def probe_layers(model: nn.Module, size: int, device: torch.device | str = "cpu"
     unmapped: list[str] = []
     extras: set[int] = set()  # the counts of leading extra tokens dropped from the token layers
     for key, out, state in captured:
+        if larger and key not in larger:  # a map at one size only (at the other its batch axis holds windows)
+            continue
         if out.dim() == 3:
             grid = token_grid(out.shape[1], size, larger[key][1] if key in larger else None)
             if grid is None:

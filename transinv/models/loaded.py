@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Collection, Sequence
+from typing import TYPE_CHECKING, Callable, Collection, Sequence
 
 from .outputs import CLASSIFICATION
 
@@ -68,7 +68,8 @@ class LoadedModel:
     ``name`` is the spec as given; ``label`` the short name for rows and tables (the torchvision or
     example name, the factory name, a TorchScript file's stem); ``source`` the registry entry that
     loaded it. ``hooks`` is False where forward hooks cannot capture layers (TorchScript): output
-    metrics only. ``preprocess_guessed`` marks a user model whose preprocessing nobody told us:
+    metrics only. ``set_size`` rebuilds the module for square inputs of another side (timm's
+    ``set_input_size``, for models built for one size); None: the module takes any size or none. ``preprocess_guessed`` marks a user model whose preprocessing nobody told us:
     ``with_preprocess`` then adds a note saying so.
     """
 
@@ -82,6 +83,7 @@ class LoadedModel:
     output: str = CLASSIFICATION.name  # the output kind (``transinv.models.outputs``)
     notes: list[str] = field(default_factory=list)
     preprocess_guessed: bool = False
+    set_size: Callable[[int], None] | None = None
 
     def __post_init__(self) -> None:
         self.label = self.label or self.name

@@ -129,5 +129,7 @@ class TimmSource:
         preprocess, notes = _preprocess(timm, label, module)
         resolved = weights if not pretrained else module.pretrained_cfg.get("tag") or "hub"
         output = "embedding" if getattr(module, "num_classes", None) == 0 else "classification"  # an encoder
+        resize = getattr(module, "set_input_size", None)  # models built for one input size (ViT, Swin, MaxViT)
         return LoadedModel(spec, resolved, module, preprocess, label=label, notes=notes,
-                           preprocess_guessed=checkpoint is not None, output=output)
+                           preprocess_guessed=checkpoint is not None, output=output,
+                           set_size=None if resize is None else lambda side: resize(img_size=(side, side)))
