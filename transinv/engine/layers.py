@@ -9,6 +9,7 @@ main path (as opposed to parallel branches such as a residual shortcut) from its
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import fnmatch
 import math
@@ -23,6 +24,7 @@ from torch.overrides import TorchFunctionMode
 from ..errors import UserError
 
 FeatureCallback = Callable[[str, torch.Tensor], None]
+Resize = Callable[[nn.Module, int], None]  # rebuilds a module built for one input size for another
 
 
 @dataclass(frozen=True)
@@ -82,7 +84,7 @@ def _geometry(shape: torch.Size, larger: torch.Size | None, size: int) -> tuple[
     The spatial axes are those that grow when the input grows (``larger``: the same layer's
     shape at ``size + PROBE_STEP``). Without a second probe (fixed-size models), a square input
     is assumed to give a square map that fits the input at a whole stride (``fits``): NCHW when
-    dims 2 and 3 are equal, else NHWC.
+    dims 2 and 3 are equal, else NHWC, and neither when all three are.
     """
     _, a, b, c = shape
     if larger is not None:
@@ -99,6 +101,8 @@ def _geometry(shape: torch.Size, larger: torch.Size | None, size: int) -> tuple[
             return None
         # square, and it does not grow with the input: a fixed-size map (adaptive pooling)
         return (a, b, c, False, True) if b == c else (c, a, b, True, True) if a == b else None
+    if a == b == c and b > 1:
+        return None  # (C, h, w) or (h, w, C) alike: no way to tell from one size (Swin's 16 channels at 16x16)
     if b == c and fits(size, b):
         return a, b, c, False, b == 1
     if a == b and fits(size, a):
@@ -271,14 +275,15 @@ MAX_EXTRA_TOKENS = 16  # class, distillation and register tokens a sequence may 
 def token_grid(tokens: int, size: int, larger: int | None) -> tuple[int, int, int] | None:
     """(leading extra tokens, grid side, patch size) of a sequence of ``tokens`` tokens from a
     ``size`` px input: ``tokens = extra + (size / p)²``, the fewest extra tokens that fit; with
-    ``larger`` (its length at ``size + PROBE_STEP``), the grid must grow to match. None: no grid."""
+    ``larger`` (its length at ``size + PROBE_STEP``), the grid must grow to match (its side the
+    floor or ceil of the new size / p). None: no grid."""
     for extra in range(min(tokens, MAX_EXTRA_TOKENS + 1)):
         side = math.isqrt(tokens - extra)
         if side < 2 or side * side != tokens - extra or size % side:
             continue
         patch = size // side
-        grown = (size + PROBE_STEP) / patch
-        if larger is None or (grown.is_integer() and larger == extra + int(grown) ** 2):
+        grown = {(size + PROBE_STEP) // patch, -(-(size + PROBE_STEP) // patch)}  # 14 px patches do not divide it
+        if larger is None or larger - extra in {g * g for g in grown}:
             return extra, side, patch
     return None
 
@@ -333,10 +338,23 @@ def _holds_stages(kids: list[tuple[str, nn.Module]], stride: int, strides: dict[
     return raising >= 2
 
 
-def _has_attention(module: nn.Module) -> bool:
-    """A module holding an attention module (timm's ``Attention``, ``WindowAttention``,
+def _is_attention(module: nn.Module) -> bool:
+    """An attention module by its class (timm's ``Attention``, ``WindowAttention``,
     ``PartitionAttentionCl``; torch's ``MultiheadAttention``)."""
-    return any("Attention" in type(m).__name__ for m in module.modules())
+    return "Attention" in type(module).__name__
+
+
+def _has_attention(module: nn.Module) -> bool:
+    """A module holding an attention module."""
+    return any(_is_attention(m) for m in module.modules())
+
+
+def _inside_attention(model: nn.Module) -> Callable[[str], bool]:
+    """Whether a layer key names a module inside an attention module: its projections, scores,
+    softmax and dropout are per window or per head (Swin's 4x4 window scores at 64 px have a
+    map's shape), so only the attention module's own output is a layer."""
+    outer = [f"{name}." for name, m in model.named_modules() if name and _is_attention(m)]
+    return lambda key: key.split("#")[0].startswith(tuple(outer))
 
 
 def _transformer_blocks(model: nn.Module, token_layers: set[str], maps: set[str]) -> set[str]:
@@ -383,15 +401,46 @@ def _default_layers(model: nn.Module, layers: list[LayerInfo], tensor_of: dict[s
     return {name for _, name in chosen.values()}
 
 
-def probe_layers(model: nn.Module, size: int, device: torch.device | str = "cpu") -> Probe:
+def _larger_shapes(model: nn.Module, size: int, device: torch.device | str, resize: Resize | None
+                   ) -> dict[str, torch.Size]:
+    """Each layer's output shape at ``size + PROBE_STEP``: from the model itself, else from a copy
+    rebuilt for that size (``resize``, for models built for one size); empty when neither runs."""
+    try:
+        return {key: out.shape for key, out, _ in _record(model, size + PROBE_STEP, device)[0]}
+    except UserError:
+        if resize is None:
+            return {}
+    twin = copy.deepcopy(model)
+    resize(twin, size + PROBE_STEP)
+    try:
+        return {key: out.shape for key, out, _ in _record(twin, size + PROBE_STEP, device)[0]}
+    except UserError:
+        return {}
+    finally:
+        del twin
+
+
+def _stride(size: int, side: int, grown: int) -> int:
+    """The stride of a map ``side`` px wide at ``size`` px and ``grown`` px wide ``PROBE_STEP`` px
+    later: ``size / side`` when whole and the grown side agrees (floor or ceil; EVA's 14 px
+    patches), else the growth ratio snapped (``_snap``)."""
+    exact = size // side
+    if size % side == 0 and grown in ((size + PROBE_STEP) // exact, -(-(size + PROBE_STEP) // exact)):
+        return exact
+    return _snap(PROBE_STEP / (grown - side))
+
+
+def probe_layers(model: nn.Module, size: int, device: torch.device | str = "cpu", resize: Resize | None = None) -> Probe:
     """Describe every 4-D output from blank forward passes at ``size`` and ``size + PROBE_STEP``.
 
     Stride = input growth / map growth between the two passes (one pass and size / map size for
-    models that take only one size). Token sequences (N, T, C) whose length fits a square patch
+    models that take only one size and give no ``resize``). Token sequences (N, T, C) whose length fits a square patch
     grid (see ``token_grid``) are layers too: their leading extra tokens dropped, the rest laid out
     (N, C, side, side), stride = the patch size. The first pass also records the dataflow, from
     which each layer is placed on the main path or on a parallel branch (a shortcut's
     ``downsample``). Default selection: see ``_default_layers``; fixed-size maps are left out.
+    A layer's batch axis is the input's at both sizes (a window attention's partitions hold images
+    x windows), and nothing inside an attention module is a layer (``_inside_attention``).
     """
     if isinstance(model, torch.jit.ScriptModule):
         return Probe(layers=[], token_layers=[])
@@ -400,15 +449,13 @@ def probe_layers(model: nn.Module, size: int, device: torch.device | str = "cpu"
         captured, ends, output = _record(model, size, device, flow)
     finally:
         flow.alive.clear()
-    try:
-        larger = {key: out.shape for key, out, _ in _record(model, size + PROBE_STEP, device)[0]}
-    except UserError:
-        larger = {}
+    larger = _larger_shapes(model, size, device, resize)
     found: list[tuple[str, tuple[int, int, int, bool, bool], tuple[int, int], State, int | None]] = []
     unmapped: list[str] = []
     extras: set[int] = set()  # the counts of leading extra tokens dropped from the token layers
+    inside_attention = _inside_attention(model)
     for key, out, state in captured:
-        if larger and key not in larger:  # a map at one size only (at the other its batch axis holds windows)
+        if larger and key not in larger or inside_attention(key):  # a map at one size only: its batch holds windows
             continue
         if out.dim() == 3:
             grid = token_grid(out.shape[1], size, larger[key][1] if key in larger else None)
@@ -426,7 +473,7 @@ def probe_layers(model: nn.Module, size: int, device: torch.device | str = "cpu"
         if larger and not fixed:
             grown = larger[key]
             gh, gw = (grown[1], grown[2]) if channels_last else (grown[2], grown[3])
-            stride = (_snap(PROBE_STEP / (gh - h)), _snap(PROBE_STEP / (gw - w)))
+            stride = (_stride(size, h, gh), _stride(size, w, gw))
         else:
             stride = (_snap(size / h), _snap(size / w))
         found.append((key, geometry, stride, state, None))
