@@ -416,8 +416,6 @@ def _larger_shapes(model: nn.Module, size: int, device: torch.device | str, resi
         return {key: out.shape for key, out, _ in _record(twin, size + PROBE_STEP, device)[0]}
     except UserError:
         return {}
-    finally:
-        del twin
 
 
 def _stride(size: int, side: int, grown: int) -> int:
@@ -433,9 +431,10 @@ def _stride(size: int, side: int, grown: int) -> int:
 def probe_layers(model: nn.Module, size: int, device: torch.device | str = "cpu", resize: Resize | None = None) -> Probe:
     """Describe every 4-D output from blank forward passes at ``size`` and ``size + PROBE_STEP``.
 
-    Stride = input growth / map growth between the two passes (one pass and size / map size for
-    models that take only one size and give no ``resize``). Token sequences (N, T, C) whose length fits a square patch
-    grid (see ``token_grid``) are layers too: their leading extra tokens dropped, the rest laid out
+    Stride = input growth / map growth between the two passes (``_stride``); a model that takes
+    only one size is probed at the second on a copy rebuilt by ``resize``, and without one gets one
+    pass and size / map size. Token sequences (N, T, C) whose length fits a square patch grid (see
+    ``token_grid``) are layers too: their leading extra tokens dropped, the rest laid out
     (N, C, side, side), stride = the patch size. The first pass also records the dataflow, from
     which each layer is placed on the main path or on a parallel branch (a shortcut's
     ``downsample``). Default selection: see ``_default_layers``; fixed-size maps are left out.
@@ -455,7 +454,9 @@ def probe_layers(model: nn.Module, size: int, device: torch.device | str = "cpu"
     extras: set[int] = set()  # the counts of leading extra tokens dropped from the token layers
     inside_attention = _inside_attention(model)
     for key, out, state in captured:
-        if larger and key not in larger or inside_attention(key):  # a map at one size only: its batch holds windows
+        if larger and key not in larger:  # not one at the other size (there its batch axis holds windows)
+            continue
+        if inside_attention(key):
             continue
         if out.dim() == 3:
             grid = token_grid(out.shape[1], size, larger[key][1] if key in larger else None)
