@@ -12,8 +12,8 @@ import torch
 
 import transinv
 from transinv.engine import metrics as M
-from transinv.examples import FixedMap, token_mixer
-from transinv.engine.layers import probe_layers, token_grid, to_nchw
+from transinv.examples import FixedMap, WindowMixer, token_mixer, window_mixer
+from transinv.engine.layers import fits, probe_layers, token_grid, to_nchw
 
 SMALL = dict(size=32, resize=48, weights="none", seed=0, mode="circular")
 
@@ -58,6 +58,39 @@ def test_token_model_is_exactly_equivariant_at_multiples_of_the_patch_size(few_i
     assert (pooled[pooled["shift_x"] % 4 != 0]["value"] > 1e-3).all()  # unaligned shifts change the patches
     top1 = _rows(rows, M.TOP1_AGREEMENT)
     assert (top1[top1["shift_x"] % 4 == 0]["value"] == 1.0).all()
+
+
+def test_a_map_fits_the_input_at_a_whole_stride() -> None:
+    assert fits(224, 56) and fits(224, 7) and fits(225, 113) and fits(299, 150) and fits(64, 1)
+    assert not fits(224, 49)  # Swin's 7x7 window attention scores at 224 px
+    assert not fits(224, 197)  # a ViT's token-by-token attention
+
+
+@pytest.mark.parametrize("window, size, probes", [(4, 32, "two sizes"), (7, 56, "one size: 88 px fits no window")])
+def test_window_attention_scores_are_no_layers_and_window_blocks_are(window: int, size: int, probes: str) -> None:
+    # the scores are (images x windows, heads, w², w²): the batch axis holds windows, except where one
+    # window covers the map (the second stage here), and then a w² side fits no whole stride (56 px)
+    # or the batch axis differs at the second probe size (32 px)
+    probe = probe_layers(WindowMixer(window=window).eval(), size)
+    names = {layer.name for layer in probe.layers}
+    assert not any("softmax" in name for name in names)
+    blocks = {layer.name: layer for layer in probe.layers if layer.default and ".attn" not in layer.name
+              and layer.name.startswith("stage")}
+    assert sorted(blocks) == ["stage1.0", "stage1.1", "stage2.0", "stage2.1"]
+    assert [(b.stride, b.height, b.channels_last) for b in blocks.values()] == (
+        [((4, 4), size // 4, True)] * 2 + [((8, 8), size // 8, True)] * 2)
+
+
+def test_window_blocks_are_exactly_equivariant_at_whole_windows(few_images: Path) -> None:
+    result = transinv.measure("example:window_mixer", data=str(few_images), shift="0,8,16,32", layers="default",
+                              **{**SMALL, "size": 64, "resize": 72})
+    error = _rows(result.rows, M.EQUIVARIANCE_ERROR).set_index(["layer", "shift_x"])["value"]
+    for block in ("stage1.0", "stage1.1"):  # windows of 16 px
+        assert error[block, 16] <= 1e-5 and error[block, 32] <= 1e-5 and error[block, 8] > 1e-3
+    for block in ("stage2.0", "stage2.1"):  # windows of 32 px
+        assert error[block, 32] <= 1e-5 and error[block, 16] > 1e-3 and error[block, 8] > 1e-3
+    top1 = _rows(result.rows, M.TOP1_AGREEMENT).set_index("shift_x")["value"]
+    assert top1[32] == 1.0
 
 
 def test_circular_encoder_embedding_is_exactly_invariant(few_images: Path) -> None:

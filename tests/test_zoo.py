@@ -21,8 +21,10 @@ from torch import nn
 import transinv
 from transinv.engine import metrics as M
 from transinv.engine.data import builtin_images_dir, load_canvas
+from transinv.engine.layers import probe_layers
 from transinv.errors import UserError
 from transinv.models import list_models, load_model
+from transinv.models.loaded import resizer
 
 TINY = dict(size=32, resize=36, shift="0..2", num_images=3, batch_size=4)  # on 3 of the built-in photos
 ROOT = Path(__file__).resolve().parent.parent
@@ -242,6 +244,69 @@ def test_timm_models_listing(timm) -> None:
     assert "timm:test_vit4" not in {name for _, name, _ in list_models("test_vit*", "timm", pretrained=True)}
     assert load_model("timm:convnext_tiny.dinov3_lvd1689m", "none").output == "embedding"  # num_classes=0
     assert load_model("timm:test_convnext", "none").output == "classification"
+
+
+def _blocks(pattern: str, strides: list[int], depth: int = 2) -> dict[str, int]:
+    """Block name -> stride, for ``depth`` blocks in each stage (``pattern`` takes the stage and the block)."""
+    return {pattern.format(i, j): stride for i, stride in enumerate(strides) for j in range(depth)}
+
+
+# tiny configs of each family (two blocks a stage), built for the size measured
+TRANSFORMERS = [
+    pytest.param("swin_tiny_patch4_window7_224", dict(embed_dim=16, num_heads=(1, 1, 1, 1)), 64,
+                 _blocks("layers.{}.blocks.{}", [4, 8, 16, 32]), "NHWC", id="swin"),
+    pytest.param("maxvit_pico_rw_256", dict(depths=(2, 2, 2, 2), embed_dim=(32, 32, 32, 32)), 64,
+                 _blocks("stages.{}.blocks.{}", [4, 8, 16, 32]), "NCHW", id="maxvit"),
+    pytest.param("beit_base_patch16_224", dict(depth=2, embed_dim=32, num_heads=2), 64,
+                 _blocks("blocks.{1}", [16]), "1 token (class)", id="beit"),
+    pytest.param("eva02_tiny_patch14_224", dict(depth=2), 56, _blocks("blocks.{1}", [14]), "1 token (class)", id="eva02"),
+    pytest.param("deit_tiny_distilled_patch16_224", dict(depth=2), 64, _blocks("blocks.{1}", [16]),
+                 "2 tokens (class, distillation)", id="deit"),
+    pytest.param("vit_small_patch14_reg4_dinov2", dict(depth=2, embed_dim=32, num_heads=2), 56,
+                 _blocks("blocks.{1}", [14]), "5 tokens (class, 4 register)", id="dinov2-registers"),
+    pytest.param("vit_base_patch16_clip_224", dict(depth=2, embed_dim=32, num_heads=2), 64,
+                 _blocks("blocks.{1}", [16]), "1 token (class)", id="clip"),
+]
+
+
+@pytest.mark.parametrize("arch, config, size, blocks, dropped", TRANSFORMERS)
+def test_timm_transformer_blocks_are_measured_on_their_grid_at_their_stride(
+        timm, arch: str, config: dict, size: int, blocks: dict[str, int], dropped: str) -> None:
+    """``dropped``: the leading tokens dropped, or the layout of a hierarchical model's blocks."""
+    torch.manual_seed(0)
+    module = timm.create_model(arch, img_size=size, **config).eval()
+    probe = probe_layers(module, size, resize=resizer(module))  # as measure does: probed at a second size too
+    assert not [layer.name for layer in probe.layers if "softmax" in layer.name or "attn_drop" in layer.name]
+    found = {layer.name: layer.stride for layer in probe.layers if layer.default and layer.name in blocks}
+    assert found == {name: (stride, stride) for name, stride in blocks.items()}  # every block, by default
+    if dropped in ("NHWC", "NCHW"):  # hierarchical: maps, no tokens (Swin's blocks are channels-last, MaxViT's not)
+        assert {(layer.channels_last, layer.tokens) for layer in probe.layers if layer.name in blocks} == {
+            (dropped == "NHWC", None)}
+    else:
+        assert f"the leading {dropped} dropped" in probe.token_note
+    shift = max(blocks.values())
+    result = transinv.measure(module, shift=f"0,{shift}", layers=",".join(blocks), mode="circular", size=size,
+                              resize=size + 8, num_images=2, batch_size=2)
+    rows = result.rows[(result.rows["shift_x"] == shift) & result.rows["layer"].isin(blocks)]
+    for metric in (M.EQUIVARIANCE_ERROR, M.POOLED_INVARIANCE_ERROR):
+        measured = rows[rows["metric"] == metric].set_index("layer")
+        assert dict(measured["stride"]) == blocks and (measured["n"] == 2).all()
+        assert measured["value"].notna().all()
+
+
+def test_timm_models_built_for_one_size_are_rebuilt_for_the_size_asked(timm) -> None:
+    from transinv.options import MeasureOptions
+    from transinv.plan import prepare_model
+
+    loaded = prepare_model("timm:vit_tiny_patch16_224", MeasureOptions(weights="none", size=64).validate())
+    assert loaded.preprocess.size == 64 and loaded.module.patch_embed.img_size == (64, 64)
+    assert any("built for 224 px inputs, rebuilt for 64 px" in note for note in loaded.notes)
+    layers = transinv.list_layers("timm:vit_tiny_patch16_224", size=64).set_index("layer")
+    assert layers.loc["blocks.11", "shape"] == "192x4x4" and layers.loc["blocks.11", "stride"] == 16
+    native = prepare_model("timm:vit_tiny_patch16_224", MeasureOptions(weights="none").validate())
+    assert native.module.patch_embed.img_size == (224, 224) and not any("rebuilt" in note for note in native.notes)
+    cnn = prepare_model("timm:test_convnext", MeasureOptions(weights="none", size=64).validate())
+    assert cnn.set_size is None and not any("rebuilt" in note for note in cnn.notes)  # takes any size as it is
 
 
 # --- Hugging Face transformers --------------------------------------------------------------

@@ -50,7 +50,7 @@ def list_layers(
     options = MeasureOptions(weights=weights, size=size, seed=seed, device=device).validate()
     loaded = prepare_model(model, options)
     dev = resolve_device(device)
-    probe = probe_layers(loaded.module.to(dev), loaded.preprocess.size, dev)
+    probe = probe_layers(loaded.module.to(dev), loaded.preprocess.size, dev, loaded.set_size)
     return pd.DataFrame(
         [
             {
@@ -138,7 +138,7 @@ def prepare_jobs(plan: Plan, options: MeasureOptions, device: torch.device, warn
             if options.recalibrate_bn and job.variant != "base":
                 count = recalibrate_batchnorm(module, _unshifted_views(plan, group, options, device))
                 warn(f"re-estimated {count} batch norms of {job.label} [{job.variant}] on {len(plan.images)} images")
-            probe = probe_layers(module, group.preprocess.size, device)
+            probe = probe_layers(module, group.preprocess.size, device, job.model.set_size)
             if job.label not in explained:
                 explained.add(job.label)
                 _explain_probe(job, probe, options.layers, warn)

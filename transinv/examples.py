@@ -112,6 +112,67 @@ def token_mixer(classes: int = 10) -> nn.Module:
     return TokenMixer(classes)
 
 
+class WindowMixer(nn.Module):
+    """A small Swin without positions or shifted windows: a stride-4 patch embedding, two stages of
+    window-attention blocks on channels-last ``(N, H, W, C)`` maps (windows of ``window`` x ``window``
+    feature pixels; the second stage after a 2x2 patch merge, at stride 8), a head on the mean.
+    Attention inside a window is permutation-equivariant, so a circular shift by a multiple of
+    ``4 * window`` px moves every first-stage window whole and those blocks' maps roll exactly; the
+    second stage's need multiples of ``8 * window``. Its attention scores ``(N * windows, heads,
+    window², window²)`` are no feature maps."""
+
+    def __init__(self, classes: int = 10, window: int = 4, width: int = 16) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2d(3, width, 4, stride=4)
+        self.stage1 = nn.Sequential(_WindowBlock(width, window), _WindowBlock(width, window))
+        self.merge = nn.Linear(4 * width, 2 * width)
+        self.stage2 = nn.Sequential(_WindowBlock(2 * width, window), _WindowBlock(2 * width, window))
+        self.head = nn.Linear(2 * width, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.stage1(self.patch_embed(x).permute(0, 2, 3, 1))
+        x = torch.cat([x[:, i::2, j::2] for i in (0, 1) for j in (0, 1)], dim=-1)  # 2x2 patches side by side
+        return self.head(self.stage2(self.merge(x)).mean(dim=(1, 2)))
+
+
+class _WindowBlock(nn.Module):
+    """Window attention, then a per-token MLP, with residuals; (N, H, W, C) in and out."""
+
+    def __init__(self, width: int, window: int) -> None:
+        super().__init__()
+        self.attn = _WindowAttention(width, window)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(x)
+        return x + self.mlp(x)
+
+
+class _WindowAttention(nn.Module):
+    """Multi-head attention within non-overlapping ``window`` x ``window`` windows of an (N, H, W, C) map."""
+
+    def __init__(self, width: int, window: int, heads: int = 2) -> None:
+        super().__init__()
+        self.window, self.heads = window, heads
+        self.qkv, self.proj = nn.Linear(width, 3 * width), nn.Linear(width, width)
+        self.softmax = nn.Softmax(dim=-1)  # a module, so its scores are captured like Swin's ``attn.softmax``
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, h, w, c = x.shape
+        k = self.window
+        windows = x.reshape(n, h // k, k, w // k, k, c).permute(0, 1, 3, 2, 4, 5).reshape(-1, k * k, c)
+        q, key, v = self.qkv(windows).reshape(len(windows), k * k, 3, self.heads, c // self.heads).permute(2, 0, 3, 1, 4)
+        scores = self.softmax(q @ key.transpose(-2, -1) / (c // self.heads) ** 0.5)
+        mixed = self.proj((scores @ v).transpose(1, 2).reshape(len(windows), k * k, c))
+        return mixed.reshape(n, h // k, w // k, k, k, c).permute(0, 1, 3, 2, 4, 5).reshape(n, h, w, c)
+
+
+def window_mixer(classes: int = 10) -> nn.Module:
+    """See ``WindowMixer``: under circular shifts, its first stage's blocks are exactly equivariant at
+    multiples of 16 px, its second stage's at multiples of 32 px."""
+    return WindowMixer(classes)
+
+
 def circular_encoder(dims: int = 16) -> nn.Module:
     """Stride-1 circular convolutions and global average pooling, returning the pooled vector:
     an embedding exactly invariant under circular shifts (cosine distance 0, nn_agreement 1)."""
@@ -140,6 +201,7 @@ class FixedMap(nn.Module):
 
 EXAMPLES: dict[str, Callable[[], nn.Module]] = {
     "token_mixer": token_mixer,
+    "window_mixer": window_mixer,
     "circular_encoder": circular_encoder,
     "circular_segmenter": circular_segmenter,
     "circular_gap": circular_gap,

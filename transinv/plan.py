@@ -74,6 +74,10 @@ def prepare_model(model: ModelSpec, options: MeasureOptions) -> LoadedModel:
         loaded = load_model(model, options.weights_for(model), options.seed)
     pre = loaded.preprocess
     size = options.size or pre.size
+    if size != pre.size and loaded.set_size is not None and loaded.source != "module":  # a notebook's: as built
+        loaded.set_size(loaded.module, size)
+        loaded.notes.append(f"{loaded.label}: built for {pre.size} px inputs, rebuilt for {size} px (timm's set_input_size: "
+                            "position embeddings resampled; a windowed model's windows follow the patch grid)")
     resize = options.resize or (max(pre.resize, size) if options.size else pre.resize)
     given = {name for name in ("size", "resize", "mean", "std") if getattr(options, name) is not None}
     settled = replace(pre, size=size, resize=resize, mean=options.mean or pre.mean, std=options.std or pre.std)

@@ -9,6 +9,7 @@ main path (as opposed to parallel branches such as a residual shortcut) from its
 from __future__ import annotations
 
 import contextlib
+import copy
 import difflib
 import fnmatch
 import math
@@ -23,6 +24,7 @@ from torch.overrides import TorchFunctionMode
 from ..errors import UserError
 
 FeatureCallback = Callable[[str, torch.Tensor], None]
+Resize = Callable[[nn.Module, int], None]  # rebuilds a module built for one input size for another
 
 
 @dataclass(frozen=True)
@@ -65,10 +67,13 @@ PROBE_STEP = 32  # the second probe is this many pixels larger: every common str
 def _snap(ratio: float) -> int:
     """A measured stride, snapped to the nearest power of two when within 15% of it.
 
-    Unpadded layers and odd sizes make size ratios inexact (299 px -> 35 px at stride 8).
+    Unpadded layers and odd sizes make size ratios inexact (299 px -> 35 px at stride 8); a whole
+    ratio is the stride (EVA's 14 px patches at 56 px: 4x4).
     """
     if ratio <= 1.15:
         return 1
+    if ratio.is_integer():
+        return int(ratio)
     power = 2 ** round(math.log2(ratio))
     return power if abs(ratio - power) <= 0.15 * power else max(1, round(ratio))
 
@@ -78,22 +83,38 @@ def _geometry(shape: torch.Size, larger: torch.Size | None, size: int) -> tuple[
 
     The spatial axes are those that grow when the input grows (``larger``: the same layer's
     shape at ``size + PROBE_STEP``). Without a second probe (fixed-size models), a square input
-    is assumed to give a square map: NCHW when dims 2 and 3 are equal, else NHWC.
+    is assumed to give a square map that fits the input at a whole stride (``fits``): NCHW when
+    dims 2 and 3 are equal, else NHWC, and neither when all three are.
     """
     _, a, b, c = shape
-    if larger is not None and len(larger) == 4:
+    if larger is not None:
+        if len(larger) != 4:
+            return None
         changed = [d for d in (1, 2, 3) if larger[d] != shape[d]]
+        if changed and not all(0 < larger[d] - shape[d] <= PROBE_STEP for d in changed):
+            return None  # not a stride of at least 1 (a token-by-token attention map grows faster)
         if changed == [2, 3]:
             return a, b, c, False, False
         if changed == [1, 2]:
             return c, a, b, True, False
         if changed:
             return None
-    if b == c and b <= size:
-        return a, b, c, False, larger is not None or b == 1
-    if a == b and a <= size:
-        return c, a, b, True, larger is not None or a == 1
+        # square, and it does not grow with the input: a fixed-size map (adaptive pooling)
+        return (a, b, c, False, True) if b == c else (c, a, b, True, True) if a == b else None
+    if a == b == c and b > 1:
+        return None  # (C, h, w) or (h, w, C) alike: no way to tell from one size (Swin's 16 channels at 16x16)
+    if b == c and fits(size, b):
+        return a, b, c, False, b == 1
+    if a == b and fits(size, a):
+        return c, a, b, True, a == 1
     return None
+
+
+def fits(size: int, side: int) -> bool:
+    """True when a ``side`` px map can come from a ``size`` px input at a whole stride ``s``
+    (``side`` is ``size // s`` or ``ceil(size / s)``): a window attention's 49x49 scores at 224 px do not."""
+    first = size // side
+    return any(side in (size // s, -(-size // s)) for s in (first, first + 1) if s)
 
 
 class FeatureTap:
@@ -228,8 +249,9 @@ def _record(model: nn.Module, size: int, device: torch.device | str, flow: _Data
     captured: list[Capture] = []
 
     def record(key: str, output: torch.Tensor) -> None:
-        # a 3-D output whose first axis is not the batch (heads x N inside attention) is not a layer
-        if output.dim() == 4 or output.dim() == 3 and output.shape[0] == 1:
+        # an output whose first axis is not the batch of 1 (heads x N inside attention, images x
+        # windows in a window attention's partitions) is not a layer
+        if output.dim() in (3, 4) and output.shape[0] == 1:
             captured.append((key, output, _state(output)))
 
     x = torch.zeros(1, 3, size, size, device=device)
@@ -253,14 +275,15 @@ MAX_EXTRA_TOKENS = 16  # class, distillation and register tokens a sequence may 
 def token_grid(tokens: int, size: int, larger: int | None) -> tuple[int, int, int] | None:
     """(leading extra tokens, grid side, patch size) of a sequence of ``tokens`` tokens from a
     ``size`` px input: ``tokens = extra + (size / p)²``, the fewest extra tokens that fit; with
-    ``larger`` (its length at ``size + PROBE_STEP``), the grid must grow to match. None: no grid."""
+    ``larger`` (its length at ``size + PROBE_STEP``), the grid must grow to match (its side the
+    floor or ceil of the new size / p). None: no grid."""
     for extra in range(min(tokens, MAX_EXTRA_TOKENS + 1)):
         side = math.isqrt(tokens - extra)
         if side < 2 or side * side != tokens - extra or size % side:
             continue
         patch = size // side
-        grown = (size + PROBE_STEP) / patch
-        if larger is None or (grown.is_integer() and larger == extra + int(grown) ** 2):
+        grown = {(size + PROBE_STEP) // patch, -(-(size + PROBE_STEP) // patch)}  # 14 px patches do not divide it
+        if larger is None or larger - extra in {g * g for g in grown}:
             return extra, side, patch
     return None
 
@@ -315,15 +338,41 @@ def _holds_stages(kids: list[tuple[str, nn.Module]], stride: int, strides: dict[
     return raising >= 2
 
 
-def _transformer_blocks(model: nn.Module, token_layers: set[str]) -> set[str]:
-    """The blocks of transformers: token layers that are containers, two or more of one class
-    side by side in one parent (timm's ``blocks.0``, torchvision's ``encoder_layer_0``)."""
+def _is_attention(module: nn.Module) -> bool:
+    """An attention module by its class (timm's ``Attention``, ``WindowAttention``,
+    ``PartitionAttentionCl``; torch's ``MultiheadAttention``)."""
+    return "Attention" in type(module).__name__
+
+
+def _has_attention(module: nn.Module) -> bool:
+    """A module holding an attention module."""
+    return any(_is_attention(m) for m in module.modules())
+
+
+def _inside_attention(model: nn.Module) -> Callable[[str], bool]:
+    """Whether a layer key names a module inside an attention module: its projections, scores,
+    softmax and dropout are per window or per head (Swin's 4x4 window scores at 64 px have a
+    map's shape), so only the attention module's own output is a layer."""
+    outer = [f"{name}." for name, m in model.named_modules() if name and _is_attention(m)]
+    return lambda key: key.split("#")[0].startswith(tuple(outer))
+
+
+def _transformer_blocks(model: nn.Module, token_layers: set[str], maps: set[str]) -> set[str]:
+    """The blocks of transformers: containers of one class, two or more side by side in a
+    ``Sequential`` or ``ModuleList``, whose outputs are token layers (timm's ``blocks.0``,
+    torchvision's ``encoder_layer_0``) or maps of blocks holding attention (Swin's
+    ``layers.0.blocks.0``, MaxViT's ``stages.0.blocks.0``); the innermost such level (blocks, not
+    the stages holding them)."""
     blocks: set[str] = set()
     for parent, module in model.named_modules():
+        if not isinstance(module, (nn.Sequential, nn.ModuleList)):
+            continue
         kids = [(f"{parent}.{k}" if parent else k, m) for k, m in module.named_children()]
-        kinds = Counter(type(m) for name, m in kids if name in token_layers and any(True for _ in m.children()))
-        blocks.update(name for name, m in kids if kinds[type(m)] >= 2 and name in token_layers)
-    return blocks
+        found = [(name, m) for name, m in kids if any(True for _ in m.children())
+                 and (name in token_layers or name in maps and _has_attention(m))]
+        kinds = Counter(type(m) for _, m in found)
+        blocks.update(name for name, m in found if kinds[type(m)] >= 2)
+    return {name for name in blocks if not any(inner.startswith(f"{name}.") for inner in blocks)}
 
 
 def _default_layers(model: nn.Module, layers: list[LayerInfo], tensor_of: dict[str, int]) -> set[str]:
@@ -337,7 +386,8 @@ def _default_layers(model: nn.Module, layers: list[LayerInfo], tensor_of: dict[s
     usable = [layer for layer in layers if layer.main and not layer.fixed
               and not _is_padding(modules[layer.name.split("#")[0]])]
     strides = {layer.name: max(layer.stride) for layer in usable if "#" not in layer.name}
-    blocks = _transformer_blocks(model, {layer.name for layer in usable if layer.tokens is not None})
+    blocks = _transformer_blocks(model, {layer.name for layer in usable if layer.tokens is not None},
+                                 {layer.name for layer in usable})
     stages = _stage_names(model, strides) | blocks
     last = {tensor_of[layer.name]: layer.name for layer in usable}  # the outermost name of each tensor
     chosen: dict[int, tuple[bool, str]] = {}  # output tensor -> (is a stage, name)
@@ -351,15 +401,45 @@ def _default_layers(model: nn.Module, layers: list[LayerInfo], tensor_of: dict[s
     return {name for _, name in chosen.values()}
 
 
-def probe_layers(model: nn.Module, size: int, device: torch.device | str = "cpu") -> Probe:
+def _larger_shapes(model: nn.Module, size: int, device: torch.device | str, resize: Resize | None
+                   ) -> dict[str, torch.Size]:
+    """Each layer's output shape at ``size + PROBE_STEP``: from the model itself, else from a copy
+    rebuilt for that size (``resize``, for models built for one size); empty when neither runs."""
+    try:
+        return {key: out.shape for key, out, _ in _record(model, size + PROBE_STEP, device)[0]}
+    except UserError:
+        if resize is None:
+            return {}
+    twin = copy.deepcopy(model)
+    resize(twin, size + PROBE_STEP)
+    try:
+        return {key: out.shape for key, out, _ in _record(twin, size + PROBE_STEP, device)[0]}
+    except UserError:
+        return {}
+
+
+def _stride(size: int, side: int, grown: int) -> int:
+    """The stride of a map ``side`` px wide at ``size`` px and ``grown`` px wide ``PROBE_STEP`` px
+    later: ``size / side`` when whole and the grown side agrees (floor or ceil; EVA's 14 px
+    patches), else the growth ratio snapped (``_snap``)."""
+    exact = size // side
+    if size % side == 0 and grown in ((size + PROBE_STEP) // exact, -(-(size + PROBE_STEP) // exact)):
+        return exact
+    return _snap(PROBE_STEP / (grown - side))
+
+
+def probe_layers(model: nn.Module, size: int, device: torch.device | str = "cpu", resize: Resize | None = None) -> Probe:
     """Describe every 4-D output from blank forward passes at ``size`` and ``size + PROBE_STEP``.
 
-    Stride = input growth / map growth between the two passes (one pass and size / map size for
-    models that take only one size). Token sequences (N, T, C) whose length fits a square patch
-    grid (see ``token_grid``) are layers too: their leading extra tokens dropped, the rest laid out
+    Stride = input growth / map growth between the two passes (``_stride``); a model that takes
+    only one size is probed at the second on a copy rebuilt by ``resize``, and without one gets one
+    pass and size / map size. Token sequences (N, T, C) whose length fits a square patch grid (see
+    ``token_grid``) are layers too: their leading extra tokens dropped, the rest laid out
     (N, C, side, side), stride = the patch size. The first pass also records the dataflow, from
     which each layer is placed on the main path or on a parallel branch (a shortcut's
     ``downsample``). Default selection: see ``_default_layers``; fixed-size maps are left out.
+    A layer's batch axis is the input's at both sizes (a window attention's partitions hold images
+    x windows), and nothing inside an attention module is a layer (``_inside_attention``).
     """
     if isinstance(model, torch.jit.ScriptModule):
         return Probe(layers=[], token_layers=[])
@@ -368,14 +448,16 @@ def probe_layers(model: nn.Module, size: int, device: torch.device | str = "cpu"
         captured, ends, output = _record(model, size, device, flow)
     finally:
         flow.alive.clear()
-    try:
-        larger = {key: out.shape for key, out, _ in _record(model, size + PROBE_STEP, device)[0]}
-    except UserError:
-        larger = {}
+    larger = _larger_shapes(model, size, device, resize)
     found: list[tuple[str, tuple[int, int, int, bool, bool], tuple[int, int], State, int | None]] = []
     unmapped: list[str] = []
     extras: set[int] = set()  # the counts of leading extra tokens dropped from the token layers
+    inside_attention = _inside_attention(model)
     for key, out, state in captured:
+        if larger and key not in larger:  # not one at the other size (there its batch axis holds windows)
+            continue
+        if inside_attention(key):
+            continue
         if out.dim() == 3:
             grid = token_grid(out.shape[1], size, larger[key][1] if key in larger else None)
             if grid is None:
@@ -392,7 +474,7 @@ def probe_layers(model: nn.Module, size: int, device: torch.device | str = "cpu"
         if larger and not fixed:
             grown = larger[key]
             gh, gw = (grown[1], grown[2]) if channels_last else (grown[2], grown[3])
-            stride = (_snap(PROBE_STEP / (gh - h)), _snap(PROBE_STEP / (gw - w)))
+            stride = (_stride(size, h, gh), _stride(size, w, gw))
         else:
             stride = (_snap(size / h), _snap(size / w))
         found.append((key, geometry, stride, state, None))

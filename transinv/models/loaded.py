@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Collection, Sequence
+from typing import TYPE_CHECKING, Callable, Collection, Sequence
 
 from .outputs import CLASSIFICATION
 
@@ -68,7 +68,9 @@ class LoadedModel:
     ``name`` is the spec as given; ``label`` the short name for rows and tables (the torchvision or
     example name, the factory name, a TorchScript file's stem); ``source`` the registry entry that
     loaded it. ``hooks`` is False where forward hooks cannot capture layers (TorchScript): output
-    metrics only. ``preprocess_guessed`` marks a user model whose preprocessing nobody told us:
+    metrics only. ``set_size(module, side)`` rebuilds the module (or a copy) for square inputs of
+    another side (timm's ``set_input_size``, for models built for one size); None: the module takes
+    any size, or only its own. ``preprocess_guessed`` marks a user model whose preprocessing nobody told us:
     ``with_preprocess`` then adds a note saying so.
     """
 
@@ -82,6 +84,7 @@ class LoadedModel:
     output: str = CLASSIFICATION.name  # the output kind (``transinv.models.outputs``)
     notes: list[str] = field(default_factory=list)
     preprocess_guessed: bool = False
+    set_size: Callable[[nn.Module, int], None] | None = None
 
     def __post_init__(self) -> None:
         self.label = self.label or self.name
@@ -114,9 +117,19 @@ def guessed_preprocess_note(label: str, pre: Preprocess, given: Collection[str] 
 
 def wrap_module(module: nn.Module) -> LoadedModel:
     """A module handed over from a notebook: measured as given, with guessed preprocessing."""
-    return LoadedModel(
-        type(module).__name__, "given", module.eval(), default_preprocess(), source="module", preprocess_guessed=True
-    )
+    return LoadedModel(type(module).__name__, "given", module.eval(), default_preprocess(), source="module",
+                       preprocess_guessed=True, set_size=resizer(module))
+
+
+def resizer(module: nn.Module) -> Callable[[nn.Module, int], None] | None:
+    """How to rebuild ``module`` for another input side, for models built for one size that have
+    timm's ``set_input_size`` (ViT, Swin, MaxViT: position embeddings resampled, windows scaled
+    with the patch grid); None for the others."""
+    return _set_input_size if hasattr(module, "set_input_size") else None
+
+
+def _set_input_size(module: nn.Module, side: int) -> None:
+    module.set_input_size(img_size=(side, side))
 
 
 def unique_labels(models: Sequence[LoadedModel]) -> list[str]:

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ..errors import UserError, did_you_mean, WeightsUnavailable
 from .checkpoints import checkpoint_path, load_checkpoint
 from .extras import hf_cache_dir, hf_repo_dir, honour_offline, offline, require
-from .loaded import LoadedModel, interpolation, resize_for_crop
+from .loaded import LoadedModel, interpolation, resize_for_crop, resizer
 
 if TYPE_CHECKING:
     from torch import nn
@@ -130,4 +130,5 @@ class TimmSource:
         resolved = weights if not pretrained else module.pretrained_cfg.get("tag") or "hub"
         output = "embedding" if getattr(module, "num_classes", None) == 0 else "classification"  # an encoder
         return LoadedModel(spec, resolved, module, preprocess, label=label, notes=notes,
-                           preprocess_guessed=checkpoint is not None, output=output)
+                           preprocess_guessed=checkpoint is not None, output=output,
+                           set_size=resizer(module))

@@ -172,7 +172,7 @@ def _variant_maps(
 ) -> VariantMaps:
     """One forward pass of both views through a variant, its chosen layers' maps compared."""
     module = (loaded.module if variant == "base" else apply_variant(loaded.module, variant)).to(device).eval()
-    probe = probe_layers(module, views.shape[-1], device)
+    probe = probe_layers(module, views.shape[-1], device, loaded.set_size)
     try:
         layers = select_layers(probe, "default" if layer.strip() == "all" else layer)
     except UserError as exc:  # the message names measure's flag
