@@ -282,10 +282,12 @@ def _group_errors(
         moved = torch.fft.irfft2(reference.spectrum * group.phases[:, None, None], s=(h, w)).flatten(-2)
         energy = torch.bmm(moved.double().pow(2).sum(dim=2), group.masks)
     else:  # one gather for every roll; the reference energy on the rolled masks is one product
-        moved = reference.maps.flatten(-2).index_select(-1, group.index).unflatten(-1, (-1, h * w)).permute(2, 0, 1, 3)
+        moved = reference.maps.flatten(-2)[..., group.index].unflatten(-1, (-1, h * w)).permute(2, 0, 1, 3)
         energy = (reference.energy.flatten(1) @ group.sources).unflatten(1, (len(group.positions), -1)).transpose(0, 1)
     diff = stack - moved
-    errors = (torch.bmm(diff.pow(2).sum(dim=2).double(), group.masks) / _denominator(energy)).sqrt()
+    # NaN where the reference has no energy on the region; a positive float64 sum of float32
+    # squares is at least 1e-90, never subnormal, so no clamp as in _denominator is needed
+    errors = torch.where(energy > 0, torch.bmm(diff.pow(2).sum(dim=2).double(), group.masks) / energy, math.nan).sqrt()
     if not spatial:
         return errors, None
     error_sum = diff.abs().mean(dim=2).sum(dim=1).double().masked_fill(group.outside, float("nan"))

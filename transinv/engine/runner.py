@@ -129,6 +129,7 @@ class _LayerComparer:
         self.shifts: list[Shift] | None = []  # empty: the pass is the reference; None: not measured
         self.state: M.MetricState | None = None
         self._plans: dict[tuple[str, tuple[Shift, ...]], _PassPlan] = {}  # per (layer, shifts of a pass)
+        self.pending: list[tuple[tuple[M.Key, ...], list[torch.Tensor]]] = []  # this pass's keys and values
 
     def __call__(self, name: str, feature: torch.Tensor) -> None:
         if self.shifts is None:
@@ -144,8 +145,8 @@ class _LayerComparer:
         self.compare(layer, self.reference[name], feature, tuple(self.shifts))
 
     def compare(self, layer: LayerInfo, reference: M.Reference, feature: torch.Tensor, shifts: tuple[Shift, ...]) -> None:
-        """Every per-layer metric of a pass of ``shifts`` (stacked shift-major in ``feature``) into the
-        state, in a few operations per layer whatever the number of shifts."""
+        """Every per-layer metric of a pass of ``shifts`` (stacked shift-major in ``feature``), in a few
+        operations per layer whatever the number of shifts; ``flush`` writes them into the state."""
         assert self.state is not None
         plan = self._plans.get((layer.name, shifts))
         if plan is None:
@@ -153,11 +154,20 @@ class _LayerComparer:
         spatial = self.error_maps is not None and not layer.fixed
         out = M.compare_pass(reference, feature, plan.groups, spatial)
         interior = [e[..., 1] for e, g in zip(out.errors, plan.groups) if plan.interior and not g.resampled]
-        self.state.add_rows(plan.keys, torch.cat([e[..., 0] for e in out.errors] + interior + [out.inplace, out.pooled]))
+        self.pending.append((plan.keys, [e[..., 0] for e in out.errors] + interior + [out.inplace, out.pooled]))
         if spatial:
             for group, sums in zip(plan.groups, out.error_sums):
                 for i, error_sum in zip(group.positions, sums):
                     self.error_maps.add(layer.name, shifts[i], error_sum)
+
+    def flush(self) -> None:
+        """Write the values of every layer compared since the last flush (a pass) into the state:
+        one concatenation and one copy per pass, not per layer."""
+        if self.pending:
+            assert self.state is not None
+            keys = tuple(key for layer_keys, _ in self.pending for key in layer_keys)
+            self.state.add_rows(keys, torch.cat([rows for _, values in self.pending for rows in values]))
+            self.pending = []
 
     def _plan(self, layer: LayerInfo, shifts: tuple[Shift, ...], reference: M.Reference) -> "_PassPlan":
         """The geometry of a layer's pass and its keys, in the order ``compare`` stacks the values:
@@ -240,12 +250,17 @@ class Measurement:
         self.prediction: torch.Tensor | None = None  # the last batch's top-1 classes on the unshifted views
 
     def _forward(self, tap: FeatureTap, views: torch.Tensor) -> torch.Tensor:
+        """One forward pass of ``views`` (the hooks compare its maps), its per-layer values written."""
         tap.reset()
+        self.comparer.pending = []  # what an interrupted pass left is dropped
         views = views.contiguous(memory_format=self.memory_format)
         if self.dtype == torch.float32:
-            return self.kind.extract(self.forward_model(views)).float()
-        with torch.autocast(self.device.type, dtype=self.dtype):
-            return self.kind.extract(self.forward_model(views)).float()
+            output = self.kind.extract(self.forward_model(views)).float()
+        else:
+            with torch.autocast(self.device.type, dtype=self.dtype):
+                output = self.kind.extract(self.forward_model(views)).float()
+        self.comparer.flush()
+        return output
 
     def _passes(self, images: int) -> list[list[Shift]]:
         """The non-zero shifts grouped so each pass holds about ``views_per_pass`` views."""
@@ -276,6 +291,7 @@ class Measurement:
         for layer in self.layers:  # shift 0 through the same code: exactly 0 by construction
             ref = comparer.reference[layer.name]
             comparer.compare(layer, ref, ref.maps, ((0, 0),))
+        comparer.flush()
         if self.kind.compare is not None:
             self._measure_other_kind(tap, canvases, state, reference)
             return
