@@ -41,6 +41,7 @@ NO_LAUNCH = {
     "aten::to", "aten::scalar_tensor",  # a leaf "to" converts nothing; a CPU scalar for where() launches nothing
     "aten::result_type", "aten::resize_", "aten::as_strided_",  # a dtype, an allocation, metadata
 }
+COUNTER = 2  # 1 (labels before, after, merged): leaves only, bmm missed and result_type counted
 OPAQUE = {"aten::scalar_tensor"}  # launches nothing, whatever it calls on the CPU (it fills a CPU scalar)
 SYNCS = {"aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero", "aten::equal"}
 
@@ -172,7 +173,7 @@ def main() -> None:
     out = Path(args.out)
     report = json.loads(out.read_text()) if out.exists() else {}
     report[args.label] = {"settings": {"images": args.images, "size": args.size, "shift": args.shift,
-                                       "torch": torch.__version__}, "rows": rows}
+                                       "torch": torch.__version__, "counter": COUNTER}, "rows": rows}
     out.write_text(json.dumps(report, indent=2) + "\n")
     for row in rows:
         print(f"{row['model']:>20} layers={row['layers']:<8} passes={row['passes']} "

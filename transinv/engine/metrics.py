@@ -262,10 +262,10 @@ def pass_geometry(
         else:
             reads = [((torch.arange(height)[:, None] - int(ky)) % height * width
                       + (torch.arange(width)[None, :] - int(kx)) % width).flatten() for kx, ky in ks]
-            moved = torch.empty_like(mask)
-            for s, read in enumerate(reads):  # a roll is a permutation: the mask at the position read
-                moved[s, read] = mask[s]
-            index, sources = torch.cat(reads).to(device), moved.permute(1, 0, 2).flatten(1).to(device)
+            read_masks = torch.empty_like(mask)
+            for s, read in enumerate(reads):  # a roll is a permutation: each mask at the positions it reads
+                read_masks[s, read] = mask[s]
+            index, sources = torch.cat(reads).to(device), read_masks.permute(1, 0, 2).flatten(1).to(device)
         groups.append(ShiftGroup(positions, select, index, phases, mask.to(device), sources,
                                  (mask[..., 0] == 0).to(device)))
     return tuple(groups)
