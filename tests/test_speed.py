@@ -52,6 +52,65 @@ def test_equivariance_error_without_overlap_is_nan() -> None:
     assert M.equivariance_error(maps, maps, (4, 0), circular=False).isnan().all()
 
 
+def _pass(shifts: list, margin=(1, 1), circular=False, seed=3):
+    """A reference, a pass of shifted maps stacked shift-major, and its comparison."""
+    torch.manual_seed(seed)
+    reference, shifted = torch.randn(4, 5, 9, 8), torch.randn(len(shifts) * 4, 5, 9, 8)
+    reference[1] = 0  # a zero reference: NaN wherever a ratio divides by it
+    ref = M.Reference.of(reference)
+    groups = M.pass_geometry(9, 8, shifts, circular, margin, torch.float32, "cpu")
+    return ref, shifted, groups, M.compare_pass(ref, shifted, groups, spatial=True)
+
+
+@pytest.mark.parametrize("circular", [False, True])
+def test_a_fused_pass_gives_each_shifts_numbers(circular: bool) -> None:
+    """Whole and fractional shifts, not consecutive, one not compared (None), all in one pass: every
+    number equals the one-shift definitions (interior, error maps, in-place change, pooled error)."""
+    shifts = [(2, -1), (0.5, 0.0), None, (-3, 0), (1.5, -0.5), (0, 0)]
+    ref, shifted, groups, out = _pass(shifts, circular=circular)
+    assert [g.resampled for g in groups] == [False, True]
+    assert [g.positions for g in groups] == [(0, 3, 5), (1, 4)]
+    maps = shifted.unflatten(0, (len(shifts), -1))
+    for group, errors, sums in zip(groups, out.errors, out.error_sums):
+        for row, i in enumerate(group.positions):
+            alone = M.compare_shift(ref, maps[i], shifts[i], circular, margin=(1, 1))
+            torch.testing.assert_close(errors[row, :, 0], alone.error, rtol=1e-12, atol=0, equal_nan=True)
+            torch.testing.assert_close(errors[row, :, 1], alone.interior, rtol=1e-12, atol=0, equal_nan=True)
+            torch.testing.assert_close(sums[row], alone.error_sum, rtol=1e-12, atol=0, equal_nan=True)
+            if not group.resampled:
+                expected = M.equivariance_error(ref.maps, maps[i], shifts[i], circular)
+                torch.testing.assert_close(errors[row, :, 0], expected, rtol=1e-6, atol=0, equal_nan=True)
+    for i in range(len(shifts)):
+        torch.testing.assert_close(out.inplace[i], M.inplace_change(ref.maps, maps[i]), rtol=1e-6, atol=0, equal_nan=True)
+        torch.testing.assert_close(out.pooled[i], M.pooled_invariance_error(ref.maps, maps[i]), rtol=1e-12, atol=0,
+                                   equal_nan=True)
+    assert out.inplace[:, 1].isnan().all() and out.errors[0][:, 1].isnan().all()  # the zero reference
+
+
+_VIEWS = {f"aten::{name}" for name in ("view", "reshape", "flatten", "unflatten", "permute", "transpose", "slice",
+                                         "select", "as_strided", "expand", "unsqueeze", "squeeze", "detach")}
+
+
+def _operators(run) -> list[str]:
+    """The ATen operators ``run()`` calls at the top level, views left out (each of the others
+    launches at least one kernel on a GPU)."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        run()
+    return [e.name for e in prof.events() if e.name.startswith("aten::") and e.cpu_parent is None and e.name not in _VIEWS]
+
+
+def test_a_fused_pass_makes_the_same_operator_calls_whatever_its_shifts_and_no_host_sync() -> None:
+    """One shift or five stacked in a pass: the same operator calls (the launches of a layer do not
+    grow with the shifts of a pass), and none reads a value back to the host."""
+    calls = []
+    for shifts in ([(1, 0)], [(1, 0), (0, 2), (-1, -1), (3, 0), (0, 0)], [(0.5, 0)], [(0.5, 0), (1.5, 1.0), (0, 0.5)]):
+        ref, shifted, groups, _ = _pass(shifts)
+        calls.append(_operators(lambda: M.compare_pass(ref, shifted, groups)))
+    assert calls[0] == calls[1] and calls[2] == calls[3]
+    assert not {"aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero"} & set(sum(calls, []))
+    assert len(calls[0]) < 40  # the unfused comparison made about 100 calls per layer and shift
+
+
 class _Tiny(nn.Module):
     """A small CNN whose forward pass torch.compile handles without graph breaks."""
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from statistics import NormalDist
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
 
@@ -25,7 +26,7 @@ from ..metric_registry import (  # noqa: F401  (the names live in the registry; 
 )
 from ..metric_registry import EQUIVARIANCE_ERROR_INTERIOR, EQUIVARIANCE_ERROR_RESAMPLED, INPLACE_CHANGE  # noqa: F401
 from ..metric_registry import RANDOM_SEGMENTATION_CONSISTENCY  # noqa: F401
-from .subpixel import fourier_shift
+from .subpixel import fourier_phases, fourier_shift  # noqa: F401  (fourier_shift: re-exported)
 
 Shift = tuple[int, int]
 
@@ -91,19 +92,28 @@ def _pieces(length: int, k: int, circular: bool) -> list[tuple[slice, slice]]:
 
 @dataclass(frozen=True)
 class Reference:
-    """A layer's unshifted maps ``(N, C, h, w)`` with what every shift's comparison reuses:
-    the per-position energy (sum of squares over channels), the per-channel means and their norm
-    as a denominator (NaN where 0, see ``_denominator``)."""
+    """A layer's unshifted maps ``(N, C, h, w)`` with what every shift's comparison reuses, computed
+    once per batch: the per-position energy (sum of squares over channels), the map norm, the
+    per-channel means and their norm as denominators (NaN where 0, see ``_denominator``), and (on
+    first use, by a fractional shift) the maps' ``rfft2`` spectrum."""
 
     maps: torch.Tensor
     energy: torch.Tensor
     pooled: torch.Tensor
     pooled_norm: torch.Tensor
+    norm: torch.Tensor
 
     @classmethod
     def of(cls, maps: torch.Tensor) -> "Reference":
         pooled = maps.mean(dim=(-2, -1)).double()
-        return cls(maps, maps.pow(2).sum(dim=1).double(), pooled, _denominator(_per_image_norm(pooled)))
+        energy = maps.pow(2).sum(dim=1).double()
+        return cls(maps, energy, pooled, _denominator(_per_image_norm(pooled)),
+                   _denominator(energy.sum(dim=(-2, -1)).sqrt()))
+
+    @cached_property
+    def spectrum(self) -> torch.Tensor:
+        """``rfft2`` of the maps (what ``fourier_shift`` transforms), shared by every fractional shift."""
+        return torch.fft.rfft2(self.maps)
 
 
 def _reference(reference: torch.Tensor | Reference) -> Reference:
@@ -157,7 +167,7 @@ def inplace_change(reference: torch.Tensor | Reference, shifted: torch.Tensor) -
     ref = _reference(reference)
     if shifted.shape != ref.maps.shape:
         return torch.full((shifted.shape[0],), float("nan"), dtype=torch.float64, device=shifted.device)
-    return _ratio(_per_image_norm(shifted - ref.maps), ref.energy.sum(dim=(-2, -1)).sqrt())
+    return _per_image_norm(shifted - ref.maps) / ref.norm
 
 
 def _axis_masks(n: int, k: float, circular: bool, margin: int, resampled: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,33 +200,123 @@ def compare_shift(
 ) -> ShiftComparison:
     """``equivariance_error`` at a feature shift ``k = (kx, ky)``, whole or fractional, its interior
     version (``margin = (my, mx)`` feature pixels left out at each border) and, if ``spatial``, the
-    spatial error map (else None).
+    spatial error map (else None): ``compare_pass`` for one shift.
 
     Whole ``k``: ``T_k`` is a roll (exact, the same numbers as ``equivariance_error``). Fractional:
     ``T_k`` is the band-limited circular ``fourier_shift`` of the reference maps, and the reference
     norm is that of the resampled maps on the same region.
     """
-    kx, ky = k
     h, w = reference.maps.shape[-2:]
-    resampled = not (float(kx).is_integer() and float(ky).is_integer())
-    if resampled:
-        moved = fourier_shift(reference.maps, kx, ky)
-        energy = moved.double().pow(2).sum(dim=1)
-    else:
-        moved = torch.roll(reference.maps, (int(ky), int(kx)), dims=(-2, -1))
-        energy = torch.roll(reference.energy, (int(ky), int(kx)), dims=(-2, -1))
-    diff = shifted - moved
-    squared = diff.pow(2).sum(dim=1).double()
-    rows, rows_in = _axis_masks(h, ky, circular, margin[0], resampled)
-    cols, cols_in = _axis_masks(w, kx, circular, margin[1], resampled)
-    region = (rows[:, None] & cols[None, :]).to(squared.device)
-    inner = (rows_in[:, None] & cols_in[None, :]).to(squared.device)
+    (group,) = pass_geometry(h, w, [k], circular, margin, reference.maps.dtype, reference.maps.device)
+    errors, error_sum = _group_errors(reference, shifted.flatten(-2)[None], group, spatial)
+    return ShiftComparison(errors[0, :, 0], errors[0, :, 1], None if error_sum is None else error_sum[0])
 
-    def error(mask: torch.Tensor) -> torch.Tensor:
-        return _ratio((squared * mask).sum(dim=(-2, -1)).sqrt(), (energy * mask).sum(dim=(-2, -1)).sqrt())
 
-    error_sum = diff.abs().mean(dim=1).sum(dim=0).double().masked_fill(~region, float("nan")) if spatial else None
-    return ShiftComparison(error(region), error(inner), error_sum)
+@dataclass(frozen=True)
+class ShiftGroup:
+    """The shifts of one pass that a layer compares alike: whole feature shifts (``T_k`` a roll,
+    done as one gather) or fractional ones (``T_k`` the Fourier shift, one product of spectra)."""
+
+    positions: tuple[int, ...]  # the shifts' places in the pass (shift-major stack)
+    select: slice | torch.Tensor  # picks them out of the stack (a slice when they are consecutive)
+    index: torch.Tensor | None  # whole: (S * h * w,) the reference position each compared position reads
+    phases: torch.Tensor | None  # fractional: (S, h, w // 2 + 1) the Fourier factors, the spectrum's dtype
+    masks: torch.Tensor  # (S, h * w, M) float64: the compared region, then (margin given) its interior
+    sources: torch.Tensor | None  # whole: (h * w, S * M) the masks moved to the reference positions they read
+    outside: torch.Tensor  # (S, h * w) bool: positions not compared (NaN in the error maps)
+
+    @property
+    def resampled(self) -> bool:
+        return self.phases is not None
+
+
+def _is_whole(k: tuple[float, float]) -> bool:
+    return float(k[0]).is_integer() and float(k[1]).is_integer()
+
+
+def pass_geometry(
+    height: int, width: int, shifts: Sequence[tuple[float, float] | None], circular: bool,
+    margin: tuple[int, int] | None, dtype: torch.dtype, device: torch.device | str,
+) -> tuple[ShiftGroup, ...]:
+    """What comparing a pass's feature shifts ``(kx, ky)`` (None: not compared) on ``height x width``
+    maps of ``dtype`` needs, made once per layer and group of shifts: at most two groups, whole
+    shifts then fractional ones. ``margin = (my, mx)``: the masks get an interior column (M = 2)."""
+    groups = []
+    for resampled in (False, True):
+        positions = tuple(i for i, k in enumerate(shifts) if k is not None and _is_whole(k) != resampled)
+        if not positions:
+            continue
+        ks = [shifts[i] for i in positions]
+        masks = []
+        for kx, ky in ks:
+            rows, rows_in = _axis_masks(height, ky, circular, margin[0] if margin else 0, resampled)
+            cols, cols_in = _axis_masks(width, kx, circular, margin[1] if margin else 0, resampled)
+            columns = [rows[:, None] & cols[None, :]] + ([rows_in[:, None] & cols_in[None, :]] if margin else [])
+            masks.append(torch.stack(columns, dim=-1).flatten(0, 1))
+        mask = torch.stack(masks).double()  # (S, h * w, M)
+        consecutive = positions == tuple(range(positions[0], positions[-1] + 1))
+        select = slice(positions[0], positions[-1] + 1) if consecutive else torch.tensor(positions, device=device)
+        index = sources = phases = None
+        if resampled:
+            complex_dtype = torch.promote_types(dtype, torch.complex64)
+            phases = torch.stack([fourier_phases(height, width, kx, ky, device) for kx, ky in ks]).to(complex_dtype)
+        else:
+            reads = [((torch.arange(height)[:, None] - int(ky)) % height * width
+                      + (torch.arange(width)[None, :] - int(kx)) % width).flatten() for kx, ky in ks]
+            read_masks = torch.empty_like(mask)
+            for s, read in enumerate(reads):  # a roll is a permutation: each mask at the positions it reads
+                read_masks[s, read] = mask[s]
+            index, sources = torch.cat(reads).to(device), read_masks.permute(1, 0, 2).flatten(1).to(device)
+        groups.append(ShiftGroup(positions, select, index, phases, mask.to(device), sources,
+                                 (mask[..., 0] == 0).to(device)))
+    return tuple(groups)
+
+
+def _group_errors(
+    reference: Reference, stack: torch.Tensor, group: ShiftGroup, spatial: bool
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per shift of ``group`` and image, ``||f(T_d x) - T_k f(x)|| / ||T_k f(x)||`` on each mask
+    ``(S, N, M)``, and (``spatial``) the error maps ``(S, h, w)``; ``stack``: the group's shifted
+    maps ``(S, N, C, h * w)``. Every shift of the group in the same few operations."""
+    n, c, h, w = reference.maps.shape
+    if group.resampled:
+        moved = torch.fft.irfft2(reference.spectrum * group.phases[:, None, None], s=(h, w)).flatten(-2)
+        energy = torch.bmm(moved.double().pow(2).sum(dim=2), group.masks)
+    else:  # one gather for every roll; the reference energy on the rolled masks is one product
+        moved = reference.maps.flatten(-2)[..., group.index].unflatten(-1, (-1, h * w)).permute(2, 0, 1, 3)
+        energy = (reference.energy.flatten(1) @ group.sources).unflatten(1, (len(group.positions), -1)).transpose(0, 1)
+    diff = stack - moved
+    # NaN where the reference has no energy on the region; a positive float64 sum of float32
+    # squares is at least 1e-90, never subnormal, so no clamp as in _denominator is needed
+    errors = torch.where(energy > 0, torch.bmm(diff.pow(2).sum(dim=2).double(), group.masks) / energy, math.nan).sqrt()
+    if not spatial:
+        return errors, None
+    error_sum = diff.abs().mean(dim=2).sum(dim=1).double().masked_fill(group.outside, float("nan"))
+    return errors, error_sum.unflatten(-1, (h, w))
+
+
+@dataclass(frozen=True)
+class PassComparison:
+    """One layer's comparison of a pass of ``S`` stacked shifts with its reference, per image."""
+
+    errors: tuple[torch.Tensor, ...]  # per group (S_g, N, M): the error on the region, then the interior
+    error_sums: tuple[torch.Tensor | None, ...]  # per group (S_g, h, w), or None (no spatial maps)
+    inplace: torch.Tensor  # (S, N)
+    pooled: torch.Tensor  # (S, N)
+
+
+def compare_pass(
+    reference: Reference, maps: torch.Tensor, groups: Sequence[ShiftGroup], spatial: bool = False
+) -> PassComparison:
+    """Every per-layer metric of a pass ``maps`` ``(S * N, C, h, w)`` (shift-major) in a few
+    operations whatever ``S``: the equivariance errors of each group of ``pass_geometry``, the
+    in-place change and the pooled invariance error; nothing read back to the host."""
+    n, c, h, w = reference.maps.shape
+    stack = maps.reshape(-1, n, c, h * w)
+    out = [_group_errors(reference, stack[group.select], group, spatial) for group in groups]
+    inplace = torch.linalg.vector_norm(stack - reference.maps.flatten(-2), dim=(-2, -1)).double() / reference.norm
+    pooled = pooled_invariance_error(reference, maps).reshape(len(stack), n)
+    return PassComparison(tuple(e for e, _ in out), tuple(m for _, m in out), inplace, pooled)
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:
@@ -378,6 +478,7 @@ class MetricState:
         self.boot = torch.zeros(len(self.keys), 3, replicates, dtype=torch.float64, device=device)
         self.weights: torch.Tensor | None = None
         self.pending: torch.Tensor | None = None
+        self._rows: dict[tuple[Key, ...], torch.Tensor] = {}  # row indices of key lists, on the device
 
     def begin_batch(self, weights: torch.Tensor) -> None:
         """Collect one batch's per-image values (one row per key) until ``flush``: one copy per
@@ -397,6 +498,18 @@ class MetricState:
             self.pending[self.index[key]] = values
             return
         self._accumulate(values.to(torch.float64)[None], slice(self.index[key], self.index[key] + 1))
+
+    def add_rows(self, keys: tuple[Key, ...], values: torch.Tensor) -> None:
+        """``add`` for several keys at once, ``values`` one row per key: within a batch one copy
+        into the batch buffer (the keys' row indices are kept on the device per key list)."""
+        if self.pending is None:
+            for key, row in zip(keys, values):
+                self.add(key, row)
+            return
+        rows = self._rows.get(keys)
+        if rows is None:
+            rows = self._rows[keys] = torch.tensor([self.index[key] for key in keys], device=self.data.device)
+        self.pending.index_copy_(0, rows, values.detach())
 
     def flush(self) -> None:
         """Reduce the collected batch into the sums (no-op outside ``begin_batch``). A batch never

@@ -130,6 +130,8 @@ class _LayerComparer:
         self.reference: dict[str, M.Reference] = {}
         self.shifts: list[Shift] | None = []  # empty: the pass is the reference; None: not measured
         self.state: M.MetricState | None = None
+        self._plans: dict[tuple[str, tuple[Shift, ...]], _PassPlan] = {}  # per (layer, shifts of a pass)
+        self.pending: list[tuple[tuple[M.Key, ...], list[torch.Tensor]]] = []  # this pass's keys and values
 
     def __call__(self, name: str, feature: torch.Tensor) -> None:
         if self.shifts is None:
@@ -142,27 +144,63 @@ class _LayerComparer:
         if not self.shifts:  # keep a copy: in-place ops later in the forward pass may change it
             self.reference[name] = M.Reference.of(feature if reduced else feature.clone())
             return
-        for shift, part in zip(self.shifts, feature.chunk(len(self.shifts))):
-            self.compare(layer, self.reference[name], part, shift)
+        self.compare(layer, self.reference[name], feature, tuple(self.shifts))
 
-    def compare(self, layer: LayerInfo, reference: M.Reference, feature: torch.Tensor, shift: Shift) -> None:
+    def compare(self, layer: LayerInfo, reference: M.Reference, feature: torch.Tensor, shifts: tuple[Shift, ...]) -> None:
+        """Every per-layer metric of a pass of ``shifts`` (stacked shift-major in ``feature``), in a few
+        operations per layer whatever the number of shifts; ``flush`` writes them into the state."""
         assert self.state is not None
-        if not layer.fixed:
-            aligned = layer.aligned(shift)
-            k = layer.feature_shift(shift) if aligned else (shift[0] / layer.stride[1], shift[1] / layer.stride[0])
-            margin = self.margins.get(layer.name)
-            out = M.compare_shift(reference, feature, k, self.circular, margin or (0, 0), self.error_maps is not None)
-            self.state.add((layer.name, shift, M.EQUIVARIANCE_ERROR if aligned else M.EQUIVARIANCE_ERROR_RESAMPLED),
-                           out.error)
-            if aligned and margin is not None:
-                self.state.add((layer.name, shift, M.EQUIVARIANCE_ERROR_INTERIOR), out.interior)
-            if self.error_maps is not None and out.error_sum is not None:
-                self.error_maps.add(layer.name, shift, out.error_sum)
-        elif layer.aligned(shift):  # a fixed-size map: only shift 0 has a feature shift
-            self.state.add((layer.name, shift, M.EQUIVARIANCE_ERROR),
-                           M.equivariance_error(reference, feature, (0, 0), self.circular))
-        self.state.add((layer.name, shift, M.INPLACE_CHANGE), M.inplace_change(reference, feature))
-        self.state.add((layer.name, shift, M.POOLED_INVARIANCE_ERROR), M.pooled_invariance_error(reference, feature))
+        plan = self._plans.get((layer.name, shifts))
+        if plan is None:
+            plan = self._plans[(layer.name, shifts)] = self._plan(layer, shifts, reference)
+        spatial = self.error_maps is not None and not layer.fixed
+        out = M.compare_pass(reference, feature, plan.groups, spatial)
+        interior = [e[..., 1] for e, g in zip(out.errors, plan.groups) if plan.interior and not g.resampled]
+        self.pending.append((plan.keys, [e[..., 0] for e in out.errors] + interior + [out.inplace, out.pooled]))
+        if spatial:
+            for group, sums in zip(plan.groups, out.error_sums):
+                for i, error_sum in zip(group.positions, sums):
+                    self.error_maps.add(layer.name, shifts[i], error_sum)
+
+    def flush(self) -> None:
+        """Write the values of every layer compared since the last flush (a pass) into the state:
+        one concatenation and one copy per pass, not per layer."""
+        if self.pending:
+            assert self.state is not None
+            keys = tuple(key for layer_keys, _ in self.pending for key in layer_keys)
+            self.state.add_rows(keys, torch.cat([rows for _, values in self.pending for rows in values]))
+            self.pending = []
+
+    def _plan(self, layer: LayerInfo, shifts: tuple[Shift, ...], reference: M.Reference) -> "_PassPlan":
+        """The geometry of a layer's pass and its keys, in the order ``compare`` stacks the values:
+        errors (whole shifts, then resampled), interior errors, in-place changes, pooled errors.
+
+        Aligned shifts get ``equivariance_error`` (and the interior one where the layer has a
+        margin), the others ``equivariance_error_resampled``; a fixed-size map only the first, at shift 0.
+        """
+        margin = None if layer.fixed else self.margins.get(layer.name)
+        ks = [(0, 0) if layer.fixed and shift == (0, 0) else None if layer.fixed
+              else layer.feature_shift(shift) if layer.aligned(shift)
+              else (shift[0] / layer.stride[1], shift[1] / layer.stride[0]) for shift in shifts]
+        h, w = reference.maps.shape[-2:]
+        groups = M.pass_geometry(h, w, ks, self.circular, margin, reference.maps.dtype, reference.maps.device)
+        keys = [(layer.name, shifts[i], M.EQUIVARIANCE_ERROR_RESAMPLED if g.resampled else M.EQUIVARIANCE_ERROR)
+                for g in groups for i in g.positions]
+        if margin is not None:
+            keys += [(layer.name, shifts[i], M.EQUIVARIANCE_ERROR_INTERIOR)
+                     for g in groups if not g.resampled for i in g.positions]
+        keys += [(layer.name, shift, metric) for metric in (M.INPLACE_CHANGE, M.POOLED_INVARIANCE_ERROR) for shift in shifts]
+        return _PassPlan(groups, tuple(keys), margin is not None)
+
+
+@dataclass(frozen=True)
+class _PassPlan:
+    """How one layer compares one pass of shifts: the geometry (``M.pass_geometry``), the keys of
+    the values in stacking order, and whether interior errors are among them."""
+
+    groups: tuple[M.ShiftGroup, ...]
+    keys: tuple[M.Key, ...]
+    interior: bool
 
 
 class Measurement:
@@ -219,13 +257,18 @@ class Measurement:
         self.gallery: Gallery | None = None  # the whole set's reference embeddings (output kinds with retrieval)
 
     def _forward(self, tap: FeatureTap | None, views: torch.Tensor) -> torch.Tensor:
+        """One forward pass of ``views`` (the hooks, if ``tap``, compare its maps), its per-layer values written."""
         if tap is not None:
             tap.reset()
+        self.comparer.pending = []  # what an interrupted pass left is dropped
         views = views.contiguous(memory_format=self.memory_format)
         if self.dtype == torch.float32:
-            return self.kind.extract(self.forward_model(views)).float()
-        with torch.autocast(self.device.type, dtype=self.dtype):
-            return self.kind.extract(self.forward_model(views)).float()
+            output = self.kind.extract(self.forward_model(views)).float()
+        else:
+            with torch.autocast(self.device.type, dtype=self.dtype):
+                output = self.kind.extract(self.forward_model(views)).float()
+        self.comparer.flush()
+        return output
 
     def reference_outputs(self, canvases: torch.Tensor) -> torch.Tensor:
         """The model's outputs on the reference views (shift 0) of ``canvases``, with no layer hooks."""
@@ -259,7 +302,8 @@ class Measurement:
         reference = self._forward(tap, self.plan.view(canvases, (0, 0)))
         for layer in self.layers:  # shift 0 through the same code: exactly 0 by construction
             ref = comparer.reference[layer.name]
-            comparer.compare(layer, ref, ref.maps, (0, 0))
+            comparer.compare(layer, ref, ref.maps, ((0, 0),))
+        comparer.flush()
         if self.kind.compare is not None:
             self._measure_other_kind(tap, canvases, batch.indices, state, reference)
             return

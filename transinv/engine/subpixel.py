@@ -58,10 +58,16 @@ def fourier_shift(x: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
     height, width = x.shape[-2:]
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
     spectrum = torch.fft.rfft2(work)
-    rows = _phase(height, dy, full=True, device=x.device)
-    cols = _phase(width, dx, full=False, device=x.device)
-    shifted = spectrum * (rows[:, None] * cols[None, :]).to(spectrum.dtype)
+    shifted = spectrum * fourier_phases(height, width, dx, dy, x.device).to(spectrum.dtype)
     return torch.fft.irfft2(shifted, s=(height, width)).to(x.dtype)
+
+
+def fourier_phases(height: int, width: int, dx: float, dy: float, device: torch.device) -> torch.Tensor:
+    """The factors ``(H, W // 2 + 1)`` (complex128) by which ``fourier_shift`` multiplies an ``rfft2``
+    spectrum to shift by ``(dx, dy)``: one table serves every map of that size and shift."""
+    rows = _phase(height, dy, full=True, device=device)
+    cols = _phase(width, dx, full=False, device=device)
+    return rows[:, None] * cols[None, :]
 
 
 def fourier_shift_derivative(x: torch.Tensor, vx: float, vy: float) -> torch.Tensor:
