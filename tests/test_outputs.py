@@ -44,6 +44,17 @@ def test_token_layers_are_mapped_to_the_patch_grid_with_the_class_token_dropped(
     assert torch.equal(grid[1, :, 2, 5], tokens[1, 1 + 2 * 8 + 5])  # row-major after the class token
 
 
+def test_dropped_tokens_are_named_only_when_a_token_layer_is_measured(few_images: Path) -> None:
+    notes: list[str] = []
+    transinv.measure("example:token_mixer", data=str(few_images), shift="0,4", layers="blocks.0", warn=notes.append,
+                     **SMALL)
+    assert any("token layers mapped back to their patch grid, the leading 1 token (class) dropped" in n for n in notes)
+    notes.clear()
+    transinv.measure("example:token_mixer", data=str(few_images), shift="0,4", layers="patch_embed", warn=notes.append,
+                     **SMALL)
+    assert not any("mapped back" in n for n in notes)
+
+
 def test_token_model_is_exactly_equivariant_at_multiples_of_the_patch_size(few_images: Path) -> None:
     result = transinv.measure("example:token_mixer", data=str(few_images), shift="0..8", layers="default",
                               **SMALL)

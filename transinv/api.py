@@ -109,7 +109,9 @@ def _unshifted_views(plan: Plan, group: Group, options: MeasureOptions, device: 
         yield group.shifts.view(batch.canvases.to(device), (0, 0))
 
 
-def _explain_probe(job: Job, probe: Probe, layer_spec: str, warn: Warn) -> None:
+def _explain_probe(job: Job, probe: Probe, layers: list[LayerInfo], layer_spec: str, warn: Warn) -> None:
+    """The notes a user needs about what is measured: the model's own, and the probe's about hooks,
+    unmapped token sequences, dropped tokens (only when a token layer is measured) and the main path."""
     for note in job.model.notes:
         warn(note)
     if not job.model.hooks and layer_spec != "none":
@@ -119,7 +121,7 @@ def _explain_probe(job: Job, probe: Probe, layer_spec: str, warn: Warn) -> None:
             f"{job.label}: {len(probe.token_layers)} layers output token sequences with no spatial map "
             f"(e.g. {probe.token_layers[0]}); measuring output metrics and the 4-D maps only"
         )
-    if probe.token_note and layer_spec != "none":
+    if probe.token_note and any(layer.tokens is not None for layer in layers):
         warn(f"{job.label}: {probe.token_note}")
     if probe.path_note and layer_spec != "none":
         warn(f"{job.label}: {probe.path_note}")
@@ -139,10 +141,10 @@ def prepare_jobs(plan: Plan, options: MeasureOptions, device: torch.device, warn
                 count = recalibrate_batchnorm(module, _unshifted_views(plan, group, options, device))
                 warn(f"re-estimated {count} batch norms of {job.label} [{job.variant}] on {len(plan.images)} images")
             probe = probe_layers(module, group.preprocess.size, device, job.model.set_size)
+            layers = select_layers(probe, options.layers)
             if job.label not in explained:
                 explained.add(job.label)
-                _explain_probe(job, probe, options.layers, warn)
-            layers = select_layers(probe, options.layers)
+                _explain_probe(job, probe, layers, options.layers, warn)
             task = options.task or detect(probe.output, job.model.output)
             if options.attribution == "lie" and task != "classification":
                 raise UserError(f"attribution lie: {job.label} is a {task} model; the attribution reads class probabilities")
