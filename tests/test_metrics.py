@@ -79,7 +79,8 @@ def test_state_merges_by_addition_into_means_of_per_image_values() -> None:
 def test_wilson_interval_known_values() -> None:
     low, high = M.wilson_interval(0.5, 100)
     assert math.isclose(low, 0.40383, abs_tol=1e-5) and math.isclose(high, 0.59617, abs_tol=1e-5)
-    assert M.wilson_interval(1.0, 4)[1] == 1.0 and M.wilson_interval(0.0, 4)[0] == 0.0
+    for n in (4, 7, 12, 1000):  # exactly 0 and 1 at the ends (n = 7 and 12 left ~3e-17 of rounding)
+        assert M.wilson_interval(1.0, n)[1] == 1.0 and M.wilson_interval(0.0, n)[0] == 0.0
 
 
 def test_bootstrap_interval_brackets_the_mean_and_is_seeded_per_image() -> None:

@@ -133,6 +133,12 @@ def test_compare_embeddings_known_values() -> None:
     assert out["cosine_distance"].tolist() == [1.0, 0.0]
     assert torch.allclose(out["embedding_change"], torch.tensor([5 ** 0.5, 2.0], dtype=torch.float64))
     assert set(out) == {"cosine_distance", "embedding_change"}
+    same = torch.tensor([[0.1, 0.7, 0.3], [3.0, -1.0, 2.0]])  # 1 - cos would leave ~1e-17 of rounding
+    assert compare_embeddings(same, same.clone(), (0, 0), False)["cosine_distance"].tolist() == [0.0, 0.0]
+    near = compare_embeddings(torch.tensor([[1.0, 0.0]]), torch.tensor([[1.0, 1e-6]]), (1, 0), False)
+    assert abs(near["cosine_distance"].item() - 0.5e-12) < 1e-18  # 1 - cos(1e-6 rad): no cancellation
+    zero = compare_embeddings(torch.zeros(1, 2), torch.ones(1, 2), (1, 0), False)
+    assert zero["cosine_distance"].isnan().all()
 
 
 def test_gallery_retrieves_among_the_whole_set_and_ties_fail() -> None:

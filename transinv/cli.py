@@ -400,7 +400,8 @@ def presets() -> None:
     from .presets import list_presets
 
     table = Table(title="presets", title_justify="left")
-    for column in ("name", "description", "paper"):
+    table.add_column("name", no_wrap=True, overflow="fold")  # the name is what a user copies: never cut
+    for column in ("description", "paper"):
         table.add_column(column)
     for preset in list_presets():
         table.add_row(preset["name"], escape(preset["description"]), escape(preset["paper"]))

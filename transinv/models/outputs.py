@@ -72,13 +72,19 @@ class_maps = _extractor(4, "class scores of shape (N, K, H, W)")
 
 
 def compare_embeddings(reference: torch.Tensor, shifted: torch.Tensor, _shift: Shift, _circular: bool) -> dict[str, torch.Tensor]:
-    """Per image: cosine distance and relative L2 change of the embedding."""
+    """Per image: cosine distance and relative L2 change of the embedding. The distance is computed
+    as ``||u - v||² / 2`` of the unit vectors (equal to ``1 - cos``): exactly 0 for equal
+    embeddings and free of ``1 - cos``'s cancellation at small distances; NaN (not counted) where
+    an embedding is zero and has no direction."""
     import torch
 
     ref, cur = reference.double(), shifted.double()
-    cosine = torch.nn.functional.cosine_similarity(ref, cur, dim=1)
-    change = torch.linalg.vector_norm(cur - ref, dim=1) / torch.linalg.vector_norm(ref, dim=1)
-    return {"cosine_distance": (1 - cosine).clamp_min(0.0), "embedding_change": change}
+    unit = torch.nn.functional.normalize
+    distance = (unit(cur, dim=1) - unit(ref, dim=1)).square().sum(dim=1) / 2
+    norm = torch.linalg.vector_norm(ref, dim=1)
+    distance = distance.masked_fill((norm == 0) | (torch.linalg.vector_norm(cur, dim=1) == 0), float("nan"))
+    change = torch.linalg.vector_norm(cur - ref, dim=1) / norm
+    return {"cosine_distance": distance, "embedding_change": change}
 
 
 def compare_maps(reference: torch.Tensor, shifted: torch.Tensor, shift: Shift, circular: bool) -> dict[str, torch.Tensor]:
