@@ -215,12 +215,14 @@ def test_class_based_set_metrics_are_refused_for_other_output_kinds(few_images: 
     with pytest.raises(transinv.UserError, match="compares top-1 classes: not for --task embedding"):
         transinv.measure("example:circular_encoder", data=str(few_images), shift="0,1", consistency="-2..2",
                          layers="none", **SMALL)
-    with pytest.raises(transinv.UserError, match="random-shifts compares top-1 classes or segmentation maps: not fo"):
+    with pytest.raises(transinv.UserError, match="random_shifts compares top-1 classes or segmentation maps: not fo"):
         transinv.measure("example:circular_encoder", data=str(few_images), shift="0,1", random_shifts=2,
                          layers="none", **SMALL)
     with pytest.raises(transinv.UserError, match="draws whole pixels: drop --subpixel"):
         transinv.measure("example:circular_segmenter", data=str(few_images), shift="-2,2", random_shifts=2,
                          subpixel="fourier", layers="none", **SMALL)
+    with pytest.raises(transinv.UserError, match="random_shifts compares top-1 classes or segmentation maps"):
+        transinv.measure("no_such_model", task="embedding", random_shifts=2)  # refused before any model is loaded
 
 
 # Rojas-Gomez et al.'s mASSC: random draws per image (random_segmentation_consistency)

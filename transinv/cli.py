@@ -33,7 +33,7 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 app = typer.Typer(
-    help="Measure how far convolutional networks are from translation equivariance and invariance.",
+    help="Measure how far image networks (CNNs and vision transformers) are from translation equivariance and invariance.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -103,7 +103,7 @@ class MeasureOptions:
     subpixel: str | None = _opt(None, "Method for fractional shifts (0..2:0.25): fourier (circular mode) or bilinear (crop, pad, embed).", SHIFTS, choices=SUBPIXEL_METHODS)
     consistency: str | None = _opt(None, "Also measure consistency: top-1 agreement of two views at random offsets, each axis uniform in LO..HI (e.g. -15..16).", SHIFTS, metavar="LO..HI")
     consistency_draws: int = _opt(1, "Random pairs of views per image for --consistency (Zhang 2019 draws 5).", SHIFTS)
-    random_shifts: int = _opt(0, "Also draw this many random shifts per image in the span of --shift: the worst case over them (Engstrom 2019: 10), or with --task segmentation the mean pixel agreement (mASSC, Rojas-Gomez 2022: 5).", SHIFTS)
+    random_shifts: int = _opt(0, "Also draw this many random shifts per image in the span of --shift: the worst case over them (Engstrom 2019: 10), or with --task segmentation the mean pixel agreement (mASSC, Rojas-Gomez 2022: 5); not for embeddings.", SHIFTS)
     # preprocessing
     size: int | None = _opt(None, "View size in pixels (default: the weights' crop size, else 224).", PREPROCESS)
     resize: int | None = _opt(None, "Shorter side after resizing, before cropping (default: the weights', else 256).", PREPROCESS)
@@ -175,6 +175,8 @@ class MeasureOptions:
         if self.attribution and self.subpixel and (self.subpixel == "fourier") != (self.mode == "circular"):
             raise OptionError("attribution", f"lie differentiates the {'fourier' if self.mode == 'circular' else 'bilinear'} "
                                              f"shift in --mode {self.mode}, not --subpixel {self.subpixel}")
+        if self.task is not None:
+            check_task(self.task, self.random_shifts, self.consistency is not None, self.subpixel is not None)
         self.variant_specs()
         return self
 
@@ -220,6 +222,17 @@ class MeasureOptions:
     def updated(self, **changes: Any) -> "MeasureOptions":
         """A copy with some options changed (the object itself is frozen)."""
         return replace(self, **changes)
+
+
+def check_task(task: str, random_shifts: int, consistency: bool, subpixel: bool) -> None:
+    """The random-view options an output kind cannot take: before loading a model when ``--task``
+    is given, and again once a model's kind is detected."""
+    if consistency and task != "classification":
+        raise OptionError("consistency", f"compares top-1 classes: not for --task {task}")
+    if random_shifts and task not in ("classification", "segmentation"):
+        raise OptionError("random_shifts", f"compares top-1 classes or segmentation maps: not for --task {task}")
+    if random_shifts and task == "segmentation" and subpixel:
+        raise OptionError("random_shifts", "with --task segmentation draws whole pixels: drop --subpixel")
 
 
 def _reword(option: str, check: Any) -> Any:

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from . import metrics as M
 from ..metric_registry import METRICS
+from ..options import check_task
 from .attribution import LieAttribution
 from .data import Batch, CanvasDataset, ImageItem, Preprocess, collate
 from ..errors import UserError
@@ -26,7 +27,7 @@ from .gallery import Gallery
 from .layers import FeatureTap, LayerInfo, to_nchw
 from .margins import padding_margins
 from ..reports.per_image import PerImage
-from ..models.outputs import CLASSIFICATION, SEGMENTATION, output_kind
+from ..models.outputs import CLASSIFICATION, output_kind
 from .shifts import Shift, ShiftPlan, is_fractional
 
 ProgressHook = Callable[[int], None]
@@ -230,12 +231,7 @@ class Measurement:
         compile: bool = False,
     ) -> None:
         self.kind = output_kind(task)
-        if self.kind.compare is not None and plan.pair_offsets is not None:
-            raise UserError(f"--consistency compares top-1 classes: not for --task {task}")
-        if plan.random_shifts and task not in (CLASSIFICATION.name, SEGMENTATION.name):
-            raise UserError(f"--random-shifts compares top-1 classes or segmentation maps: not for --task {task}")
-        if plan.random_shifts and task == SEGMENTATION.name and plan.subpixel is not None:
-            raise UserError("--random-shifts with --task segmentation draws whole pixels: drop --subpixel")
+        check_task(task, plan.random_shifts, plan.pair_offsets is not None, plan.subpixel is not None)
         self.model, self.plan, self.layers, self.device = model, plan, layers, device
         self.labelled, self.views_per_pass = labelled, views_per_pass
         self.dtype = PRECISIONS[precision]
