@@ -386,6 +386,7 @@ def test_hf_image_encoders_give_their_embedding(transformers, tmp_path: Path) ->
                              (clip, both.get_image_features(pixel_values=x))):
         loaded = load_model(f"hf:{folder}", "DEFAULT")
         assert loaded.output == "embedding" and loaded.preprocess_guessed
+        assert (loaded.preprocess.size, loaded.preprocess.resize) == (32, 36)  # no processor: the config's size
         expected = expected if isinstance(expected, torch.Tensor) else expected.pooler_output
         assert torch.allclose(loaded.module(x), expected, atol=1e-6)
         random = load_model(f"hf:{folder}", "none", seed=1)

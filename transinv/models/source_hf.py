@@ -7,6 +7,7 @@ transformers is an optional extra (``pip install 'transinv[hf]'``); hub code is 
 from __future__ import annotations
 
 import fnmatch
+from dataclasses import replace
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,7 +18,7 @@ from ..errors import UserError
 from .checkpoints import checkpoint_path, load_checkpoint, no_such_file
 from .extras import hf_cache_dir, hf_repo_dir, honour_offline, offline, require
 from .outputs import CLASSIFICATION, EMBEDDING
-from .loaded import IMAGENET_MEAN, IMAGENET_STD, LoadedModel, default_preprocess, interpolation, resize_for_crop
+from .loaded import DEFAULT_RESIZE, DEFAULT_SIZE, IMAGENET_MEAN, IMAGENET_STD, LoadedModel, default_preprocess, interpolation, resize_for_crop
 
 if TYPE_CHECKING:
     from ..engine.data import Preprocess
@@ -212,6 +213,9 @@ class HuggingFaceSource:
             module = ImageEmbedding(module, field)
         label = Path(source).name if local else spec.rsplit("/", 1)[-1]
         preprocess, notes, guessed = _preprocess(transformers, label, source, cache)
+        side = getattr(_tower_config(config), "image_size", None)
+        if guessed and isinstance(side, int) and side != preprocess.size:  # no processor: the model's own size
+            preprocess = replace(preprocess, size=side, resize=resize_for_crop(side, DEFAULT_SIZE / DEFAULT_RESIZE))
         resolved = "pretrained" if checkpoint is None and weights.lower() == "default" else weights
         return LoadedModel(spec, resolved, module, preprocess, label=label, notes=notes,
                            preprocess_guessed=guessed or checkpoint is not None,
