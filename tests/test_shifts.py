@@ -238,3 +238,12 @@ def test_a_set_of_shift_zero_alone_has_no_worst_case_or_path_rows() -> None:
     rows = transinv.measure("example:constant", weights="none", shift="0", size=32, resize=40, num_images=2).rows
     assert set(rows["metric"]) == {"top1_agreement", "kl_divergence", "prob_change"}
     assert rows["shift_x"].notna().all()
+
+
+def test_circular_shifts_of_half_the_view_or_more_get_a_note() -> None:
+    from transinv.engine.shifts import ShiftPlan
+
+    assert ShiftPlan(((0, 0), (32, 0), (-32, 0)), 64, mode="circular").wrap_note().startswith(
+        "--mode circular on 64 px views: shifts of 32 px or more wrap around (up to 32 here)")
+    assert ShiftPlan(((0, 0), (31, -31)), 64, mode="circular").wrap_note() is None
+    assert ShiftPlan(((0, 0), (32, 0)), 64, mode="crop").wrap_note() is None

@@ -132,6 +132,8 @@ def prepare_jobs(plan: Plan, options: MeasureOptions, device: torch.device, warn
     explained: set[str] = set()  # one note per model, not one per variant
     out = []
     for group in plan.groups:
+        if (note := group.shifts.wrap_note()) is not None:
+            warn(note)
         measured = []
         for job in group.jobs:
             module = job.model.module if job.variant == "base" else apply_variant(

@@ -301,6 +301,15 @@ class ShiftPlan:
     def canvas(self) -> int:
         return canvas_size(self.size, self.extent, self.mode, self.embed)
 
+    def wrap_note(self) -> str | None:
+        """In circular mode, a note when shifts reach half the view or more: a roll by ``d`` and by
+        ``d - size`` are the same view, so such shifts repeat smaller ones (e.g. -32 and 32 at 64 px)."""
+        reach = max((max(abs(dx), abs(dy)) for dx, dy in self.extent), default=0)
+        if self.mode != "circular" or 2 * reach < self.size:
+            return None
+        return (f"--mode circular on {self.size} px views: shifts of {self.size / 2:g} px or more wrap around "
+                f"(up to {reach:g} here), so they repeat smaller shifts the other way")
+
     def check(self, resize: int) -> None:
         """Reject a plan the canvas cannot hold (``resize``: the images' shorter side)."""
         check_shifts(self.extent, self.size, self.mode, resize, self.subpixel, self.embed)
