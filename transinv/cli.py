@@ -302,9 +302,11 @@ _SHOW_DEFAULTS = {"layer": "all", "channels": 4, "title": None, "dpi": None, "fm
 
 
 def _show(model: str, image: Path, **given: Any) -> None:
-    """Draw IMAGE and its view at --shift through MODEL: the two views, a layer's maps for both, the
-    reference map moved by d/s and the error map; with several layers, each one's error map.
-    Each layer's numbers for this image go to stdout."""
+    """Draw one image's shifted view through MODEL: its layers' maps and error maps.
+
+    The figure shows the two views, a layer's maps for both, the reference map moved by d/s and the
+    error map; with several layers, each one's error map. Each layer's numbers for this image go to
+    stdout."""
     extra = {name: given.pop(name) for name in _SHOW_EXTRA}
     with _errors(extra["debug"]):
         from .reports.show import show
@@ -349,8 +351,9 @@ def flips(
     fmt: Annotated[Optional[Format], typer.Option("--format", "-f", help="table, csv or json for the ranking on stdout.")] = None,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
-    """Draw a contact sheet of the images whose top-1 class flips at the smallest shift (from a
-    --per-image file), naming the shift and the two classes; the ranking goes to stdout."""
+    """Draw the images whose top-1 class flips at the smallest shift (from a --per-image file).
+
+    Each image is named with its shift and its two classes; the ranking goes to stdout."""
     with _errors(debug):
         from .reports.flips import plot_flips
 
@@ -450,8 +453,9 @@ _SWEEP_EXTRA = [
 
 
 def _sweep(ctx: typer.Context, models: list[str], **given: Any) -> None:
-    """Measure many models, each into its own file in RESULTS_DIR as soon as it finishes; a rerun
-    skips models done with the same settings and retries failed ones."""
+    """Measure many models, each into its own file in RESULTS_DIR as soon as it finishes.
+
+    A rerun skips models done with the same settings and retries failed ones."""
     cli_only = {name: given.pop(name) for name in ("config", "results_dir", "shard", "progress", "debug")}
     with _errors(cli_only["debug"]):
         from .engine import distributed
@@ -495,8 +499,10 @@ def leaderboard_command(
     y: Annotated[Optional[str], typer.Option(help="The plot's y column (default: the headline metric).")] = None,
     debug: Annotated[bool, typer.Option(help="Show tracebacks.")] = False,
 ) -> None:
-    """One ranked row per model of a sweep: parameters, accuracy, the headline metric with its
-    interval, worst cases, the layer where the error is born, run time."""
+    """Rank the models of a sweep: one row each, its headline metric with its interval.
+
+    Columns: parameters, accuracy, the headline metric with its interval, worst cases, the layer
+    where the error is born, run time."""
     with _errors(debug):
         from . import metric_registry as R
         from .reports.leaderboard import leaderboard, plot_leaderboard, shown
@@ -531,8 +537,9 @@ _CHECK_EXTRA = [
 
 
 def _check(ctx: typer.Context, model: str, **given: Any) -> None:
-    """Measure MODEL and check bounds on its metrics: exit 0 when every bound holds, 1 when one
-    fails (one line each), 2 on bad input (a bound the run cannot check is bad input)."""
+    """Measure MODEL and check bounds on its metrics (exit 0: all hold, 1: one fails, 2: bad input).
+
+    A failing bound is one line each; a bound the run cannot check is bad input."""
     cli_only = {name: given.pop(name) for name in ("config", "at_most", "at_least", "output", "progress", "debug")}
     with _errors(cli_only["debug"], crash_code=EXIT_USAGE):
         from .gates import check, parse_bounds
