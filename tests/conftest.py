@@ -25,7 +25,7 @@ def _offline(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathF
 @pytest.fixture(scope="session")
 def imagenet_sample() -> Path:
     """A folder of labelled photographs (``<wnid>_*.JPEG``): the eight in tests/data, or the folder
-    named by ``TRANSINV_TEST_IMAGES`` (e.g. ../shared/data/imagenet-sample) for an extra run."""
+    named by ``TRANSINV_TEST_IMAGES`` (any folder of labelled photos) for an optional extra run."""
     folder = Path(os.environ.get(EXTRA_IMAGES) or TEST_PHOTOS)
     if not any(folder.glob("n*_*.JPEG")):
         raise pytest.UsageError(f"{EXTRA_IMAGES}={folder}: no <wnid>_*.JPEG photographs there")

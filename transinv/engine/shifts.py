@@ -207,10 +207,8 @@ def subpixel_view(canvas: torch.Tensor, shift: Shift, size: int, mode: str, meth
     dx, dy = (float(v) for v in shift)
     if method == "fourier":
         return fourier_shift(canvas, dx, dy)
-    if mode == "crop":
-        moved = bilinear_shift(canvas, dx, dy, "border")
-        margin = (canvas.shape[-1] - size) // 2
-        return moved[..., margin : margin + size, margin : margin + size]
+    if mode == "crop":  # the canvas moved, then the standard view cut from it
+        return shifted_view(bilinear_shift(canvas, dx, dy, "border"), (0, 0), size, "crop")
     frame = shifted_view(canvas, (0, 0), size, mode, fill)
     background = _background(frame, size, fill)
     return bilinear_shift(frame - background, dx, dy, "zeros") + background
@@ -226,9 +224,7 @@ def subpixel_view_derivative(
     if method == "fourier":
         return fourier_shift_derivative(canvas, vx, vy)
     if mode == "crop":
-        moving = bilinear_shift_derivative(canvas, vx, vy, "border")
-        margin = (canvas.shape[-1] - size) // 2
-        return moving[..., margin : margin + size, margin : margin + size]
+        return shifted_view(bilinear_shift_derivative(canvas, vx, vy, "border"), (0, 0), size, "crop")
     frame = shifted_view(canvas, (0, 0), size, mode, fill)
     return bilinear_shift_derivative(frame - _background(frame, size, fill), vx, vy, "zeros")
 

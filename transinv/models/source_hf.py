@@ -196,8 +196,8 @@ class HuggingFaceSource:
         if checkpoint is None and weights.lower() == "default":
             try:
                 with _quiet(transformers):
-                    module = auto.from_pretrained(source, **cache) if classifier else \
-                        auto.from_pretrained(source, config=_tower_config(config), **cache)
+                    own = {} if classifier else {"config": _tower_config(config)}  # a tower: its own config
+                    module = auto.from_pretrained(source, **own, **cache)
             except OSError as exc:
                 where = source if local else hf_repo_dir(spec)
                 raise UserError(f"hf:{spec}: its weights are not in {where} and cannot be loaded: "
