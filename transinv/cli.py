@@ -134,25 +134,19 @@ FIGSIZE_HELP = "Figure size W,H in inches (default: what the panels need)."
 DPI_HELP = "Figure resolution in pixels per inch (default 110)."
 
 
-def _choice_type(name: str, choices: tuple[str, ...]) -> type[Enum]:
-    """A str Enum typer turns into a choice of ``choices``."""
-    return Enum(name, {c: c for c in choices}, type=str)  # type: ignore[return-value]
-
-
 def _option_parameter(f: Field) -> inspect.Parameter:
     """The typer parameter of one ``MeasureOptions`` field: flag, help, panel and type from the field."""
     meta = f.metadata
-    scalar: Any = base_type(f)
-    if meta["choices"]:
-        scalar = _choice_type(f.name, meta["choices"])
+    scalar: Any = base_type(f)  # choices stay strings: MeasureOptions.validate names a bad one, with "did you mean"
+    metavar = meta["metavar"] or ("[" + "|".join(meta["choices"]) + "]" if meta["choices"] else None)
     if meta["repeat"]:
         annotation: Any = Optional[list[scalar]]
     elif scalar is bool:
         annotation = bool
     else:
         annotation = Optional[scalar] if f.default is None else scalar
-    default = f.default.value if isinstance(f.default, Enum) else f.default
-    info = typer.Option(flag(f.name), help=meta["help"], rich_help_panel=meta["group"], metavar=meta["metavar"],
+    default = f.default
+    info = typer.Option(flag(f.name), help=meta["help"], rich_help_panel=meta["group"], metavar=metavar,
                         show_default=default not in (None, False))
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                              annotation=Annotated[annotation, info])
@@ -217,7 +211,6 @@ def _build_options(ctx: typer.Context, given: dict[str, Any], config: str | None
     """The options from the generated flags and a preset; flags the user typed win over the preset."""
     from .presets import load_preset
 
-    chosen = {k: (v.value if isinstance(v, Enum) else v) for k, v in given.items()}
     preset: dict[str, Any] = {}
     if config is not None:
         preset = load_preset(config)
@@ -225,7 +218,7 @@ def _build_options(ctx: typer.Context, given: dict[str, Any], config: str | None
             source = ctx.get_parameter_source(key)
             if source is not None and source.name != "DEFAULT":
                 preset.pop(key)
-    return MeasureOptions(**{**chosen, **preset}).validate()
+    return MeasureOptions(**{**given, **preset}).validate()
 
 
 _measure.__signature__ = inspect.Signature(  # type: ignore[attr-defined]
@@ -311,7 +304,7 @@ def _show(model: str, image: Path, **given: Any) -> None:
     with _errors(extra["debug"]):
         from .reports.show import show
 
-        options = MeasureOptions(**{k: (v.value if isinstance(v, Enum) else v) for k, v in given.items()})
+        options = MeasureOptions(**given)
         shown = show(model, image, extra["output"], extra["shift"], extra["layer"], options,
                      channels=extra["channels"], title=extra["title"], dpi=extra["dpi"])
         err.print(f"wrote {extra['output']}", highlight=False)
