@@ -97,6 +97,7 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     [
         (["measure", "resnet81", "--weights", "none"], "did you mean resnet18"),
         (["measure", "resnet18", "--weights", "none", "--shift", "0..x"], "--shift"),
+        (["measure", "resnet18", "--weights", "none", "--precision", "fp61"], "--precision must be one of fp32, bf16, fp16 (got 'fp61') (did you mean fp16?)"),
         (["measure", "resnet18", "--weights", "none", "--shift", "0..64"], "--resize"),
         (["measure", "resnet18", "--weights", "none", "--data", "/no/such/folder"], "no such file"),
         (["measure", "resnet18", "--weights", "none", "--data", "{empty}"], "no images"),
