@@ -56,6 +56,15 @@ class LayerInfo:
         """The feature-map shift ``(kx, ky)`` an aligned input shift corresponds to."""
         return shift[0] // self.stride[1], shift[1] // self.stride[0]
 
+    def compared_shift(self, shift: tuple[float, float]) -> tuple[float, float] | None:
+        """The feature shift the maps are compared at: whole where aligned, fractional (``d / s``,
+        resampled) otherwise; a fixed-size map only at shift 0 (None: not compared)."""
+        if self.fixed:
+            return (0, 0) if shift == (0, 0) else None
+        if self.aligned(shift):
+            return self.feature_shift(shift)
+        return shift[0] / self.stride[1], shift[1] / self.stride[0]
+
 
 def _call_key(name: str, call: int) -> str:
     return name if call == 1 else f"{name}#{call}"

@@ -180,9 +180,7 @@ class _LayerComparer:
         margin), the others ``equivariance_error_resampled``; a fixed-size map only the first, at shift 0.
         """
         margin = None if layer.fixed else self.margins.get(layer.name)
-        ks = [(0, 0) if layer.fixed and shift == (0, 0) else None if layer.fixed
-              else layer.feature_shift(shift) if layer.aligned(shift)
-              else (shift[0] / layer.stride[1], shift[1] / layer.stride[0]) for shift in shifts]
+        ks = [layer.compared_shift(shift) for shift in shifts]
         h, w = reference.maps.shape[-2:]
         groups = M.pass_geometry(h, w, ks, self.circular, margin, reference.maps.dtype, reference.maps.device)
         keys = [(layer.name, shifts[i], M.EQUIVARIANCE_ERROR_RESAMPLED if g.resampled else M.EQUIVARIANCE_ERROR)
