@@ -39,7 +39,7 @@ from transinv.engine.shifts import make_shifts, parse_shift_values
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "imagenet-sample"
 MODELS = ("resnet18", "mobilenet_v3_small")
-SIZE, BATCH = 224, 32
+SIZE = 224
 
 
 def _sync(device: torch.device) -> None:
@@ -47,19 +47,20 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bare_forward(model: torch.nn.Module, images: torch.Tensor, device: torch.device, repeats: int) -> float:
-    """Images per second of the model alone on already-decoded 224-px images (warm-up excluded).
+def bare_forward(model: torch.nn.Module, images: torch.Tensor, device: torch.device, repeats: int, batch: int) -> float:
+    """Images per second of the model alone (eager, as a user runs it) on already-decoded 224-px
+    images in batches of ``batch`` (warm-up excluded).
 
     The images are run ``repeats`` times, as many forward passes as ``measure`` makes, so both
     figures average over the same amount of work.
     """
     with torch.inference_mode():
-        model(images[:BATCH].to(device))
+        model(images[:batch].to(device))
         _sync(device)
         start = time.perf_counter()
         for _ in range(repeats):
-            for i in range(0, len(images), BATCH):
-                model(images[i : i + BATCH].to(device))
+            for i in range(0, len(images), batch):
+                model(images[i : i + batch].to(device))
         _sync(device)
     return repeats * len(images) / (time.perf_counter() - start)
 
@@ -67,15 +68,20 @@ def bare_forward(model: torch.nn.Module, images: torch.Tensor, device: torch.dev
 def row_settings(args: argparse.Namespace) -> dict[str, dict]:
     """The measured rows: name -> ``measure`` keywords over the common settings.
 
-    output and layers are the default run (``--workers`` as given, prefetch on); then prefetch off,
-    the other worker counts of 0/1/2 (prefetch is for ``--workers 0`` only), ``--compile`` when asked, and
-    every ``--extra-rows`` entry (``{"row": name, ...measure keywords}``, layers default unless given).
+    output and layers are the default run (``--workers`` as given, prefetch on). On a GPU, the same
+    two without CUDA graphs; on the CPU, prefetch off and the other worker counts of 0/1/2 (prefetch
+    is for ``--workers 0`` only). Then ``--compile`` when asked, and every ``--extra-rows`` entry
+    (``{"row": name, ...measure keywords}``, layers default unless given).
     """
-    rows = {"output": dict(layers="none"), "layers": dict(layers="default"),
-            "layers, no prefetch": dict(layers="default", workers=0, prefetch=False)}
-    for workers in (0, 1, 2):
-        if workers != args.workers:  # the layers row already has --workers
-            rows[f"layers, workers {workers}"] = dict(layers="default", workers=workers)
+    rows = {"output": dict(layers="none"), "layers": dict(layers="default")}
+    if resolve_device(args.device).type == "cuda":
+        rows["output, no CUDA graphs"] = dict(layers="none", cuda_graphs=False)
+        rows["layers, no CUDA graphs"] = dict(layers="default", cuda_graphs=False)
+    else:
+        rows["layers, no prefetch"] = dict(layers="default", workers=0, prefetch=False)
+        for workers in (0, 1, 2):
+            if workers != args.workers:  # the layers row already has --workers
+                rows[f"layers, workers {workers}"] = dict(layers="default", workers=workers)
     if args.compile:
         rows["output, compile"] = dict(layers="none", compile=True)
         rows["layers, compile"] = dict(layers="default", compile=True)
@@ -92,9 +98,9 @@ def timed_measure(model: torch.nn.Module, settings: dict, args: argparse.Namespa
     Only the shift grid's views are counted: the extra passes of a metric such as ``consistency``
     show as its cost, a lower rate.
     """
-    common = {**dict(data=args.data, shift=args.shift, size=SIZE, resize=256, batch_size=BATCH,
+    common = {**dict(data=args.data, shift=args.shift, size=SIZE, resize=256, batch_size=args.batch_size,
                      device=args.device, workers=args.workers, warn=lambda _: None), **settings}
-    transinv.measure(model, num_images=BATCH, **common)  # warm-up: allocator, kernels, probe
+    transinv.measure(model, num_images=args.batch_size, **common)  # warm-up: allocator, kernels, probe
     _sync(resolve_device(args.device))
     start = time.perf_counter()
     transinv.measure(model, num_images=args.images, **common)
@@ -120,7 +126,7 @@ def lie_cost(model: torch.nn.Module, bare: float, per_layer: float, args: argpar
 def peak_memory(name: str, images: int, args: argparse.Namespace) -> dict[str, float]:
     """Peak RSS (MiB) and CUDA peak (MiB) of a fresh process measuring ``images`` images."""
     cmd = [sys.executable, __file__, "--child", name, "--images", str(images), "--shift", args.shift, "--data", args.data,
-           "--device", args.device, "--workers", str(args.workers)]
+           "--device", args.device, "--workers", str(args.workers), "--batch-size", str(args.batch_size)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -143,7 +149,7 @@ def child(args: argparse.Namespace) -> None:
     device = resolve_device(args.device)
     before = _status_mib("VmRSS")
     Path("/proc/self/clear_refs").write_text("5")
-    transinv.measure(model, data=args.data, shift=args.shift, size=SIZE, resize=256, batch_size=BATCH,
+    transinv.measure(model, data=args.data, shift=args.shift, size=SIZE, resize=256, batch_size=args.batch_size,
                      num_images=args.images, device=args.device, workers=args.workers, warn=lambda _: None)
     cuda = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     print(json.dumps({"rss_before_mib": before, "rss_peak_mib": _status_mib("VmHWM"), "cuda_mib": cuda}))
@@ -182,17 +188,21 @@ def machine(device: torch.device) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32, help="images per batch and views per forward pass")
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated torchvision names")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder of ImageNet validation images")
     parser.add_argument("--shift", default="0..8")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=0)
     parser.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds; the best of each is kept")
-    parser.add_argument("--memory-images", default="64,256")
+    parser.add_argument("--memory-images", default="64,256", help="image counts of the peak-memory runs ('' for none)")
+    parser.add_argument("--startup-repeats", type=int, default=3, help="runs of each light command (0: skip)")
     parser.add_argument("--compile", action="store_true", help="add rows with --compile (minutes to compile on a CPU)")
     parser.add_argument("--extra-rows", default="[]", metavar="JSON",
                         help='more rows: a JSON list of measure keywords, each with a "row" name, '
                              'e.g. [{"row": "consistency", "consistency": "-8..8"}]')
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
+    parser.add_argument("--no-lie", action="store_true", help="skip the cost of --attribution lie")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -202,39 +212,41 @@ def main() -> None:
     device = resolve_device(args.device)
     items = select_images(find_images(args.data), args.images, 0)
     pre = load_model("resnet18", "none").preprocess
+    memory_counts = [n for n in args.memory_images.split(",") if n]
     decoded = torch.stack([load_canvas(item.path, pre, SIZE) for item in items])
     results = []
-    for name in MODELS:
+    for name in args.models.split(","):
         model = load_model(name, "none").module.to(device)
         views = len(make_shifts(parse_shift_values(args.shift), "x"))
         settings = row_settings(args)
-        rounds = [[bare_forward(model, decoded, device, views)] + [timed_measure(model, s, args) for s in settings.values()]
+        rounds = [[bare_forward(model, decoded, device, views, args.batch_size)]
+                  + [timed_measure(model, s, args) for s in settings.values()]
                   for _ in range(args.rounds)]
         bare, *rates = (max(column) for column in zip(*rounds))  # best of interleaved rounds
         rows = {row: {"views_per_s": rate, "ratio": rate / bare} for row, rate in zip(settings, rates)}
-        memory = {n: peak_memory(name, int(n), args) for n in args.memory_images.split(",")}
+        memory = {n: peak_memory(name, int(n), args) for n in memory_counts}
         results.append({
             "model": name, "bare_images_per_s": bare,
             "output_views_per_s": rows["output"]["views_per_s"], "output_ratio": rows["output"]["ratio"],
             "layers_views_per_s": rows["layers"]["views_per_s"], "layers_ratio": rows["layers"]["ratio"],
             "rows": rows, "peak_memory": memory,
-            **(lie_cost(model, bare, rows["layers"]["views_per_s"], args) if name == LIE_MODEL else {}),
+            **(lie_cost(model, bare, rows["layers"]["views_per_s"], args) if name == LIE_MODEL and not args.no_lie else {}),
         })
     report = {
         "machine": machine(device),
         "versions": {"transinv": transinv.__version__, "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "python": platform.python_version()},
-        "settings": {"size": SIZE, "batch_size": BATCH, "images": args.images, "shift": args.shift, "rounds": args.rounds,
+        "settings": {"size": SIZE, "batch_size": args.batch_size, "images": args.images, "shift": args.shift, "rounds": args.rounds,
                      "workers": args.workers, "data": args.data, "weights": "none", "precision": "fp32",
                      "rows": row_settings(args)},
         "results": results,
-        "startup_s": startup_times(),
+        "startup_s": startup_times(args.startup_repeats) if args.startup_repeats else {},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
-    table = Table(title=f"transinv vs bare forward ({device}, {args.images} images, shifts {args.shift}, batch {BATCH})")
+    table = Table(title=f"transinv vs bare forward ({device}, {args.images} images, shifts {args.shift}, batch {args.batch_size})")
     for column in ("model", "bare img/s", "output views/s", "ratio", "layers views/s", "ratio", *(
-            f"peak RSS {n} img (MiB)" for n in args.memory_images.split(","))):
+            f"peak RSS {n} img (MiB)" for n in memory_counts)):
         table.add_column(column, justify="right")
     for r in results:
         table.add_row(r["model"], f"{r['bare_images_per_s']:.1f}", f"{r['output_views_per_s']:.1f}",
@@ -254,7 +266,7 @@ def main() -> None:
             print(f"{r['model']} --attribution lie: {r['lie_views_per_s']:.1f} views/s; +{r['lie_extra_s_per_image']:.3f} "
                   f"s per image = {r['lie_forwards_per_image']:.1f} bare forward passes, "
                   f"{r['lie_forwards_per_layer']:.2f} per attributed layer ({r['lie_layers']} leaf layers)")
-    startup = Table(title="start-up time of light commands (best of 3, fresh process)")
+    startup = Table(title=f"start-up time of light commands (best of {args.startup_repeats}, fresh process)")
     startup.add_column("command")
     startup.add_column("seconds", justify="right")
     for label, seconds in report["startup_s"].items():

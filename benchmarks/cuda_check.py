@@ -51,7 +51,41 @@ def main() -> int:
     check("resnet18 APS + circular padding on CUDA", agreement == 1 and kl <= 1e-5, f"agreement {agreement}, KL {kl:.2e}")
     half = transinv.measure("resnet18", shift="0..4", device="cuda", precision="bf16", channels_last=True, **common).rows
     check("bf16 + channels-last on CUDA runs", not half.empty, f"{len(half)} rows")
+    graphs = dict(common, num_images=20, batch_size=4)  # 5 batches: eager, captured, 3 replays
+    for label, model, extra in (("resnet18, every layer", "resnet18", dict(layers="all", shift="0..5")),
+                                ("mobilenet_v3_small, fractional shifts", "mobilenet_v3_small", dict(shift="0..2:0.5", mode="circular", subpixel="fourier")),
+                                ("resnet18 bf16 channels-last", "resnet18", dict(shift="0..3", precision="bf16", channels_last=True)),
+                                ("resnet18 as an embedding", "resnet18", dict(shift="0..3", task="embedding"))):
+        eager = transinv.measure(model, device="cuda", cuda_graphs=False, **extra, **graphs).rows.set_index(keys)
+        replayed = transinv.measure(model, device="cuda", **extra, **graphs).rows.set_index(keys)
+        diff = (eager["value"] - replayed["value"].reindex(eager.index)).abs().max()
+        same = eager.index.equals(replayed.index) and diff <= 1e-9 and (eager["n"] == replayed["n"]).all()
+        check(f"CUDA graphs give the eager numbers: {label}", same, f"{len(eager)} rows, max |difference| {diff:.2e}")
+    notes: list[str] = []
+    synced = transinv.measure(HostSync(), device="cuda", shift="0..3", layers="all", **dict(graphs, warn=notes.append))
+    plain = transinv.measure(HostSync(), device="cuda", shift="0..3", layers="all", cuda_graphs=False,
+                             **graphs)
+    diff = (synced.rows["value"] - plain.rows["value"]).abs().max()
+    fell_back = any("CUDA graphs off" in note for note in notes)
+    check("a model that reads a value back falls back to eager passes", fell_back and diff <= 1e-9,
+          f"note {'given' if fell_back else 'missing'}, max |difference| {diff:.2e}")
     return 1 if failures else 0
+
+
+class HostSync(torch.nn.Module):
+    """A small CNN whose forward pass reads a value back to the host (no CUDA graph can hold it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.features = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.ReLU(),
+                                            torch.nn.Conv2d(8, 8, 3, stride=2, padding=1))
+        self.head = torch.nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        maps = self.features(x)
+        scale = 1.0 if maps.abs().max().item() > 0 else 0.0  # a host sync
+        return self.head(maps.mean(dim=(2, 3)) * scale)
 
 
 if __name__ == "__main__":

@@ -160,6 +160,8 @@ def prepare_jobs(plan: Plan, options: MeasureOptions, device: torch.device, warn
                 per_image=options.per_image is not None,
                 error_maps=options.error_maps is not None,
                 compile=options.compile,
+                cuda_graphs=options.cuda_graphs,
+                warn=warn,
             )
             rows_layers = layers + (lie.layers if lie is not None else [])  # strides of the attributed leaves
             measured.append(Measured(job, rows_layers, measurement, M.MetricState(measurement.keys, device)))

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from functools import cached_property
 from statistics import NormalDist
 from typing import Iterable, Sequence
 
@@ -94,26 +93,23 @@ def _pieces(length: int, k: int, circular: bool) -> list[tuple[slice, slice]]:
 class Reference:
     """A layer's unshifted maps ``(N, C, h, w)`` with what every shift's comparison reuses, computed
     once per batch: the per-position energy (sum of squares over channels), the map norm, the
-    per-channel means and their norm as denominators (NaN where 0, see ``_denominator``), and (on
-    first use, by a fractional shift) the maps' ``rfft2`` spectrum."""
+    per-channel means and their norm as denominators (NaN where 0, see ``_denominator``) and, if
+    the layer is compared at fractional shifts, the maps' ``rfft2`` spectrum (made here, not on
+    first use, so a captured CUDA graph never holds a half-made one)."""
 
     maps: torch.Tensor
     energy: torch.Tensor
     pooled: torch.Tensor
     pooled_norm: torch.Tensor
     norm: torch.Tensor
+    spectrum: torch.Tensor | None = None
 
     @classmethod
-    def of(cls, maps: torch.Tensor) -> "Reference":
+    def of(cls, maps: torch.Tensor, spectrum: bool = False) -> "Reference":
         pooled = maps.mean(dim=(-2, -1)).double()
         energy = maps.pow(2).sum(dim=1).double()
         return cls(maps, energy, pooled, _denominator(_per_image_norm(pooled)),
-                   _denominator(energy.sum(dim=(-2, -1)).sqrt()))
-
-    @cached_property
-    def spectrum(self) -> torch.Tensor:
-        """``rfft2`` of the maps (what ``fourier_shift`` transforms), shared by every fractional shift."""
-        return torch.fft.rfft2(self.maps)
+                   _denominator(energy.sum(dim=(-2, -1)).sqrt()), torch.fft.rfft2(maps) if spectrum else None)
 
 
 def _reference(reference: torch.Tensor | Reference) -> Reference:
@@ -230,7 +226,7 @@ class ShiftGroup:
         return self.phases is not None
 
 
-def _is_whole(k: tuple[float, float]) -> bool:
+def is_whole(k: tuple[float, float]) -> bool:
     return float(k[0]).is_integer() and float(k[1]).is_integer()
 
 
@@ -243,7 +239,7 @@ def pass_geometry(
     shifts then fractional ones. ``margin = (my, mx)``: the masks get an interior column (M = 2)."""
     groups = []
     for resampled in (False, True):
-        positions = tuple(i for i, k in enumerate(shifts) if k is not None and _is_whole(k) != resampled)
+        positions = tuple(i for i, k in enumerate(shifts) if k is not None and is_whole(k) != resampled)
         if not positions:
             continue
         ks = [shifts[i] for i in positions]
@@ -280,7 +276,8 @@ def _group_errors(
     maps ``(S, N, C, h * w)``. Every shift of the group in the same few operations."""
     n, c, h, w = reference.maps.shape
     if group.resampled:
-        moved = torch.fft.irfft2(reference.spectrum * group.phases[:, None, None], s=(h, w)).flatten(-2)
+        spectrum = reference.spectrum if reference.spectrum is not None else torch.fft.rfft2(reference.maps)
+        moved = torch.fft.irfft2(spectrum * group.phases[:, None, None], s=(h, w)).flatten(-2)
         energy = torch.bmm(moved.double().pow(2).sum(dim=2), group.masks)
     else:  # one gather for every roll; the reference energy on the rolled masks is one product
         moved = reference.maps.flatten(-2)[..., group.index].unflatten(-1, (-1, h * w)).permute(2, 0, 1, 3)

@@ -24,6 +24,7 @@ from .data import Batch, CanvasDataset, ImageItem, Preprocess, collate
 from ..errors import UserError
 from .error_maps import ErrorMaps
 from .gallery import Gallery
+from .graphs import PassGraphs, PassResult
 from .layers import FeatureTap, LayerInfo, to_nchw
 from .margins import padding_margins
 from ..reports.per_image import PerImage
@@ -122,15 +123,16 @@ class _LayerComparer:
     A pass may hold several shifts of the same images, stacked shift-major along the batch.
     """
 
-    def __init__(self, layers: list[LayerInfo], circular: bool, margins: dict[str, tuple[int, int]] | None = None,
-                 error_maps: ErrorMaps | None = None) -> None:
+    def __init__(self, layers: list[LayerInfo], shifts: Sequence[Shift], circular: bool,
+                 margins: dict[str, tuple[int, int]] | None = None, error_maps: ErrorMaps | None = None) -> None:
         self.layers = {layer.name: layer for layer in layers}
+        self.resampled = {layer.name for layer in layers  # compared at a fractional feature shift: keep a spectrum
+                          for k in map(layer.compared_shift, shifts) if k is not None and not M.is_whole(k)}
         self.circular = circular
         self.margins = margins or {}  # layers without a measured margin get no interior error
         self.error_maps = error_maps
         self.reference: dict[str, M.Reference] = {}
         self.shifts: list[Shift] | None = []  # empty: the pass is the reference; None: not measured
-        self.state: M.MetricState | None = None
         self._plans: dict[tuple[str, tuple[Shift, ...]], _PassPlan] = {}  # per (layer, shifts of a pass)
         self.pending: list[tuple[tuple[M.Key, ...], list[torch.Tensor]]] = []  # this pass's keys and values
 
@@ -143,14 +145,13 @@ class _LayerComparer:
         if reduced:
             feature = feature.float()  # reduced-precision maps are compared in float32 (a copy)
         if not self.shifts:  # keep a copy: in-place ops later in the forward pass may change it
-            self.reference[name] = M.Reference.of(feature if reduced else feature.clone())
+            self.reference[name] = M.Reference.of(feature if reduced else feature.clone(), name in self.resampled)
             return
         self.compare(layer, self.reference[name], feature, tuple(self.shifts))
 
     def compare(self, layer: LayerInfo, reference: M.Reference, feature: torch.Tensor, shifts: tuple[Shift, ...]) -> None:
         """Every per-layer metric of a pass of ``shifts`` (stacked shift-major in ``feature``), in a few
-        operations per layer whatever the number of shifts; ``flush`` writes them into the state."""
-        assert self.state is not None
+        operations per layer whatever the number of shifts; ``collect`` hands them over."""
         plan = self._plans.get((layer.name, shifts))
         if plan is None:
             plan = self._plans[(layer.name, shifts)] = self._plan(layer, shifts, reference)
@@ -163,14 +164,19 @@ class _LayerComparer:
                 for i, error_sum in zip(group.positions, sums):
                     self.error_maps.add(layer.name, shifts[i], error_sum)
 
-    def flush(self) -> None:
-        """Write the values of every layer compared since the last flush (a pass) into the state:
-        one concatenation and one copy per pass, not per layer."""
-        if self.pending:
-            assert self.state is not None
-            keys = tuple(key for layer_keys, _ in self.pending for key in layer_keys)
-            self.state.add_rows(keys, torch.cat([rows for _, values in self.pending for rows in values]))
-            self.pending = []
+    def compare_reference(self) -> None:
+        """Shift 0 of every layer through the same code as the shifted passes: exactly 0 by construction."""
+        for layer in self.layers.values():
+            reference = self.reference[layer.name]
+            self.compare(layer, reference, reference.maps, (M.REFERENCE,))
+
+    def collect(self) -> tuple[tuple[M.Key, ...], torch.Tensor | None]:
+        """The keys and values (one row per key) of every layer compared since the last collect (a
+        pass), as one tensor: one concatenation and one copy into the state per pass, not per layer."""
+        keys = tuple(key for layer_keys, _ in self.pending for key in layer_keys)
+        values = torch.cat([rows for _, values in self.pending for rows in values]) if self.pending else None
+        self.pending = []
+        return keys, values
 
     def _plan(self, layer: LayerInfo, shifts: tuple[Shift, ...], reference: M.Reference) -> "_PassPlan":
         """The geometry of a layer's pass and its keys, in the order ``compare`` stacks the values:
@@ -227,6 +233,8 @@ class Measurement:
         error_maps: bool = False,
         task: str = CLASSIFICATION.name,
         compile: bool = False,
+        cuda_graphs: bool = True,
+        warn: Callable[[str], None] = lambda _: None,
     ) -> None:
         self.kind = output_kind(task)
         check_task(task, plan.random_shifts, plan.pair_offsets is not None, plan.subpixel is not None)
@@ -237,10 +245,13 @@ class Measurement:
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.error_maps = ErrorMaps(layers, plan.shifts, device) if error_maps else None
-        self.comparer = _LayerComparer(layers, plan.mode == "circular", padding_margins(model, layers, plan.size, device),
+        self.comparer = _LayerComparer(layers, plan.shifts, plan.mode == "circular", padding_margins(model, layers, plan.size, device),
                                        self.error_maps)
         # hooks stay on ``model``'s modules (their names); the passes go through the compiled wrapper
         self.forward_model = torch.compile(model) if compile else model
+        # on a GPU, full batches replay captured passes; error maps add up on the host side of each pass
+        graphs = cuda_graphs and device.type == "cuda" and not compile and not error_maps
+        self.graphs = PassGraphs(warn) if graphs else None
         self.by_correctness, self.path = by_correctness and labelled, path and len(plan.shifts) > 1
         self.seed = seed
         self.per_image = PerImage() if per_image else None  # per-image predictions (--per-image)
@@ -251,18 +262,37 @@ class Measurement:
         self.gallery: Gallery | None = None  # the whole set's reference embeddings (output kinds with retrieval)
 
     def _forward(self, tap: FeatureTap | None, views: torch.Tensor) -> torch.Tensor:
-        """One forward pass of ``views`` (the hooks, if ``tap``, compare its maps), its per-layer values written."""
+        """One forward pass of ``views``; the hooks (if ``tap``) compare its maps, ``collect`` takes their values."""
         if tap is not None:
             tap.reset()
         self.comparer.pending = []  # what an interrupted pass left is dropped
         views = views.contiguous(memory_format=self.memory_format)
         if self.dtype == torch.float32:
-            output = self.kind.extract(self.forward_model(views)).float()
-        else:
-            with torch.autocast(self.device.type, dtype=self.dtype):
-                output = self.kind.extract(self.forward_model(views)).float()
-        self.comparer.flush()
-        return output
+            return self.kind.extract(self.forward_model(views)).float()
+        with torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False):  # no cache: graphs capture casts
+            return self.kind.extract(self.forward_model(views)).float()
+
+    def _pass(self, tap: FeatureTap, state: M.MetricState, canvases: torch.Tensor, shifts: list[Shift]) -> torch.Tensor:
+        """The model's outputs on the views of ``canvases`` at ``shifts``, stacked shift-major, the
+        layers compared in the hooks and their values written to ``state``. ``[(0, 0)]`` is the
+        reference pass: the layers' maps are kept, and compared with themselves. With CUDA graphs,
+        a full batch's passes are replayed (``PassGraphs``)."""
+        reference = shifts == [M.REFERENCE]
+        comparer = self.comparer
+        comparer.shifts = [] if reference else shifts
+
+        def run() -> PassResult:
+            views = [self.plan.view(canvases, shift) for shift in shifts]
+            output = self._forward(tap, views[0] if reference else torch.cat(views))
+            if reference:
+                comparer.compare_reference()
+            return PassResult(output, *comparer.collect(), dict(comparer.reference))
+
+        result = run() if self.graphs is None else self.graphs.run((tuple(canvases.shape), tuple(shifts)), run)
+        comparer.reference = dict(result.references)  # a replay ran no hooks: the captured maps are the reference
+        if result.values is not None:
+            state.add_rows(result.keys, result.values)
+        return result.output
 
     def reference_outputs(self, canvases: torch.Tensor) -> torch.Tensor:
         """The model's outputs on the reference views (shift 0) of ``canvases``, with no layer hooks."""
@@ -288,16 +318,13 @@ class Measurement:
 
     def _measure_batch(self, tap: FeatureTap, batch: Batch, state: M.MetricState) -> None:
         canvases = batch.canvases.to(self.device, non_blocking=True)
+        if self.graphs is not None:
+            canvases = self.graphs.stage(canvases)
         labels = batch.labels.to(self.device)
         comparer = self.comparer
-        comparer.state, comparer.shifts = state, []
         if self.error_maps is not None:
             self.error_maps.images += len(labels)
-        reference = self._forward(tap, self.plan.view(canvases, (0, 0)))
-        for layer in self.layers:  # shift 0 through the same code: exactly 0 by construction
-            ref = comparer.reference[layer.name]
-            comparer.compare(layer, ref, ref.maps, ((0, 0),))
-        comparer.flush()
+        reference = self._pass(tap, state, canvases, [M.REFERENCE])
         if self.kind.compare is not None:
             self._measure_other_kind(tap, canvases, batch.indices, state, reference)
             return
@@ -307,8 +334,7 @@ class Measurement:
         predictions = {(0, 0): self._add_outputs(state, (0, 0), ref_logits, reference, reference, labels, ref_correct)}
         path = {(0, 0): reference}  # logits, kept only for the path metrics
         for group in self._passes(len(labels)):
-            comparer.shifts = group
-            logits = self._forward(tap, torch.cat([self.plan.view(canvases, shift) for shift in group]))
+            logits = self._pass(tap, state, canvases, group)
             for shift, shifted in zip(group, logits.chunk(len(group))):
                 predictions[shift] = self._add_outputs(state, shift, ref_logits, reference, shifted, labels,
                                                        ref_correct)
@@ -334,11 +360,7 @@ class Measurement:
         each image's random draws (Rojas-Gomez et al.'s mASSC)."""
         circular, agreements = self.plan.mode == "circular", []
         for group in [[(0, 0)], *self._passes(len(reference))]:
-            if group == [(0, 0)]:
-                outputs = reference
-            else:
-                self.comparer.shifts = group
-                outputs = self._forward(tap, torch.cat([self.plan.view(canvases, shift) for shift in group]))
+            outputs = reference if group == [M.REFERENCE] else self._pass(tap, state, canvases, group)
             for shift, shifted in zip(group, outputs.chunk(len(group))):
                 for metric, values in self.kind.compare(reference, shifted, shift, circular).items():
                     state.add((M.OUTPUT_LAYER, shift, metric), values)

@@ -1,0 +1,82 @@
+"""Where a GPU run's time goes: wall time against the time the GPU spends in kernels, and the
+kernels that take it, for the default per-layer run with and without CUDA graphs.
+
+    python benchmarks/gpu_profile.py [--data FOLDER] [--images 160] [--shift 0..16] [--out FILE]
+
+A run whose kernel time is close to its wall time is bound by the GPU's arithmetic; one far
+below it is bound by the host (Python, kernel launches, decoding). Writes JSON to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
+
+import transinv
+from transinv.engine.shifts import make_shifts, parse_shift_values
+from transinv.models import load_model
+
+DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "imagenet-sample"
+
+
+def profiled(model: torch.nn.Module, args: argparse.Namespace, **settings: object) -> dict[str, object]:
+    """Wall and kernel seconds of one measurement (after a warm-up one), and its ten costliest kernels."""
+    common = dict(data=args.data, shift=args.shift, size=224, resize=256, batch_size=args.batch_size, device="cuda",
+                  workers=args.workers, warn=lambda _: None, **settings)
+    transinv.measure(model, num_images=args.batch_size, **common)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        start = time.perf_counter()
+        transinv.measure(model, num_images=args.images, **common)
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - start
+    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in kernels) / 1e6
+    top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:10]
+    return {"settings": {k: v for k, v in settings.items()}, "wall_s": wall, "kernel_s": busy, "busy": busy / wall,
+            "top_kernels": {e.key[:90]: e.self_device_time_total / 1e6 for e in top}}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data", default=str(DEFAULT_DATA))
+    parser.add_argument("--images", type=int, default=160)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--shift", default="0..16")
+    parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--out", default="gpu_profile.json")
+    args = parser.parse_args()
+    report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "images": args.images,
+              "shift": args.shift, "batch_size": args.batch_size, "runs": {}}
+    for name in ("resnet18", "mobilenet_v3_small"):
+        model = load_model(name, "none").module.cuda()
+        with torch.inference_mode():  # the bare forward passes of the same number of views, for scale
+            views = torch.randn(args.batch_size, 3, 224, 224, device="cuda")
+            model(views)
+            torch.cuda.synchronize()
+            start = time.perf_counter()
+            passes = args.images * len(make_shifts(parse_shift_values(args.shift), "x")) // args.batch_size
+            for _ in range(passes):
+                model(views)
+            torch.cuda.synchronize()
+            bare = time.perf_counter() - start
+        for label, settings in (("output", dict(layers="none")), ("layers", dict(layers="default")),
+                                ("layers, no CUDA graphs", dict(layers="default", cuda_graphs=False))):
+            run = profiled(model, args, **settings)
+            run["bare_forward_s"] = bare
+            report["runs"][f"{name}: {label}"] = run
+            print(f"{name:>20} {label:<24} wall {run['wall_s']:.2f} s, kernels {run['kernel_s']:.2f} s "
+                  f"({run['busy']:.0%} busy), bare forward {bare:.2f} s", flush=True)
+            for kernel, seconds in list(run["top_kernels"].items())[:5]:
+                print(f"{'':>24}{seconds:7.3f} s  {kernel}")
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
