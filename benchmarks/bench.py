@@ -266,12 +266,13 @@ def main() -> None:
             print(f"{r['model']} --attribution lie: {r['lie_views_per_s']:.1f} views/s; +{r['lie_extra_s_per_image']:.3f} "
                   f"s per image = {r['lie_forwards_per_image']:.1f} bare forward passes, "
                   f"{r['lie_forwards_per_layer']:.2f} per attributed layer ({r['lie_layers']} leaf layers)")
-    startup = Table(title=f"start-up time of light commands (best of {args.startup_repeats}, fresh process)")
-    startup.add_column("command")
-    startup.add_column("seconds", justify="right")
-    for label, seconds in report["startup_s"].items():
-        startup.add_row(label, f"{seconds:.2f}")
-    Console().print(startup)
+    if report["startup_s"]:
+        startup = Table(title=f"start-up time of light commands (best of {args.startup_repeats}, fresh process)")
+        startup.add_column("command")
+        startup.add_column("seconds", justify="right")
+        for label, seconds in report["startup_s"].items():
+            startup.add_row(label, f"{seconds:.2f}")
+        Console().print(startup)
     print(f"wrote {args.out}")
 
 

@@ -52,22 +52,25 @@ def test_equivariance_error_without_overlap_is_nan() -> None:
     assert M.equivariance_error(maps, maps, (4, 0), circular=False).isnan().all()
 
 
-def _pass(shifts: list, margin=(1, 1), circular=False, seed=3):
-    """A reference, a pass of shifted maps stacked shift-major, and its comparison."""
+def _pass(shifts: list, margin=(1, 1), circular=False, seed=3, gather=True):
+    """A reference, a pass of shifted maps stacked shift-major, and its comparison (whole shifts
+    rolled by one gather, as on a GPU, or by block copies, as on the CPU)."""
     torch.manual_seed(seed)
     reference, shifted = torch.randn(4, 5, 9, 8), torch.randn(len(shifts) * 4, 5, 9, 8)
     reference[1] = 0  # a zero reference: NaN wherever a ratio divides by it
     ref = M.Reference.of(reference)
-    groups = M.pass_geometry(9, 8, shifts, circular, margin, torch.float32, "cpu")
+    groups = M.pass_geometry(9, 8, shifts, circular, margin, torch.float32, "cpu", gather)
     return ref, shifted, groups, M.compare_pass(ref, shifted, groups, spatial=True)
 
 
+@pytest.mark.parametrize("gather", [True, False])
 @pytest.mark.parametrize("circular", [False, True])
-def test_a_fused_pass_gives_each_shifts_numbers(circular: bool) -> None:
+def test_a_fused_pass_gives_each_shifts_numbers(circular: bool, gather: bool) -> None:
     """Whole and fractional shifts, not consecutive, one not compared (None), all in one pass: every
-    number equals the one-shift definitions (interior, error maps, in-place change, pooled error)."""
+    number equals the one-shift definitions (interior, error maps, in-place change, pooled error),
+    the reference rolled by a gather or by block copies."""
     shifts = [(2, -1), (0.5, 0.0), None, (-3, 0), (1.5, -0.5), (0, 0)]
-    ref, shifted, groups, out = _pass(shifts, circular=circular)
+    ref, shifted, groups, out = _pass(shifts, circular=circular, gather=gather)
     assert [g.resampled for g in groups] == [False, True]
     assert [g.positions for g in groups] == [(0, 3, 5), (1, 4)]
     maps = shifted.unflatten(0, (len(shifts), -1))
@@ -100,8 +103,9 @@ def _operators(run) -> list[str]:
 
 
 def test_a_fused_pass_makes_the_same_operator_calls_whatever_its_shifts_and_no_host_sync() -> None:
-    """One shift or five stacked in a pass: the same operator calls (the launches of a layer do not
-    grow with the shifts of a pass), and none reads a value back to the host."""
+    """One shift or five stacked in a pass, as a GPU compares them (one gather for the rolls): the
+    same operator calls (the launches of a layer do not grow with the shifts of a pass), and none
+    reads a value back to the host."""
     calls = []
     for shifts in ([(1, 0)], [(1, 0), (0, 2), (-1, -1), (3, 0), (0, 0)], [(0.5, 0)], [(0.5, 0), (1.5, 1.0), (0, 0.5)]):
         ref, shifted, groups, _ = _pass(shifts)
