@@ -3,10 +3,11 @@
     python benchmarks/bench.py [--images 64] [--shift 0..8] [--device auto] [--out benchmarks/results.json]
 
 For each model, in interleaved rounds whose best figures are kept (a shared machine only ever
-slows a run down): the bare forward pass on the same images (already decoded, inference mode, same
-threads, warm-up excluded) in images/s; ``measure`` with output metrics only and with the default
-per-layer metrics, in shifted images/s (every forward pass counted, the reference included), and
-the ratio of each to the bare pass; peak memory (RSS, and CUDA peak where used) of a fresh process
+slows a run down): the bare forward pass on the same images (already decoded and on the device,
+inference mode, same threads, warm-up excluded) in images/s; ``measure`` with output metrics only
+and with the default per-layer metrics, in shifted images/s (every forward pass counted, the
+reference included) in the steady state of a long run and over the whole ``--images`` run (setup
+included), and the ratio of each to the bare pass; peak memory (RSS, and CUDA peak where used) of a fresh process
 measuring 64 and 256 images, so a reader can check that memory does not grow with the image count;
 the cost of ``--attribution lie`` on resnet18 (the default run with and without it, the extra
 seconds per image over its leaf layers, in bare forward passes per layer); and the start-up time of
@@ -23,6 +24,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 import torchvision
@@ -30,6 +32,7 @@ from rich.console import Console
 from rich.table import Table
 
 import transinv
+from transinv.metric_registry import LAYER_METRICS
 from transinv.engine.attribution import leaf_calls
 from transinv.engine.data import find_images, load_canvas, select_images
 from transinv.models import load_model
@@ -47,20 +50,27 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def _best(rounds: Sequence[tuple[float, float | None]]) -> tuple[float, float | None]:
+    """The best whole-run and steady rates of several rounds (a shared machine only slows a run down)."""
+    steady = [s for _, s in rounds if s is not None]
+    return max(w for w, _ in rounds), max(steady) if steady else None
+
+
 def bare_forward(model: torch.nn.Module, images: torch.Tensor, device: torch.device, repeats: int, batch: int) -> float:
     """Images per second of the model alone (eager, as a user runs it) on already-decoded 224-px
-    images in batches of ``batch`` (warm-up excluded).
+    images in batches of ``batch``, already on the device (warm-up excluded).
 
     The images are run ``repeats`` times, as many forward passes as ``measure`` makes, so both
     figures average over the same amount of work.
     """
+    images = images.to(device)  # on the device already: the model's own time, no copies
     with torch.inference_mode():
-        model(images[:batch].to(device))
+        model(images[:batch])
         _sync(device)
         start = time.perf_counter()
         for _ in range(repeats):
             for i in range(0, len(images), batch):
-                model(images[i : i + batch].to(device))
+                model(images[i : i + batch])
         _sync(device)
     return repeats * len(images) / (time.perf_counter() - start)
 
@@ -70,7 +80,9 @@ def row_settings(args: argparse.Namespace) -> dict[str, dict]:
 
     output and layers are the default run (``--workers`` as given, prefetch on). On a GPU, the same
     two without CUDA graphs; on the CPU, prefetch off and the other worker counts of 0/1/2 (prefetch
-    is for ``--workers 0`` only). Then ``--compile`` when asked, and every ``--extra-rows`` entry
+    is for ``--workers 0`` only). Then the default run without each costly per-layer metric, and
+    with ``equivariance_error`` and ``pooled_invariance_error`` only (``--layer-metrics``), so each
+    metric's cost shows; ``--compile`` when asked; and every ``--extra-rows`` entry
     (``{"row": name, ...measure keywords}``, layers default unless given).
     """
     rows = {"output": dict(layers="none"), "layers": dict(layers="default")}
@@ -82,6 +94,12 @@ def row_settings(args: argparse.Namespace) -> dict[str, dict]:
         for workers in (0, 1, 2):
             if workers != args.workers:  # the layers row already has --workers
                 rows[f"layers, workers {workers}"] = dict(layers="default", workers=workers)
+    if args.metric_rows:  # each per-layer metric's cost: the default run without it, and the two cheapest alone
+        rows["layers, equivariance_error + pooled only"] = dict(
+            layers="default", layer_metrics="equivariance_error,pooled_invariance_error")
+        for metric in ("equivariance_error_resampled", "equivariance_error_interior", "inplace_change"):
+            rows[f"layers, without {metric}"] = dict(
+                layers="default", layer_metrics=",".join(m for m in LAYER_METRICS if m != metric))
     if args.compile:
         rows["output, compile"] = dict(layers="none", compile=True)
         rows["layers, compile"] = dict(layers="default", compile=True)
@@ -92,21 +110,32 @@ def row_settings(args: argparse.Namespace) -> dict[str, dict]:
     return rows
 
 
-def timed_measure(model: torch.nn.Module, settings: dict, args: argparse.Namespace) -> float:
-    """Shifted images per second through ``transinv.measure`` (decoding included; warm-up excluded).
+def timed_measure(model: torch.nn.Module, settings: dict, args: argparse.Namespace) -> tuple[float, float | None]:
+    """Shifted views per second through ``transinv.measure`` (decoding included; warm-up excluded):
+    over a whole run of ``--images`` images, and in the steady state, the marginal rate between a
+    run of two batches and the whole run (what a long run approaches: setup, the probe, the first
+    batches and, on a GPU, the capture of CUDA graphs left out); None with fewer than four batches.
 
     Only the shift grid's views are counted: the extra passes of a metric such as ``consistency``
     show as its cost, a lower rate.
     """
     common = {**dict(data=args.data, shift=args.shift, size=SIZE, resize=256, batch_size=args.batch_size,
                      device=args.device, workers=args.workers, warn=lambda _: None), **settings}
-    transinv.measure(model, num_images=args.batch_size, **common)  # warm-up: allocator, kernels, probe
-    _sync(resolve_device(args.device))
-    start = time.perf_counter()
-    transinv.measure(model, num_images=args.images, **common)
-    _sync(resolve_device(args.device))
-    views = args.images * len(make_shifts(parse_shift_values(args.shift), "x"))
-    return views / (time.perf_counter() - start)
+    device = resolve_device(args.device)
+
+    def seconds(images: int) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        transinv.measure(model, num_images=images, **common)
+        _sync(device)
+        return time.perf_counter() - start
+
+    seconds(args.batch_size)  # warm-up: allocator, kernels, probe
+    views = len(make_shifts(parse_shift_values(args.shift), "x"))
+    short = 2 * args.batch_size
+    steady = (args.images - short) * views / (seconds(args.images) - seconds(short)) if args.images >= 2 * short else None
+    whole = args.images * views / seconds(args.images)
+    return whole, steady
 
 
 LIE_MODEL = "resnet18"
@@ -115,7 +144,8 @@ LIE_MODEL = "resnet18"
 def lie_cost(model: torch.nn.Module, bare: float, per_layer: float, args: argparse.Namespace) -> dict[str, float]:
     """``--attribution lie`` on the default run: its views per second, and the extra seconds per
     image it adds, per attributed leaf layer, in units of one bare forward pass of an image."""
-    with_lie = timed_measure(model, {"layers": "default", "attribution": "lie"}, args)
+    whole, steady = timed_measure(model, {"layers": "default", "attribution": "lie"}, args)
+    with_lie = steady or whole
     views = len(make_shifts(parse_shift_values(args.shift), "x"))
     extra = views / with_lie - views / per_layer  # seconds per image
     layers = len(leaf_calls(model, SIZE, next(model.parameters()).device))
@@ -203,6 +233,8 @@ def main() -> None:
                              'e.g. [{"row": "consistency", "consistency": "-8..8"}]')
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results.json"))
     parser.add_argument("--no-lie", action="store_true", help="skip the cost of --attribution lie")
+    parser.add_argument("--no-metric-rows", dest="metric_rows", action="store_false",
+                        help="skip the rows that price each per-layer metric")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -219,11 +251,13 @@ def main() -> None:
         model = load_model(name, "none").module.to(device)
         views = len(make_shifts(parse_shift_values(args.shift), "x"))
         settings = row_settings(args)
-        rounds = [[bare_forward(model, decoded, device, views, args.batch_size)]
+        rounds = [[(bare_forward(model, decoded, device, views, args.batch_size), None)]
                   + [timed_measure(model, s, args) for s in settings.values()]
                   for _ in range(args.rounds)]
-        bare, *rates = (max(column) for column in zip(*rounds))  # best of interleaved rounds
-        rows = {row: {"views_per_s": rate, "ratio": rate / bare} for row, rate in zip(settings, rates)}
+        bare, *rates = (_best(column) for column in zip(*rounds))  # best of interleaved rounds
+        bare = bare[0]
+        rows = {row: {"views_per_s": steady or whole, "ratio": (steady or whole) / bare, "run_views_per_s": whole,
+                      "run_ratio": whole / bare} for row, (whole, steady) in zip(settings, rates)}
         memory = {n: peak_memory(name, int(n), args) for n in memory_counts}
         results.append({
             "model": name, "bare_images_per_s": bare,
@@ -254,12 +288,14 @@ def main() -> None:
                       *(f"{m['rss_peak_mib']:.0f}" + (f" (cuda {m['cuda_mib']:.0f})" if m["cuda_mib"] else "")
                         for m in r["peak_memory"].values()))
     Console().print(table)
-    detail = Table(title="every row: shifted views/s and ratio to the bare forward pass (best of interleaved rounds)")
+    detail = Table(title="every row: shifted views/s in the steady state (ratio to the bare forward pass), and the ratio "
+                         "over the whole run, setup included (best of interleaved rounds)")
     detail.add_column("row")
     for r in results:
         detail.add_column(r["model"], justify="right")
     for row in results[0]["rows"]:
-        detail.add_row(row, *(f"{r['rows'][row]['views_per_s']:.1f} ({r['rows'][row]['ratio']:.2f})" for r in results))
+        detail.add_row(row, *(f"{r['rows'][row]['views_per_s']:.1f} ({r['rows'][row]['ratio']:.2f}); run "
+                              f"{r['rows'][row]['run_ratio']:.2f}" for r in results))
     Console().print(detail)
     for r in results:
         if "lie_layers" in r:

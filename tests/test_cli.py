@@ -105,6 +105,8 @@ def bad_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         (["measure", "resnet18", "--weights", "IMAGENET1K_V1", "--mean", "0.5,0.5"], "three numbers"),
         (["measure", "example:valid_conv", "--weights", "IMAGENET1K_V1"], "factory"),
         (["measure", "resnet18", "--weights", "none", "--direction", "up"], "--direction"),
+        (["measure", "resnet18", "--weights", "none", "--layer-metrics", "inplace"],
+         "--layer-metrics takes equivariance_error"),
         (["measure", "resnet18", "--weights", "none", "--layers", "layer9"], "no layer matches"),
         (["measure", "resnet18", "--weights", "none", "--shfit", "3"], "No such option"),
         (["measure", "resnet18", "--weights", "none", "--device", "tpu"], "--device"),

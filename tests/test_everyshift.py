@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from torch import nn
@@ -190,3 +191,22 @@ def test_resampled_column_marks_only_the_resampled_rows(few_images: Path, tmp_pa
     assert rows["resampled"].dtype == bool
     assert (rows["resampled"] == (rows["metric"] == M.EQUIVARIANCE_ERROR_RESAMPLED)).all() and rows["resampled"].any()
     assert not rows.loc[rows["resampled"], "aligned"].any()
+
+
+@pytest.mark.parametrize("chosen", [("equivariance_error",), ("equivariance_error_resampled", "inplace_change"),
+                                    ("equivariance_error_interior", "pooled_invariance_error")])
+def test_layer_metrics_give_the_chosen_rows_of_the_full_run_and_no_others(few_images: Path, chosen: tuple) -> None:
+    """--layer-metrics computes fewer metrics, never other numbers: each chosen metric's rows equal
+    the full run's, bit for bit, and no other per-layer metric appears (outputs are untouched)."""
+    common = dict(data=[str(few_images)], num_images=3, size=SIZE, shift="0..3", layers="all", weights="none",
+                  warn=lambda _: None)
+    keys = ["layer", "shift_x", "shift_y", "metric"]
+    torch.manual_seed(6)
+    net = strided_circular()
+    full = transinv.measure(net, **common).rows.set_index(keys)
+    part = transinv.measure(net, layer_metrics=",".join(chosen), **common).rows.set_index(keys)
+    layer_rows = part[part.index.get_level_values("layer") != "output"]
+    assert set(layer_rows.index.get_level_values("metric")) == set(chosen)
+    expected = full[full.index.get_level_values("metric").isin(chosen) | (full.index.get_level_values("layer") == "output")]
+    assert set(part.index) == set(expected.index)
+    pd.testing.assert_series_equal(part["value"].sort_index(), expected["value"].sort_index())

@@ -161,6 +161,7 @@ def prepare_jobs(plan: Plan, options: MeasureOptions, device: torch.device, warn
                 error_maps=options.error_maps is not None,
                 compile=options.compile,
                 cuda_graphs=options.cuda_graphs,
+                layer_metrics=options.layer_metrics,
                 warn=warn,
             )
             rows_layers = layers + (lie.layers if lie is not None else [])  # strides of the attributed leaves
@@ -201,7 +202,8 @@ def run_plan(plan: Plan, groups: list[list[Measured]], options: MeasureOptions, 
     advance = progress(len(plan.items) * len(plan.groups), 0) if progress is not None else None
     for group, measured, pairs in zip(plan.groups, groups, collapses):
         loader = make_loader(plan.items, group.shifts.decoding(group.preprocess), group.shifts.canvas,
-                             options.batch_size, options.workers, plan.ids)
+                             options.batch_size, options.workers, plan.ids,
+                             pin=any(m.measurement.device.type == "cuda" for m in measured))
         group_run = RunState()
         try:
             _build_galleries(measured, loader, options, context)

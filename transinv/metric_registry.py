@@ -190,6 +190,8 @@ _SPECS = (
 )
 
 METRICS: dict[str, MetricSpec] = {spec.name: spec for spec in _SPECS}
+# the per-layer metrics the hooks compute on every shifted pass (``--layer-metrics`` picks among them)
+LAYER_METRICS: tuple[str, ...] = tuple(s.name for s in _SPECS if s.scope == "layer" and not s.attribution)
 
 
 def spec(name: str) -> MetricSpec | None:

@@ -15,6 +15,7 @@ from dataclasses import MISSING, Field, asdict, dataclass, field, fields, replac
 from typing import Any, Mapping, Sequence, Union
 
 from .errors import UserError, did_you_mean
+from .metric_registry import LAYER_METRICS
 
 MODES: tuple[str, ...] = ("crop", "circular", "pad", "embed")
 DIRECTIONS: tuple[str, ...] = ("x", "y", "diagonal", "grid")
@@ -66,6 +67,15 @@ def _rgb(value: Any, option: str) -> tuple[float, ...] | None:
     return numbers
 
 
+def _names(value: Any) -> tuple[str, ...] | None:
+    """A tuple of names from a comma-separated string or a sequence (blanks dropped; None or
+    nothing left: None)."""
+    if value is None:
+        return None
+    parts = value.split(",") if isinstance(value, str) else [str(v) for v in value]
+    return tuple(p.strip() for p in parts if p.strip()) or None
+
+
 def _strings(value: Any) -> tuple[str, ...] | None:
     """A tuple of strings from one string or a sequence (None stays None)."""
     if value is None:
@@ -86,6 +96,7 @@ class MeasureOptions:
     data: tuple[str, ...] | None = _opt(None, "Image folder, ImageFolder tree or file; repeat for several. Default: the built-in images.", WHAT, metavar="PATH", repeat=True)
     num_images: int | None = _opt(None, "Measure a random subset of this many images (seeded by --sample-seed).", WHAT)
     layers: str = _opt("default", "Layers to measure: default (stage outputs and the first layer at each new stride), all, none (output only), or names and globs (layer3.*), comma-separated.", WHAT)
+    layer_metrics: tuple[str, ...] | None = _opt(None, "Per-layer metrics to compute, comma-separated (default: all: " + ", ".join(LAYER_METRICS) + "); fewer run faster (see README, Speed).", WHAT, metavar="LIST")
     by_correctness: bool = _opt(False, "Also split top-1 agreement and consistency by whether the unshifted prediction was correct.", WHAT)
     attribution: str | None = _opt(None, "Also split the output's Lie derivative (an infinitesimal shift along --direction) into contributions of every leaf layer that add up to it: lie (Gruver et al. 2023; see README).", WHAT, choices=("lie",))
     task: str | None = _opt(None, "What the model outputs: classification (logits), embedding (a vector per image) or segmentation (N, K, H, W class maps). Default: detected (4-D or 'out' maps: segmentation; timm num_classes=0: embedding; else classification).", WHAT, choices=TASKS)
@@ -133,10 +144,8 @@ class MeasureOptions:
         set_(self, "label", _strings(self.label))
         set_(self, "mean", _rgb(self.mean, "mean"))
         set_(self, "std", _rgb(self.std, "std"))
-        variants = self.variants
-        if isinstance(variants, str):
-            variants = [v for v in variants.split(",")]
-        set_(self, "variants", None if variants is None else tuple(v.strip() for v in variants if v.strip()) or None)
+        set_(self, "variants", _names(self.variants))
+        set_(self, "layer_metrics", _names(self.layer_metrics))
         if isinstance(self.weights, Mapping):
             set_(self, "weights", {str(k): str(v) for k, v in self.weights.items()})
         for name in ("shift", "consistency", "fill", "fix_layers"):  # YAML reads `shift: 5` as a number
@@ -164,6 +173,10 @@ class MeasureOptions:
                 raise OptionError(name, f"must be 0 or more (got {value!r})")
         if self.std is not None and any(v <= 0 for v in self.std):
             raise OptionError("std", "values must be positive")
+        for name in self.layer_metrics or ():
+            if name not in LAYER_METRICS:
+                raise OptionError("layer_metrics", f"takes {', '.join(LAYER_METRICS)} (got {name!r})"
+                                                   f"{did_you_mean(name, list(LAYER_METRICS))}")
         if self.label is not None and len(set(self.label)) != len(self.label):
             raise OptionError("label", f"values must be distinct (got {', '.join(self.label)})")
         device = self.device

@@ -198,6 +198,11 @@ class Batch:
     indices: torch.Tensor
     skipped: list[str]
 
+    def pin_memory(self) -> "Batch":
+        """The batch in page-locked memory (the DataLoader calls this with ``pin_memory``), so its
+        copy to a GPU runs asynchronously, beside the previous batch's passes."""
+        return Batch(self.canvases.pin_memory(), self.labels.pin_memory(), self.indices.pin_memory(), self.skipped)
+
 
 def collate(samples: list[tuple[int, torch.Tensor | None, int, str]]) -> Batch:
     """Stack the readable canvases; report the unreadable ones instead of failing the run."""

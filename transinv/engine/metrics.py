@@ -323,22 +323,24 @@ class PassComparison:
 
     errors: tuple[torch.Tensor, ...]  # per group (S_g, N, M): the error on the region, then the interior
     error_sums: tuple[torch.Tensor | None, ...]  # per group (S_g, h, w), or None (no spatial maps)
-    inplace: torch.Tensor  # (S, N)
-    pooled: torch.Tensor  # (S, N)
+    inplace: torch.Tensor | None  # (S, N), None when not asked for
+    pooled: torch.Tensor | None  # (S, N), None when not asked for
 
 
 def compare_pass(
-    reference: Reference, maps: torch.Tensor, groups: Sequence[ShiftGroup], spatial: bool = False
+    reference: Reference, maps: torch.Tensor, groups: Sequence[ShiftGroup], spatial: bool = False,
+    inplace: bool = True, pooled: bool = True,
 ) -> PassComparison:
     """Every per-layer metric of a pass ``maps`` ``(S * N, C, h, w)`` (shift-major) in a few
     operations whatever ``S``: the equivariance errors of each group of ``pass_geometry``, the
-    in-place change and the pooled invariance error; nothing read back to the host."""
+    in-place change and the pooled invariance error (each if asked for); nothing read back to the host."""
     n, c, h, w = reference.maps.shape
     stack = maps.reshape(-1, n, c, h * w)
     out = [_group_errors(reference, stack[group.select], group, spatial) for group in groups]
-    inplace = torch.linalg.vector_norm(stack - reference.maps.flatten(-2), dim=(-2, -1)).double() / reference.norm
-    pooled = pooled_invariance_error(reference, maps).reshape(len(stack), n)
-    return PassComparison(tuple(e for e, _ in out), tuple(m for _, m in out), inplace, pooled)
+    change = (torch.linalg.vector_norm(stack - reference.maps.flatten(-2), dim=(-2, -1)).double() / reference.norm
+              if inplace else None)
+    pooled_error = pooled_invariance_error(reference, maps).reshape(len(stack), n) if pooled else None
+    return PassComparison(tuple(e for e, _ in out), tuple(m for _, m in out), change, pooled_error)
 
 
 def _ratio(num: torch.Tensor, den: torch.Tensor) -> torch.Tensor:

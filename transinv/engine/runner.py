@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import ctypes
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Collection, Iterator, Sequence
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
 from . import metrics as M
-from ..metric_registry import METRICS
+from ..metric_registry import LAYER_METRICS, METRICS
 from ..options import check_task
 from .attribution import LieAttribution
 from .data import Batch, CanvasDataset, ImageItem, Preprocess, collate
@@ -64,8 +64,10 @@ def resolve_device(device: str, local_rank: int | None = None) -> torch.device:
 def metric_keys(
     layers: list[LayerInfo], shifts: Sequence[Shift], labelled: bool, by_correctness: bool = False,
     path: bool = False, pairs: bool = False, random: bool = False, task: str = CLASSIFICATION.name,
+    layer_metrics: Collection[str] = LAYER_METRICS,
 ) -> list[M.Key]:
-    """Every (layer, shift, metric) the run can fill, in output order. Worst cases need a shift
+    """Every (layer, shift, metric) the run can fill, in output order (of the layers, the chosen
+    ``layer_metrics`` only). Worst cases need a shift
     besides 0, jaggedness a path of two shifts or more; worst cases over the whole-pixel and the
     fractional shifts come apart when the set holds both kinds. Output and set metrics are those
     of the output kind ``task``; those read from random draws only with ``random``."""
@@ -77,6 +79,7 @@ def metric_keys(
             elif not layer.fixed:
                 keys.append((layer.name, shift, M.EQUIVARIANCE_ERROR_RESAMPLED))
             keys += [(layer.name, shift, M.INPLACE_CHANGE), (layer.name, shift, M.POOLED_INVARIANCE_ERROR)]
+    keys = [key for key in keys if key[2] in layer_metrics]
     for shift in shifts:
         for spec in METRICS.values():
             if (spec.scope == "output" and not spec.attribution and spec.task == task
@@ -124,10 +127,12 @@ class _LayerComparer:
     """
 
     def __init__(self, layers: list[LayerInfo], shifts: Sequence[Shift], circular: bool,
-                 margins: dict[str, tuple[int, int]] | None = None, error_maps: ErrorMaps | None = None) -> None:
+                 margins: dict[str, tuple[int, int]] | None = None, error_maps: ErrorMaps | None = None,
+                 metrics: Collection[str] = LAYER_METRICS) -> None:
         self.layers = {layer.name: layer for layer in layers}
+        self.metrics = frozenset(metrics)
         self.resampled = {layer.name for layer in layers  # compared at a fractional feature shift: keep a spectrum
-                          for k in map(layer.compared_shift, shifts) if k is not None and not M.is_whole(k)}
+                          for shift in shifts if not M.is_whole(self._compared_shift(layer, shift) or (0, 0))}
         self.circular = circular
         self.margins = margins or {}  # layers without a measured margin get no interior error
         self.error_maps = error_maps
@@ -156,9 +161,10 @@ class _LayerComparer:
         if plan is None:
             plan = self._plans[(layer.name, shifts)] = self._plan(layer, shifts, reference)
         spatial = self.error_maps is not None and not layer.fixed
-        out = M.compare_pass(reference, feature, plan.groups, spatial)
-        interior = [e[..., 1] for e, g in zip(out.errors, plan.groups) if plan.interior and not g.resampled]
-        self.pending.append((plan.keys, [e[..., 0] for e in out.errors] + interior + [out.inplace, out.pooled]))
+        out = M.compare_pass(reference, feature, plan.groups, spatial, plan.inplace, plan.pooled)
+        values = [e[..., 0] for e, kept in zip(out.errors, plan.errors) if kept]
+        values += [e[..., 1] for e, g in zip(out.errors, plan.groups) if plan.interior and not g.resampled]
+        self.pending.append((plan.keys, values + [v for v in (out.inplace, out.pooled) if v is not None]))
         if spatial:
             for group, sums in zip(plan.groups, out.error_sums):
                 for i, error_sum in zip(group.positions, sums):
@@ -174,38 +180,58 @@ class _LayerComparer:
         """The keys and values (one row per key) of every layer compared since the last collect (a
         pass), as one tensor: one concatenation and one copy into the state per pass, not per layer."""
         keys = tuple(key for layer_keys, _ in self.pending for key in layer_keys)
-        values = torch.cat([rows for _, values in self.pending for rows in values]) if self.pending else None
+        rows = [row for _, values in self.pending for row in values]
+        values = torch.cat(rows) if rows else None
         self.pending = []
         return keys, values
 
+    def _compared_shift(self, layer: LayerInfo, shift: Shift) -> tuple[float, float] | None:
+        """The feature shift ``layer`` is compared at for ``shift`` (``LayerInfo.compared_shift``),
+        None where no chosen metric compares it (a fractional one without the resampled error)."""
+        k = layer.compared_shift(shift)
+        if k is None:
+            return None
+        wanted = {M.EQUIVARIANCE_ERROR, M.EQUIVARIANCE_ERROR_INTERIOR} if M.is_whole(k) else {M.EQUIVARIANCE_ERROR_RESAMPLED}
+        return k if wanted & self.metrics else None
+
     def _plan(self, layer: LayerInfo, shifts: tuple[Shift, ...], reference: M.Reference) -> "_PassPlan":
         """The geometry of a layer's pass and its keys, in the order ``compare`` stacks the values:
-        errors (whole shifts, then resampled), interior errors, in-place changes, pooled errors.
+        errors (whole shifts, then resampled), interior errors, in-place changes, pooled errors,
+        each where chosen (``--layer-metrics``).
 
         Aligned shifts get ``equivariance_error`` (and the interior one where the layer has a
         margin), the others ``equivariance_error_resampled``; a fixed-size map only the first, at shift 0.
         """
-        margin = None if layer.fixed else self.margins.get(layer.name)
-        ks = [layer.compared_shift(shift) for shift in shifts]
+        chosen = self.metrics
+        margin = None if layer.fixed or M.EQUIVARIANCE_ERROR_INTERIOR not in chosen else self.margins.get(layer.name)
+        ks = [self._compared_shift(layer, shift) for shift in shifts]
         h, w = reference.maps.shape[-2:]
         groups = M.pass_geometry(h, w, ks, self.circular, margin, reference.maps.dtype, reference.maps.device)
+        errors = tuple((M.EQUIVARIANCE_ERROR_RESAMPLED if g.resampled else M.EQUIVARIANCE_ERROR) in chosen for g in groups)
         keys = [(layer.name, shifts[i], M.EQUIVARIANCE_ERROR_RESAMPLED if g.resampled else M.EQUIVARIANCE_ERROR)
-                for g in groups for i in g.positions]
+                for g, kept in zip(groups, errors) if kept for i in g.positions]
         if margin is not None:
             keys += [(layer.name, shifts[i], M.EQUIVARIANCE_ERROR_INTERIOR)
                      for g in groups if not g.resampled for i in g.positions]
-        keys += [(layer.name, shift, metric) for metric in (M.INPLACE_CHANGE, M.POOLED_INVARIANCE_ERROR) for shift in shifts]
-        return _PassPlan(groups, tuple(keys), margin is not None)
+        inplace, pooled = M.INPLACE_CHANGE in chosen, M.POOLED_INVARIANCE_ERROR in chosen
+        keys += [(layer.name, shift, metric) for metric, kept in ((M.INPLACE_CHANGE, inplace),
+                                                                   (M.POOLED_INVARIANCE_ERROR, pooled))
+                 if kept for shift in shifts]
+        return _PassPlan(groups, tuple(keys), errors, margin is not None, inplace, pooled)
 
 
 @dataclass(frozen=True)
 class _PassPlan:
     """How one layer compares one pass of shifts: the geometry (``M.pass_geometry``), the keys of
-    the values in stacking order, and whether interior errors are among them."""
+    the values in stacking order, and which values are among them: each group's errors, the
+    interior errors, the in-place changes, the pooled errors."""
 
     groups: tuple[M.ShiftGroup, ...]
     keys: tuple[M.Key, ...]
+    errors: tuple[bool, ...]
     interior: bool
+    inplace: bool
+    pooled: bool
 
 
 class Measurement:
@@ -235,6 +261,7 @@ class Measurement:
         compile: bool = False,
         cuda_graphs: bool = True,
         warn: Callable[[str], None] = lambda _: None,
+        layer_metrics: Sequence[str] | None = None,
     ) -> None:
         self.kind = output_kind(task)
         check_task(task, plan.random_shifts, plan.pair_offsets is not None, plan.subpixel is not None)
@@ -245,8 +272,10 @@ class Measurement:
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.error_maps = ErrorMaps(layers, plan.shifts, device) if error_maps else None
-        self.comparer = _LayerComparer(layers, plan.shifts, plan.mode == "circular", padding_margins(model, layers, plan.size, device),
-                                       self.error_maps)
+        self.layer_metrics = tuple(layer_metrics or LAYER_METRICS)
+        margins = padding_margins(model, layers, plan.size, device) if M.EQUIVARIANCE_ERROR_INTERIOR in self.layer_metrics else {}
+        self.comparer = _LayerComparer(layers, plan.shifts, plan.mode == "circular", margins, self.error_maps,
+                                       self.layer_metrics)
         # hooks stay on ``model``'s modules (their names); the passes go through the compiled wrapper
         self.forward_model = torch.compile(model) if compile else model
         # on a GPU, full batches replay captured passes; error maps add up on the host side of each pass
@@ -256,7 +285,7 @@ class Measurement:
         self.seed = seed
         self.per_image = PerImage() if per_image else None  # per-image predictions (--per-image)
         self.keys = metric_keys(layers, plan.shifts, labelled, by_correctness, path, plan.pair_offsets is not None,
-                                plan.random_shifts > 0, task) + (attribution.keys if attribution is not None else [])
+                                plan.random_shifts > 0, task, self.layer_metrics) + (attribution.keys if attribution else [])
         self.attribution = attribution
         self.prediction: torch.Tensor | None = None  # the last batch's top-1 classes on the unshifted views
         self.gallery: Gallery | None = None  # the whole set's reference embeddings (output kinds with retrieval)
@@ -320,7 +349,7 @@ class Measurement:
         canvases = batch.canvases.to(self.device, non_blocking=True)
         if self.graphs is not None:
             canvases = self.graphs.stage(canvases)
-        labels = batch.labels.to(self.device)
+        labels = batch.labels.to(self.device, non_blocking=True)
         comparer = self.comparer
         if self.error_maps is not None:
             self.error_maps.images += len(labels)
@@ -539,9 +568,11 @@ def _where_known(labels: torch.Tensor, correct: torch.Tensor) -> torch.Tensor:
 
 
 def make_loader(
-    items: list[ImageItem], pre: Preprocess, canvas: int, batch_size: int, workers: int, ids: Sequence[int] | None = None
+    items: list[ImageItem], pre: Preprocess, canvas: int, batch_size: int, workers: int, ids: Sequence[int] | None = None,
+    pin: bool = False,
 ) -> DataLoader:
-    """Batches of decoded canvases, in order, decoded in ``workers`` processes (``ids``: see CanvasDataset)."""
+    """Batches of decoded canvases, in order, decoded in ``workers`` processes (``ids``: see
+    CanvasDataset); ``pin``: in page-locked memory, for an asynchronous copy to a GPU."""
     if batch_size < 1:
         raise UserError("--batch-size must be at least 1")
     if workers < 0:
@@ -552,6 +583,7 @@ def make_loader(
         shuffle=False,
         num_workers=workers,
         collate_fn=collate,
+        pin_memory=pin,
         persistent_workers=False,
     )
 
