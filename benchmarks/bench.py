@@ -132,10 +132,9 @@ def timed_measure(model: torch.nn.Module, settings: dict, args: argparse.Namespa
 
     seconds(args.batch_size)  # warm-up: allocator, kernels, probe
     views = len(make_shifts(parse_shift_values(args.shift), "x"))
-    short = 2 * args.batch_size
-    steady = (args.images - short) * views / (seconds(args.images) - seconds(short)) if args.images >= 2 * short else None
-    whole = args.images * views / seconds(args.images)
-    return whole, steady
+    short, full = 2 * args.batch_size, seconds(args.images)
+    steady = (args.images - short) * views / (full - seconds(short)) if args.images >= 2 * short else None
+    return args.images * views / full, steady
 
 
 LIE_MODEL = "resnet18"

@@ -76,7 +76,7 @@ def test_a_fused_pass_gives_each_shifts_numbers(circular: bool, gather: bool) ->
     maps = shifted.unflatten(0, (len(shifts), -1))
     for group, errors, sums in zip(groups, out.errors, out.error_sums):
         for row, i in enumerate(group.positions):
-            alone = M.compare_shift(ref, maps[i], shifts[i], circular, margin=(1, 1))
+            alone = M.compare_shift(ref, maps[i], shifts[i], circular, margin=(1, 1), axes=group.axes or None)
             torch.testing.assert_close(errors[row, :, 0], alone.error, rtol=1e-12, atol=0, equal_nan=True)
             torch.testing.assert_close(errors[row, :, 1], alone.interior, rtol=1e-12, atol=0, equal_nan=True)
             torch.testing.assert_close(sums[row], alone.error_sum, rtol=1e-12, atol=0, equal_nan=True)
@@ -88,6 +88,23 @@ def test_a_fused_pass_gives_each_shifts_numbers(circular: bool, gather: bool) ->
         torch.testing.assert_close(out.pooled[i], M.pooled_invariance_error(ref.maps, maps[i]), rtol=1e-12, atol=0,
                                    equal_nan=True)
     assert out.inplace[:, 1].isnan().all() and out.errors[0][:, 1].isnan().all()  # the zero reference
+
+
+@pytest.mark.parametrize("circular", [False, True])
+def test_a_shift_along_one_axis_is_resampled_by_a_1d_transform_with_the_2d_numbers(circular: bool) -> None:
+    """Fractional shifts along x only (or y only) transform that axis alone (``fourier_axes``): the
+    same errors as the 2-D transform, to float32 rounding; a layer with shifts along both uses 2-D."""
+    for shifts, axes in (([(0.5, 0), (1.5, 0)], (-1,)), ([(0, 0.5), (0, -2.5)], (-2,))):
+        assert M.fourier_axes(shifts) == axes
+        ref, shifted, groups, out = _pass(shifts, circular=circular)
+        assert groups[0].axes == axes
+        both = M.pass_geometry(9, 8, shifts, circular, (1, 1), torch.float32, "cpu", axes=(-2, -1))
+        two_d = M.compare_pass(ref, shifted, both, spatial=True)
+        torch.testing.assert_close(out.errors[0], two_d.errors[0], rtol=1e-5, atol=1e-7, equal_nan=True)
+        torch.testing.assert_close(out.error_sums[0], two_d.error_sums[0], rtol=1e-5, atol=1e-6, equal_nan=True)
+    assert M.fourier_axes([(0.5, 0), (0, 0.5)]) == (-2, -1)
+    with pytest.raises(ValueError, match="along x only"):
+        M.fourier_phases(8, 8, 0.5, 0.5, "cpu", axes=(-1,))
 
 
 _VIEWS = {f"aten::{name}" for name in ("view", "reshape", "flatten", "unflatten", "permute", "transpose", "slice",

@@ -94,8 +94,8 @@ class Reference:
     """A layer's unshifted maps ``(N, C, h, w)`` with what every shift's comparison reuses, computed
     once per batch: the per-position energy (sum of squares over channels), the map norm, the
     per-channel means and their norm as denominators (NaN where 0, see ``_denominator``) and, if
-    the layer is compared at fractional shifts, the maps' ``rfft2`` spectrum (made here, not on
-    first use, so a captured CUDA graph never holds a half-made one)."""
+    the layer is compared at fractional shifts, the maps' spectrum over ``spectrum_axes`` (see
+    ``fourier_axes``; made here, not on first use, so a captured CUDA graph never holds a half-made one)."""
 
     maps: torch.Tensor
     energy: torch.Tensor
@@ -103,13 +103,15 @@ class Reference:
     pooled_norm: torch.Tensor
     norm: torch.Tensor
     spectrum: torch.Tensor | None = None
+    spectrum_axes: tuple[int, ...] | None = None
 
     @classmethod
-    def of(cls, maps: torch.Tensor, spectrum: bool = False) -> "Reference":
+    def of(cls, maps: torch.Tensor, spectrum_axes: tuple[int, ...] | None = None) -> "Reference":
         pooled = maps.mean(dim=(-2, -1)).double()
         energy = maps.pow(2).sum(dim=1).double()
+        spectrum = torch.fft.rfftn(maps, dim=spectrum_axes) if spectrum_axes else None
         return cls(maps, energy, pooled, _denominator(_per_image_norm(pooled)),
-                   _denominator(energy.sum(dim=(-2, -1)).sqrt()), torch.fft.rfft2(maps) if spectrum else None)
+                   _denominator(energy.sum(dim=(-2, -1)).sqrt()), spectrum, spectrum_axes)
 
 
 def _reference(reference: torch.Tensor | Reference) -> Reference:
@@ -192,18 +194,18 @@ class ShiftComparison:
 
 def compare_shift(
     reference: Reference, shifted: torch.Tensor, k: tuple[float, float], circular: bool, margin: tuple[int, int] = (0, 0),
-    spatial: bool = True,
+    spatial: bool = True, axes: tuple[int, ...] | None = None,
 ) -> ShiftComparison:
     """``equivariance_error`` at a feature shift ``k = (kx, ky)``, whole or fractional, its interior
     version (``margin = (my, mx)`` feature pixels left out at each border) and, if ``spatial``, the
-    spatial error map (else None): ``compare_pass`` for one shift.
+    spatial error map (else None): ``compare_pass`` for one shift (``axes``: see ``pass_geometry``).
 
     Whole ``k``: ``T_k`` is a roll (exact, the same numbers as ``equivariance_error``). Fractional:
     ``T_k`` is the band-limited circular ``fourier_shift`` of the reference maps, and the reference
     norm is that of the resampled maps on the same region.
     """
     h, w = reference.maps.shape[-2:]
-    (group,) = pass_geometry(h, w, [k], circular, margin, reference.maps.dtype, reference.maps.device)
+    (group,) = pass_geometry(h, w, [k], circular, margin, reference.maps.dtype, reference.maps.device, axes=axes)
     errors, error_sum = _group_errors(reference, shifted.flatten(-2)[None], group, spatial)
     return ShiftComparison(errors[0, :, 0], errors[0, :, 1], None if error_sum is None else error_sum[0])
 
@@ -217,7 +219,8 @@ class ShiftGroup:
     select: slice | torch.Tensor  # picks them out of the stack (a slice when they are consecutive)
     index: torch.Tensor | None  # whole, gathered: (S * h * w,) the reference position each compared position reads
     rolls: tuple[tuple[int, int], ...]  # whole: each shift's roll (ky, kx) of the reference maps
-    phases: torch.Tensor | None  # fractional: (S, h, w // 2 + 1) the Fourier factors, the spectrum's dtype
+    phases: torch.Tensor | None  # fractional: (S, ...) the Fourier factors of the spectrum over ``axes``, its dtype
+    axes: tuple[int, ...]  # fractional: the axes the Fourier resampling transforms (``fourier_axes``)
     masks: torch.Tensor  # (S, h * w, M) float64: the compared region, then (margin given) its interior
     sources: torch.Tensor | None  # whole: (h * w, S * M) the masks moved to the reference positions they read
     outside: torch.Tensor  # (S, h * w) bool: positions not compared (NaN in the error maps)
@@ -231,15 +234,28 @@ def is_whole(k: tuple[float, float]) -> bool:
     return float(k[0]).is_integer() and float(k[1]).is_integer()
 
 
+def fourier_axes(ks: Sequence[tuple[float, float]]) -> tuple[int, ...]:
+    """The axes the Fourier resampling of the fractional feature shifts ``(kx, ky)`` transforms:
+    x only (``(-1,)``) when every ``ky`` is 0, y only (``(-2,)``) when every ``kx`` is 0, else both."""
+    if all(ky == 0 for _, ky in ks):
+        return (-1,)
+    if all(kx == 0 for kx, _ in ks):
+        return (-2,)
+    return (-2, -1)
+
+
 def pass_geometry(
     height: int, width: int, shifts: Sequence[tuple[float, float] | None], circular: bool,
     margin: tuple[int, int] | None, dtype: torch.dtype, device: torch.device | str, gather: bool | None = None,
+    axes: tuple[int, ...] | None = None,
 ) -> tuple[ShiftGroup, ...]:
     """What comparing a pass's feature shifts ``(kx, ky)`` (None: not compared) on ``height x width``
     maps of ``dtype`` needs, made once per layer and group of shifts: at most two groups, whole
     shifts then fractional ones. ``margin = (my, mx)``: the masks get an interior column (M = 2).
     ``gather``: roll the reference for every whole shift in one index gather (one launch; the
-    default on a GPU) rather than by block copies per shift (several times faster on the CPU)."""
+    default on a GPU) rather than by block copies per shift (several times faster on the CPU).
+    ``axes``: those the fractional shifts' Fourier resampling transforms (default: ``fourier_axes``
+    of this pass's; a layer passes those of all its shifts, so one reference spectrum serves them)."""
     gather = torch.device(device).type == "cuda" if gather is None else gather
     groups = []
     for resampled in (False, True):
@@ -257,9 +273,11 @@ def pass_geometry(
         consecutive = positions == tuple(range(positions[0], positions[-1] + 1))
         select = slice(positions[0], positions[-1] + 1) if consecutive else torch.tensor(positions, device=device)
         index = sources = phases = None
+        transformed = (axes or fourier_axes(ks)) if resampled else ()
         if resampled:
             complex_dtype = torch.promote_types(dtype, torch.complex64)
-            phases = torch.stack([fourier_phases(height, width, kx, ky, device) for kx, ky in ks]).to(complex_dtype)
+            phases = torch.stack([fourier_phases(height, width, kx, ky, device, transformed)
+                                  for kx, ky in ks]).to(complex_dtype)
         else:
             reads = [((torch.arange(height)[:, None] - int(ky)) % height * width
                       + (torch.arange(width)[None, :] - int(kx)) % width).flatten() for kx, ky in ks]
@@ -269,7 +287,7 @@ def pass_geometry(
             index = torch.cat(reads).to(device) if gather else None
             sources = read_masks.permute(1, 0, 2).flatten(1).to(device)
         rolls = tuple((int(ky) % height, int(kx) % width) for kx, ky in ks) if not resampled else ()
-        groups.append(ShiftGroup(positions, select, index, rolls, phases, mask.to(device), sources,
+        groups.append(ShiftGroup(positions, select, index, rolls, phases, transformed, mask.to(device), sources,
                                  (mask[..., 0] == 0).to(device)))
     return tuple(groups)
 
@@ -282,8 +300,10 @@ def _group_errors(
     maps ``(S, N, C, h * w)``. Every shift of the group in the same few operations."""
     n, c, h, w = reference.maps.shape
     if group.resampled:
-        spectrum = reference.spectrum if reference.spectrum is not None else torch.fft.rfft2(reference.maps)
-        moved = torch.fft.irfft2(spectrum * group.phases[:, None, None], s=(h, w)).flatten(-2)
+        spectrum = (reference.spectrum if reference.spectrum_axes == group.axes
+                    else torch.fft.rfftn(reference.maps, dim=group.axes))
+        sizes = [(h, w)[axis] for axis in group.axes]
+        moved = torch.fft.irfftn(spectrum * group.phases[:, None, None], s=sizes, dim=group.axes).flatten(-2)
         energy = torch.bmm(_channel_energy(moved), group.masks)
     else:  # every roll at once; the reference energy on the rolled masks is one product
         moved = _rolled(reference.maps, group)
@@ -298,8 +318,11 @@ def _group_errors(
 
 
 def _channel_energy(maps: torch.Tensor) -> torch.Tensor:
-    """``(S, N, C, P) -> (S, N, P)`` float64: the sum of squares over channels at each position
-    (a product and a sum: on the CPU several times faster than a norm over a strided axis)."""
+    """``(S, N, C, P) -> (S, N, P)`` float64: the sum of squares over channels at each position: on
+    a GPU one norm kernel (no squared copy), on the CPU a product and a sum (there several times
+    faster than a norm over a strided axis)."""
+    if maps.is_cuda:
+        return torch.linalg.vector_norm(maps, dim=2).double().square()
     return (maps * maps).sum(dim=2).double()
 
 

@@ -131,8 +131,11 @@ class _LayerComparer:
                  metrics: Collection[str] = LAYER_METRICS) -> None:
         self.layers = {layer.name: layer for layer in layers}
         self.metrics = frozenset(metrics)
-        self.resampled = {layer.name for layer in layers  # compared at a fractional feature shift: keep a spectrum
-                          for shift in shifts if not M.is_whole(self._compared_shift(layer, shift) or (0, 0))}
+        self.resampled: dict[str, tuple[int, ...]] = {}  # layers compared at fractional feature shifts: their Fourier axes
+        for layer in layers:
+            ks = [k for k in (self._compared_shift(layer, shift) for shift in shifts) if k is not None and not M.is_whole(k)]
+            if ks:
+                self.resampled[layer.name] = M.fourier_axes(ks)
         self.circular = circular
         self.margins = margins or {}  # layers without a measured margin get no interior error
         self.error_maps = error_maps
@@ -150,7 +153,7 @@ class _LayerComparer:
         if reduced:
             feature = feature.float()  # reduced-precision maps are compared in float32 (a copy)
         if not self.shifts:  # keep a copy: in-place ops later in the forward pass may change it
-            self.reference[name] = M.Reference.of(feature if reduced else feature.clone(), name in self.resampled)
+            self.reference[name] = M.Reference.of(feature if reduced else feature.clone(), self.resampled.get(name))
             return
         self.compare(layer, self.reference[name], feature, tuple(self.shifts))
 
@@ -206,7 +209,8 @@ class _LayerComparer:
         margin = None if layer.fixed or M.EQUIVARIANCE_ERROR_INTERIOR not in chosen else self.margins.get(layer.name)
         ks = [self._compared_shift(layer, shift) for shift in shifts]
         h, w = reference.maps.shape[-2:]
-        groups = M.pass_geometry(h, w, ks, self.circular, margin, reference.maps.dtype, reference.maps.device)
+        groups = M.pass_geometry(h, w, ks, self.circular, margin, reference.maps.dtype, reference.maps.device,
+                                 axes=self.resampled.get(layer.name))
         errors = tuple((M.EQUIVARIANCE_ERROR_RESAMPLED if g.resampled else M.EQUIVARIANCE_ERROR) in chosen for g in groups)
         keys = [(layer.name, shifts[i], M.EQUIVARIANCE_ERROR_RESAMPLED if g.resampled else M.EQUIVARIANCE_ERROR)
                 for g, kept in zip(groups, errors) if kept for i in g.positions]

@@ -62,9 +62,19 @@ def fourier_shift(x: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
     return torch.fft.irfft2(shifted, s=(height, width)).to(x.dtype)
 
 
-def fourier_phases(height: int, width: int, dx: float, dy: float, device: torch.device) -> torch.Tensor:
-    """The factors ``(H, W // 2 + 1)`` (complex128) by which ``fourier_shift`` multiplies an ``rfft2``
-    spectrum to shift by ``(dx, dy)``: one table serves every map of that size and shift."""
+def fourier_phases(height: int, width: int, dx: float, dy: float, device: torch.device,
+                   axes: tuple[int, ...] = (-2, -1)) -> torch.Tensor:
+    """The factors (complex128) by which ``fourier_shift`` multiplies a spectrum to shift by ``(dx,
+    dy)``: one table serves every map of that size and shift. ``axes`` names the spectrum:
+    ``(-2, -1)`` an ``rfft2`` one, ``(H, W // 2 + 1)``; ``(-1,)`` an ``rfft`` along x, ``(1, W // 2 + 1)``
+    (``dy`` must be 0); ``(-2,)`` an ``rfft`` along y, ``(H // 2 + 1, 1)`` (``dx`` must be 0). With
+    the other component 0 the 1-D transform is the same shift at about half the work."""
+    if axes == (-1,) or axes == (-2,):
+        along_x = axes == (-1,)
+        if (dy if along_x else dx) != 0:
+            raise ValueError(f"a transform along {'x' if along_x else 'y'} only cannot shift by ({dx}, {dy})")
+        factors = _phase(width if along_x else height, dx if along_x else dy, full=False, device=device)
+        return factors[None, :] if along_x else factors[:, None]
     rows = _phase(height, dy, full=True, device=device)
     cols = _phase(width, dx, full=False, device=device)
     return rows[:, None] * cols[None, :]
