@@ -245,7 +245,18 @@ def main() -> None:
     pre = load_model("resnet18", "none").preprocess
     memory_counts = [n for n in args.memory_images.split(",") if n]
     decoded = torch.stack([load_canvas(item.path, pre, SIZE) for item in items])
-    results = []
+    results: list[dict] = []
+    report = {
+        "machine": machine(device),
+        "versions": {"transinv": transinv.__version__, "torch": torch.__version__,
+                     "torchvision": torchvision.__version__, "python": platform.python_version()},
+        "settings": {"size": SIZE, "batch_size": args.batch_size, "images": args.images, "shift": args.shift, "rounds": args.rounds,
+                     "workers": args.workers, "data": args.data, "weights": "none", "precision": "fp32",
+                     "rows": row_settings(args)},
+        "results": results,
+        "startup_s": {},
+    }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     for name in args.models.split(","):
         model = load_model(name, "none").module.to(device)
         views = len(make_shifts(parse_shift_values(args.shift), "x"))
@@ -265,17 +276,11 @@ def main() -> None:
             "rows": rows, "peak_memory": memory,
             **(lie_cost(model, bare, rows["layers"]["views_per_s"], args) if name == LIE_MODEL and not args.no_lie else {}),
         })
-    report = {
-        "machine": machine(device),
-        "versions": {"transinv": transinv.__version__, "torch": torch.__version__,
-                     "torchvision": torchvision.__version__, "python": platform.python_version()},
-        "settings": {"size": SIZE, "batch_size": args.batch_size, "images": args.images, "shift": args.shift, "rounds": args.rounds,
-                     "workers": args.workers, "data": args.data, "weights": "none", "precision": "fp32",
-                     "rows": row_settings(args)},
-        "results": results,
-        "startup_s": startup_times(args.startup_repeats) if args.startup_repeats else {},
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")  # each model's figures as soon as they exist
+        print(f"{name}: bare {bare:.1f} img/s; " + "; ".join(f"{row} {v['views_per_s']:.1f} ({v['ratio']:.2f})"
+                                                              for row, v in rows.items()), flush=True)
+    if args.startup_repeats:
+        report["startup_s"] = startup_times(args.startup_repeats)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     table = Table(title=f"transinv vs bare forward ({device}, {args.images} images, shifts {args.shift}, batch {args.batch_size})")
     for column in ("model", "bare img/s", "output views/s", "ratio", "layers views/s", "ratio", *(
