@@ -179,3 +179,16 @@ def test_auto_weights_fall_back_to_random_weights_with_a_note_and_the_header_say
     print_result(result, console)
     shown = console.file.getvalue()
     assert "random weights (--weights none)" in shown and "preprocessing: resize 40 -> crop 32, bilinear" in shown
+
+
+def test_size_without_resize_says_what_the_view_frames() -> None:
+    """--size alone keeps the weights' resize, so a small view is a centre patch: one note says so
+    and names the --resize that keeps the weights' framing; --size with --resize, or none, gets none."""
+    from transinv.plan import prepare_model
+
+    note = [n for n in prepare_model("resnet18", MeasureOptions(weights="none", size=64)).notes if "--size" in n]
+    assert note == ["resnet18: --size 64 crops the centre of each image resized to 256 px (the weights' --resize); "
+                    "--resize 73 keeps their framing (256 -> 224)"]
+    for quiet in (MeasureOptions(weights="none", size=64, resize=80), MeasureOptions(weights="none"),
+                  MeasureOptions(weights="none", size=224)):
+        assert not [n for n in prepare_model("resnet18", quiet).notes if "--size" in n]

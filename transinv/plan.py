@@ -79,6 +79,10 @@ def prepare_model(model: ModelSpec, options: MeasureOptions) -> LoadedModel:
         loaded.notes.append(f"{loaded.label}: built for {pre.size} px inputs, rebuilt for {size} px (timm's set_input_size: "
                             "position embeddings resampled; a windowed model's windows follow the patch grid)")
     resize = options.resize or (max(pre.resize, size) if options.size else pre.resize)
+    if options.size and not options.resize and size != pre.size:
+        framed = max(size, round(size * pre.resize / pre.size))
+        loaded.notes.append(f"{loaded.label}: --size {size} crops the centre of each image resized to {resize} px "
+                            f"(the weights' --resize); --resize {framed} keeps their framing ({pre.resize} -> {pre.size})")
     given = {name for name in ("size", "resize", "mean", "std") if getattr(options, name) is not None}
     settled = replace(pre, size=size, resize=resize, mean=options.mean or pre.mean, std=options.std or pre.std)
     return loaded.with_preprocess(settled, given)
