@@ -170,6 +170,14 @@ def test_error_maps_are_nan_outside_the_overlap_in_crop_mode(few_images: Path, t
         half = saved["sc/base/2/1,0"]  # k = 0.5: overlap from column 1, shrunk by one pixel each side
         assert np.isnan(half[:, :2]).all() and np.isnan(half[:, -1]).all() and not np.isnan(half[1:-1, 2:-1]).any()
 
+    # without the resampled error, the shifts it would compare get no map (not a map of zeros)
+    aligned_only = tmp_path / "aligned.npz"
+    transinv.measure(strided_circular(), data=[str(few_images)], num_images=2, size=SIZE, shift="0..3", mode="crop",
+                     layers="0,2", weights="none", error_maps=str(aligned_only), label=["sc"],
+                     layer_metrics="equivariance_error")
+    with np.load(aligned_only) as saved:  # layer 2 has stride 2: shifts 1 and 3 are fractional there
+        assert set(saved.files) == {f"sc/base/0/{d},0" for d in range(4)} | {"sc/base/2/0,0", "sc/base/2/2,0"}
+
 
 def test_new_layer_metrics_are_drawn_only_when_named(few_images: Path) -> None:
     from transinv.reports.plots import draw_results as draw

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import torch
@@ -26,9 +27,10 @@ class ErrorMaps:
     """Per (layer, shift): the sum over images of ``mean_c |f(T_d x) - T_k f(x)|`` at each position
     (NaN where the shift leaves no compared content), and the number of images added."""
 
-    def __init__(self, layers: list[LayerInfo], shifts: tuple[Shift, ...] | list[Shift], device: torch.device) -> None:
+    def __init__(self, compared: Iterable[tuple[LayerInfo, Shift]], device: torch.device) -> None:
+        """``compared``: the (layer, shift) pairs whose maps are compared (only those get a map)."""
         self.sums = {(layer.name, shift): torch.zeros(layer.height, layer.width, dtype=torch.float64, device=device)
-                     for layer in layers if not layer.fixed for shift in shifts}
+                     for layer, shift in compared if not layer.fixed}
         self.images = torch.zeros((), dtype=torch.float64, device=device)
 
     def add(self, layer: str, shift: Shift, error_sum: torch.Tensor) -> None:

@@ -127,18 +127,22 @@ class _LayerComparer:
     """
 
     def __init__(self, layers: list[LayerInfo], shifts: Sequence[Shift], circular: bool,
-                 margins: dict[str, tuple[int, int]] | None = None, error_maps: ErrorMaps | None = None,
+                 margins: dict[str, tuple[int, int]] | None = None, error_maps: torch.device | None = None,
                  metrics: Collection[str] = LAYER_METRICS) -> None:
+        """``error_maps``: the device to keep spatial error maps on (None: none kept), one per
+        layer and shift that a chosen equivariance metric compares."""
         self.layers = {layer.name: layer for layer in layers}
         self.metrics = frozenset(metrics)
         self.resampled: dict[str, tuple[int, ...]] = {}  # layers compared at fractional feature shifts: their Fourier axes
         for layer in layers:
-            ks = [k for k in (self._compared_shift(layer, shift) for shift in shifts) if k is not None and not M.is_whole(k)]
+            ks = [k for k in (self.compared_shift(layer, shift) for shift in shifts) if k is not None and not M.is_whole(k)]
             if ks:
                 self.resampled[layer.name] = M.fourier_axes(ks)
         self.circular = circular
         self.margins = margins or {}  # layers without a measured margin get no interior error
-        self.error_maps = error_maps
+        self.error_maps = None if error_maps is None else ErrorMaps(
+            [(layer, shift) for layer in layers for shift in shifts if self.compared_shift(layer, shift) is not None],
+            error_maps)
         self.reference: dict[str, M.Reference] = {}
         self.shifts: list[Shift] | None = []  # empty: the pass is the reference; None: not measured
         self._plans: dict[tuple[str, tuple[Shift, ...]], _PassPlan] = {}  # per (layer, shifts of a pass)
@@ -188,7 +192,7 @@ class _LayerComparer:
         self.pending = []
         return keys, values
 
-    def _compared_shift(self, layer: LayerInfo, shift: Shift) -> tuple[float, float] | None:
+    def compared_shift(self, layer: LayerInfo, shift: Shift) -> tuple[float, float] | None:
         """The feature shift ``layer`` is compared at for ``shift`` (``LayerInfo.compared_shift``),
         None where no chosen metric compares it (a fractional one without the resampled error)."""
         k = layer.compared_shift(shift)
@@ -207,7 +211,7 @@ class _LayerComparer:
         """
         chosen = self.metrics
         margin = None if layer.fixed or M.EQUIVARIANCE_ERROR_INTERIOR not in chosen else self.margins.get(layer.name)
-        ks = [self._compared_shift(layer, shift) for shift in shifts]
+        ks = [self.compared_shift(layer, shift) for shift in shifts]
         h, w = reference.maps.shape[-2:]
         groups = M.pass_geometry(h, w, ks, self.circular, margin, reference.maps.dtype, reference.maps.device,
                                  axes=self.resampled.get(layer.name))
@@ -275,14 +279,14 @@ class Measurement:
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
-        self.error_maps = ErrorMaps(layers, plan.shifts, device) if error_maps else None
         self.layer_metrics = tuple(layer_metrics or LAYER_METRICS)
         margins = padding_margins(model, layers, plan.size, device) if M.EQUIVARIANCE_ERROR_INTERIOR in self.layer_metrics else {}
-        self.comparer = _LayerComparer(layers, plan.shifts, plan.mode == "circular", margins, self.error_maps,
-                                       self.layer_metrics)
+        self.comparer = _LayerComparer(layers, plan.shifts, plan.mode == "circular", margins,
+                                       device if error_maps else None, self.layer_metrics)
+        self.error_maps = self.comparer.error_maps
         # hooks stay on ``model``'s modules (their names); the passes go through the compiled wrapper
         self.forward_model = torch.compile(model) if compile else model
-        # on a GPU, full batches replay captured passes; error maps add up on the host side of each pass
+        # on a GPU, full batches replay captured passes; error maps are added per shift, outside a pass's graph
         graphs = cuda_graphs and device.type == "cuda" and not compile and not error_maps
         self.graphs = PassGraphs(warn) if graphs else None
         self.by_correctness, self.path = by_correctness and labelled, path and len(plan.shifts) > 1
