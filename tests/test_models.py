@@ -294,8 +294,8 @@ NOTE = "build: no preprocessing known for a user model: using {}; pass {} if it 
     "overrides, note",
     [
         (dict(), NOTE.format("ImageNet mean/std, 256 -> 224 bilinear", "--mean/--std/--size")),
-        (dict(size=64), ["build: --size 64 crops the centre of each image resized to 256 px (the weights' --resize); "
-                         "--resize 73 keeps their framing (256 -> 224)", NOTE.format("ImageNet mean/std", "--mean/--std")]),
+        (dict(size=64), ["build: --size 64 views the centre 64 px of each image resized to 256 px; "
+                         "--resize 73 keeps the weights' framing (256 -> 224)", NOTE.format("ImageNet mean/std", "--mean/--std")]),
         (dict(mean=(0.5, 0.5, 0.5)), NOTE.format("mean 0.5,0.5,0.5, std 0.229,0.224,0.225, 256 -> 224 bilinear",
                                                       "--mean/--std/--size")),
         (dict(mean=(0.5,) * 3, std=(0.25,) * 3), NOTE.format("256 -> 224 bilinear", "--size")),

@@ -187,8 +187,11 @@ def test_size_without_resize_says_what_the_view_frames() -> None:
     from transinv.plan import prepare_model
 
     note = [n for n in prepare_model("resnet18", MeasureOptions(weights="none", size=64)).notes if "--size" in n]
-    assert note == ["resnet18: --size 64 crops the centre of each image resized to 256 px (the weights' --resize); "
-                    "--resize 73 keeps their framing (256 -> 224)"]
+    assert note == ["resnet18: --size 64 views the centre 64 px of each image resized to 256 px; "
+                    "--resize 73 keeps the weights' framing (256 -> 224)"]
+    larger = [n for n in prepare_model("resnet18", MeasureOptions(weights="none", size=320)).notes if "--size" in n]
+    assert larger == ["resnet18: --size 320 views the centre 320 px of each image resized to 320 px; "
+                      "--resize 366 keeps the weights' framing (256 -> 224)"]
     for quiet in (MeasureOptions(weights="none", size=64, resize=80), MeasureOptions(weights="none"),
                   MeasureOptions(weights="none", size=224)):
         assert not [n for n in prepare_model("resnet18", quiet).notes if "--size" in n]

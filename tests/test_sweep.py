@@ -141,7 +141,7 @@ def test_changed_settings_are_measured_again_and_run_only_options_are_not(tmp_pa
     out = tmp_path / "results"
     _sweep(["example:constant"], out)
     before = (out / "example_constant.json").read_bytes()
-    lines, report = _sweep(["example:constant"], out, FAST.updated(batch_size=1, workers=0))
+    lines, report = _sweep(["example:constant"], out, FAST.updated(batch_size=1, workers=0, cuda_graphs=False))
     assert report.outcomes[0].status == SKIPPED and (out / "example_constant.json").read_bytes() == before
     lines, report = _sweep(["example:constant"], out, FAST.updated(shift="0..3"))
     assert report.outcomes[0].status == DONE

@@ -218,6 +218,8 @@ def run_plan(plan: Plan, groups: list[list[Measured]], options: MeasureOptions, 
         with _batches(loader, options) as batches:
             run_batches([m.measurement for m in measured], [m.state for m in measured], batches, group_run, advance,
                         after_batch)
+        for m in measured:  # the group is done: its CUDA graphs' memory goes back before the next group's
+            m.measurement.graphs = None
         run.images, run.skipped = group_run.images, group_run.skipped
         run.partial = run.partial or group_run.partial
         if run.partial:

@@ -81,8 +81,8 @@ def prepare_model(model: ModelSpec, options: MeasureOptions) -> LoadedModel:
     resize = options.resize or (max(pre.resize, size) if options.size else pre.resize)
     if options.size and not options.resize and size != pre.size:
         framed = max(size, round(size * pre.resize / pre.size))
-        loaded.notes.append(f"{loaded.label}: --size {size} crops the centre of each image resized to {resize} px "
-                            f"(the weights' --resize); --resize {framed} keeps their framing ({pre.resize} -> {pre.size})")
+        loaded.notes.append(f"{loaded.label}: --size {size} views the centre {size} px of each image resized to "
+                            f"{resize} px; --resize {framed} keeps the weights' framing ({pre.resize} -> {pre.size})")
     given = {name for name in ("size", "resize", "mean", "std") if getattr(options, name) is not None}
     settled = replace(pre, size=size, resize=resize, mean=options.mean or pre.mean, std=options.std or pre.std)
     return loaded.with_preprocess(settled, given)

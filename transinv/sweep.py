@@ -28,7 +28,7 @@ DONE, FAILED, SKIPPED = "done", "failed", "skipped"
 FAILED_SUFFIX = ".failed.json"
 GLOB = re.compile(r"[*?\[]")
 # Options that decide how fast a run goes, not its numbers: a rerun with other values still skips.
-RUN_ONLY = ("batch_size", "workers", "prefetch")
+RUN_ONLY = ("batch_size", "workers", "prefetch", "cuda_graphs")
 
 Log = Callable[[str], None]
 

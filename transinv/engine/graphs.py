@@ -38,7 +38,7 @@ class PassGraphs:
     def __init__(self, warn: Callable[[str], None]) -> None:
         self.warn = warn
         self.enabled = True
-        self.pool = torch.cuda.graph_pool_handle()
+        self.pool: tuple[int, int] | None = None  # made at the first capture
         self.seen: set[Hashable] = set()
         self.graphs: dict[Hashable, tuple[torch.cuda.CUDAGraph, PassResult]] = {}
         self.inputs: dict[tuple[int, ...], torch.Tensor] = {}
@@ -66,14 +66,13 @@ class PassGraphs:
         if key not in self.seen:
             self.seen.add(key)
             return run()
-        graph = torch.cuda.CUDAGraph()
         try:
-            with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
-                result = run()
+            graph, result = self.capture(run)
         except Exception as error:  # noqa: BLE001 - any refusal of the capture falls back to eager passes
             self.enabled = False
             self.graphs.clear()
-            torch.cuda.synchronize()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
             self.warn(f"CUDA graphs off for this model ({first_line[:160]}); measuring with eager passes "
                       "(--no-cuda-graphs skips the attempt)")
@@ -81,3 +80,12 @@ class PassGraphs:
         self.graphs[key] = (graph, result)
         graph.replay()
         return result
+
+    def capture(self, run: Callable[[], PassResult]) -> tuple[torch.cuda.CUDAGraph, PassResult]:
+        """``run()`` captured (not run): the graph, and the result its replays write into."""
+        if self.pool is None:
+            self.pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            result = run()
+        return graph, result

@@ -28,7 +28,7 @@ from .graphs import PassGraphs, PassResult
 from .layers import FeatureTap, LayerInfo, to_nchw
 from .margins import padding_margins
 from ..reports.per_image import PerImage
-from ..models.outputs import CLASSIFICATION, output_kind
+from ..models.outputs import CLASSIFICATION, SEGMENTATION, output_kind
 from .shifts import Shift, ShiftPlan, is_fractional
 
 ProgressHook = Callable[[int], None]
@@ -286,8 +286,10 @@ class Measurement:
         self.error_maps = self.comparer.error_maps
         # hooks stay on ``model``'s modules (their names); the passes go through the compiled wrapper
         self.forward_model = torch.compile(model) if compile else model
-        # on a GPU, full batches replay captured passes; error maps are added per shift, outside a pass's graph
-        graphs = cuda_graphs and device.type == "cuda" and not compile and not error_maps
+        # on a GPU, full batches replay captured passes; error maps are added per shift, outside a pass's
+        # graph; a graph keeps its pass's outputs, which for dense segmentation maps would be one per pass
+        graphs = (cuda_graphs and device.type == "cuda" and not compile and not error_maps
+                  and self.kind is not SEGMENTATION)
         self.graphs = PassGraphs(warn) if graphs else None
         self.by_correctness, self.path = by_correctness and labelled, path and len(plan.shifts) > 1
         self.seed = seed
@@ -297,11 +299,12 @@ class Measurement:
         self.attribution = attribution
         self.prediction: torch.Tensor | None = None  # the last batch's top-1 classes on the unshifted views
         self.gallery: Gallery | None = None  # the whole set's reference embeddings (output kinds with retrieval)
+        self.tap: FeatureTap | None = None  # the hooks of the batch being measured
 
-    def _forward(self, tap: FeatureTap | None, views: torch.Tensor) -> torch.Tensor:
-        """One forward pass of ``views``; the hooks (if ``tap``) compare its maps, ``collect`` takes their values."""
-        if tap is not None:
-            tap.reset()
+    def _forward(self, views: torch.Tensor) -> torch.Tensor:
+        """One forward pass of ``views``; within a batch the hooks compare its maps, ``collect`` takes their values."""
+        if self.tap is not None:
+            self.tap.reset()
         self.comparer.pending = []  # what an interrupted pass left is dropped
         views = views.contiguous(memory_format=self.memory_format)
         if self.dtype == torch.float32:
@@ -309,7 +312,7 @@ class Measurement:
         with torch.autocast(self.device.type, dtype=self.dtype, cache_enabled=False):  # no cache: graphs capture casts
             return self.kind.extract(self.forward_model(views)).float()
 
-    def _pass(self, tap: FeatureTap, state: M.MetricState, canvases: torch.Tensor, shifts: list[Shift]) -> torch.Tensor:
+    def _pass(self, state: M.MetricState, canvases: torch.Tensor, shifts: list[Shift]) -> torch.Tensor:
         """The model's outputs on the views of ``canvases`` at ``shifts``, stacked shift-major, the
         layers compared in the hooks and their values written to ``state``. ``[(0, 0)]`` is the
         reference pass: the layers' maps are kept, and compared with themselves. With CUDA graphs,
@@ -320,7 +323,7 @@ class Measurement:
 
         def run() -> PassResult:
             views = [self.plan.view(canvases, shift) for shift in shifts]
-            output = self._forward(tap, views[0] if reference else torch.cat(views))
+            output = self._forward(views[0] if reference else torch.cat(views))
             if reference:
                 comparer.compare_reference()
             return PassResult(output, *comparer.collect(), dict(comparer.reference))
@@ -333,7 +336,7 @@ class Measurement:
 
     def reference_outputs(self, canvases: torch.Tensor) -> torch.Tensor:
         """The model's outputs on the reference views (shift 0) of ``canvases``, with no layer hooks."""
-        return self._forward(None, self.plan.view(canvases.to(self.device), (0, 0)))
+        return self._forward(self.plan.view(canvases.to(self.device), (0, 0)))
 
     def _passes(self, images: int) -> list[list[Shift]]:
         """The non-zero shifts grouped so each pass holds about ``views_per_pass`` views."""
@@ -345,15 +348,16 @@ class Measurement:
         """All shifts of one image batch into ``state``; hooks and reference maps last only the batch."""
         if self.per_image is not None:
             self.per_image.begin_batch()
-        with FeatureTap(self.model, [layer.name for layer in self.layers], self.comparer) as tap:
+        with FeatureTap(self.model, [layer.name for layer in self.layers], self.comparer) as self.tap:
             try:
-                self._measure_batch(tap, batch, state)
+                self._measure_batch(batch, state)
             finally:
                 self.comparer.reference.clear()
+                self.tap = None
         if self.per_image is not None:
             self.per_image.end_batch(batch.indices)
 
-    def _measure_batch(self, tap: FeatureTap, batch: Batch, state: M.MetricState) -> None:
+    def _measure_batch(self, batch: Batch, state: M.MetricState) -> None:
         canvases = batch.canvases.to(self.device, non_blocking=True)
         if self.graphs is not None:
             canvases = self.graphs.stage(canvases)
@@ -361,9 +365,9 @@ class Measurement:
         comparer = self.comparer
         if self.error_maps is not None:
             self.error_maps.images += len(labels)
-        reference = self._pass(tap, state, canvases, [M.REFERENCE])
+        reference = self._pass(state, canvases, [M.REFERENCE])
         if self.kind.compare is not None:
-            self._measure_other_kind(tap, canvases, batch.indices, state, reference)
+            self._measure_other_kind(canvases, batch.indices, state, reference)
             return
         self.prediction = reference.argmax(dim=1)
         ref_correct = self.prediction == labels
@@ -371,7 +375,7 @@ class Measurement:
         predictions = {(0, 0): self._add_outputs(state, (0, 0), ref_logits, reference, reference, labels, ref_correct)}
         path = {(0, 0): reference}  # logits, kept only for the path metrics
         for group in self._passes(len(labels)):
-            logits = self._pass(tap, state, canvases, group)
+            logits = self._pass(state, canvases, group)
             for shift, shifted in zip(group, logits.chunk(len(group))):
                 predictions[shift] = self._add_outputs(state, shift, ref_logits, reference, shifted, labels,
                                                        ref_correct)
@@ -383,13 +387,13 @@ class Measurement:
         if self.path:
             self._add_path(state, path)
         if self.plan.pair_offsets is not None:
-            self._add_consistency(tap, state, canvases, batch.indices, labels, ref_correct)
+            self._add_consistency(state, canvases, batch.indices, labels, ref_correct)
         if self.plan.random_shifts:
-            self._add_random_worst_case(tap, state, canvases, batch.indices, labels, predictions[(0, 0)])
+            self._add_random_worst_case(state, canvases, batch.indices, labels, predictions[(0, 0)])
         if self.attribution is not None:
             self.attribution.add(canvases, state)
 
-    def _measure_other_kind(self, tap: FeatureTap, canvases: torch.Tensor, ids: torch.Tensor, state: M.MetricState,
+    def _measure_other_kind(self, canvases: torch.Tensor, ids: torch.Tensor, state: M.MetricState,
                             reference: torch.Tensor) -> None:
         """The shifted passes of a model whose output is not class logits: its kind's metrics per
         shift, retrieval among the whole set's references (``nn_agreement``), the mean pixel
@@ -397,7 +401,7 @@ class Measurement:
         each image's random draws (Rojas-Gomez et al.'s mASSC)."""
         circular, agreements = self.plan.mode == "circular", []
         for group in [[(0, 0)], *self._passes(len(reference))]:
-            outputs = reference if group == [M.REFERENCE] else self._pass(tap, state, canvases, group)
+            outputs = reference if group == [M.REFERENCE] else self._pass(state, canvases, group)
             for shift, shifted in zip(group, outputs.chunk(len(group))):
                 for metric, values in self.kind.compare(reference, shifted, shift, circular).items():
                     state.add((M.OUTPUT_LAYER, shift, metric), values)
@@ -411,9 +415,9 @@ class Measurement:
         if agreements:
             state.add((M.OUTPUT_LAYER, None, M.SEGMENTATION_CONSISTENCY), torch.stack(agreements).mean(dim=0))
         if self.plan.random_shifts:
-            self._add_random_segmentation(tap, canvases, ids, state, reference)
+            self._add_random_segmentation(canvases, ids, state, reference)
 
-    def _add_random_segmentation(self, tap: FeatureTap, canvases: torch.Tensor, indices: torch.Tensor,
+    def _add_random_segmentation(self, canvases: torch.Tensor, indices: torch.Tensor,
                                  state: M.MetricState, reference: torch.Tensor) -> None:
         """Per image: its pixel agreement at each of its ``random_shifts`` random shifts, averaged
         (each view compared with its own image's reference map at its own shift)."""
@@ -421,7 +425,7 @@ class Measurement:
         draws = self.plan.random_draws(indices, self.seed)
         jobs = [(i, shift) for i, shifts in enumerate(draws) for shift in shifts]
         agreement = torch.empty(len(jobs), dtype=torch.float64, device=reference.device)
-        for start, outputs in self._job_outputs(tap, canvases, jobs):
+        for start, outputs in self._job_outputs(canvases, jobs):
             for j, output in enumerate(outputs, start):
                 image, shift = jobs[j]
                 compared = self.kind.compare(reference[image : image + 1], output[None], shift,
@@ -449,40 +453,40 @@ class Measurement:
         state.add((M.OUTPUT_LAYER, None, M.JAGGEDNESS), (1 - out.agreement).reshape(steps, images).mean(dim=0))
         state.add((M.OUTPUT_LAYER, None, M.PATH_PROB_CHANGE), out.prob_change.reshape(steps, images).mean(dim=0))
 
-    def _job_outputs(self, tap: FeatureTap, canvases: torch.Tensor,
+    def _job_outputs(self, canvases: torch.Tensor,
                      jobs: Sequence[tuple[int, Shift]]) -> Iterator[tuple[int, torch.Tensor]]:
         """The outputs of the views ``(image index, shift)``, in passes of ``views_per_pass``: each
         pass's outputs with the index of its first job (so a pass's maps are let go before the next)."""
         step = self.views_per_pass
         for i in range(0, len(jobs), step):
-            yield i, self._forward(tap, self.plan.views_at(canvases, jobs[i : i + step]))
+            yield i, self._forward(self.plan.views_at(canvases, jobs[i : i + step]))
 
-    def _classes(self, tap: FeatureTap, canvases: torch.Tensor, jobs: Sequence[tuple[int, Shift]]) -> torch.Tensor:
+    def _classes(self, canvases: torch.Tensor, jobs: Sequence[tuple[int, Shift]]) -> torch.Tensor:
         """Top-1 classes of the views ``(image index, shift)``, in passes of ``views_per_pass``."""
-        return torch.cat([outputs.argmax(dim=1) for _, outputs in self._job_outputs(tap, canvases, jobs)])
+        return torch.cat([outputs.argmax(dim=1) for _, outputs in self._job_outputs(canvases, jobs)])
 
     def _add_consistency(
-        self, tap: FeatureTap, state: M.MetricState, canvases: torch.Tensor, indices: torch.Tensor,
+        self, state: M.MetricState, canvases: torch.Tensor, indices: torch.Tensor,
         labels: torch.Tensor, ref_correct: torch.Tensor,
     ) -> None:
         """Per image: the share of its random pairs of views whose top-1 classes agree."""
         pairs = self.plan.pair_shifts(indices, self.seed)
         jobs = [(i, (dx, dy)) for i, draws in enumerate(pairs.tolist()) for draw in draws for dx, dy in draw]
-        classes = self._classes(tap, canvases, jobs).reshape(*pairs.shape[:2], 2)
+        classes = self._classes(canvases, jobs).reshape(*pairs.shape[:2], 2)
         consistent = (classes[..., 0] == classes[..., 1]).double().mean(dim=1)
         state.add((M.OUTPUT_LAYER, None, M.CONSISTENCY), consistent)
         self._add_by_correctness(state, None, (M.CONSISTENCY_IF_CORRECT, M.CONSISTENCY_IF_WRONG),
                                  consistent, labels, ref_correct)
 
     def _add_random_worst_case(
-        self, tap: FeatureTap, state: M.MetricState, canvases: torch.Tensor, indices: torch.Tensor,
+        self, state: M.MetricState, canvases: torch.Tensor, indices: torch.Tensor,
         labels: torch.Tensor, reference: torch.Tensor,
     ) -> None:
         """Per image: the unshifted class (agreement) or the label (accuracy, unshifted included)
         at every one of its ``random_shifts`` random shifts (Engstrom et al.'s worst of k)."""
         draws = self.plan.random_draws(indices, self.seed)
         jobs = [(i, shift) for i, shifts in enumerate(draws) for shift in shifts]
-        classes = self._classes(tap, canvases, jobs).reshape(len(draws), self.plan.random_shifts)
+        classes = self._classes(canvases, jobs).reshape(len(draws), self.plan.random_shifts)
         state.add((M.OUTPUT_LAYER, None, M.RANDOM_WORST_CASE_AGREEMENT), (classes == reference[:, None]).all(dim=1).double())
         if self.labelled:
             correct = (classes == labels[:, None]).all(dim=1) & (reference == labels)
