@@ -72,6 +72,18 @@ def test_json_and_output_file(cli_run, tmp_path: Path, few_images: Path) -> None
     assert code == 0 and json.loads(out)["rows"] == doc["rows"]
 
 
+def test_yes_no_options_turn_off_with_their_no_flag(cli_run, few_images: Path) -> None:
+    """An option on by default (--prefetch, --cuda-graphs) has a --no- flag; the settings record it."""
+    common = ["example:circular_gap", "--weights", "none", "--data", str(few_images), "--size", "32", "--resize", "40",
+              "--shift", "0..1", "--layers", "none", "--format", "json"]
+    code, out, err = cli_run("measure", *common)
+    assert code == 0, err
+    assert (json.loads(out)["settings"]["prefetch"], json.loads(out)["settings"]["cuda_graphs"]) == (True, True)
+    code, out, err = cli_run("measure", *common, "--no-prefetch", "--no-cuda-graphs")
+    assert code == 0, err
+    assert (json.loads(out)["settings"]["prefetch"], json.loads(out)["settings"]["cuda_graphs"]) == (False, False)
+
+
 def test_layers_command_lists_strides_default_and_main_path(cli_run) -> None:
     code, out, err = cli_run("layers", "resnet18", "--size", "64", "--format", "csv")
     assert code == 0, err

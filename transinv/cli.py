@@ -21,7 +21,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from .errors import UserError
-from .options import WHAT, MeasureOptions, OptionError, base_type, flag, option_fields
+from .options import WHAT, MeasureOptions, OptionError, base_type, flag, flag_declaration, option_fields
 
 if TYPE_CHECKING:  # the heavy modules (torch, pandas) load only when a command needs them
     import pandas as pd
@@ -146,7 +146,7 @@ def _option_parameter(f: Field) -> inspect.Parameter:
     else:
         annotation = Optional[scalar] if f.default is None else scalar
     default = f.default
-    info = typer.Option(flag(f.name), help=meta["help"], rich_help_panel=meta["group"], metavar=metavar,
+    info = typer.Option(flag_declaration(f), help=meta["help"], rich_help_panel=meta["group"], metavar=metavar,
                         show_default=default not in (None, False))
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default,
                              annotation=Annotated[annotation, info])

@@ -45,6 +45,12 @@ def flag(option: str) -> str:
     return "--" + option.replace("_", "-")
 
 
+def flag_declaration(f: Field) -> str:
+    """How the CLI declares an option's flag: a switch pair for a yes/no option
+    (``--prefetch/--no-prefetch``), so a default of yes can be turned off."""
+    return f"{flag(f.name)}/--no-{flag(f.name)[2:]}" if base_type(f) is bool else flag(f.name)
+
+
 def _opt(default: Any, help: str, group: str, *, choices: Sequence[str] | None = None,
          metavar: str | None = None, repeat: bool = False) -> Any:
     """A dataclass field carrying its help, group and choices for the CLI and the docs."""
@@ -297,7 +303,7 @@ def flag_reference() -> str:
     for f in option_fields():
         choices = f.metadata["choices"]
         what = f.metadata["help"] + (f" One of: {', '.join(choices)}." if choices else "")
-        shown = f"`{flag(f.name)}`" + (" (repeatable)" if f.metadata["repeat"] else "")
+        shown = f"`{flag_declaration(f)}`" + (" (repeatable)" if f.metadata["repeat"] else "")
         default = default_text(f)
         lines.append(f"| {shown} | {f'`{default}`' if default else ''} | {f.metadata['group']} | {what} |")
     return "\n".join(lines)
