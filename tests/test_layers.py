@@ -11,7 +11,7 @@ from torch import nn
 import transinv
 from transinv.engine.data import builtin_images_dir
 from transinv.errors import UserError
-from transinv.engine.layers import FeatureTap, probe_layers, select_layers
+from transinv.engine.layers import FeatureTap, _repeats, probe_layers, select_layers
 from transinv.models import load_model
 
 
@@ -142,9 +142,26 @@ def test_selection_by_glob_list_and_errors(resnet18_probe) -> None:
     chosen = [layer.name for layer in select_layers(resnet18_probe, "layer3.*.conv1,conv1")]
     assert chosen == ["conv1", "layer3.0.conv1", "layer3.1.conv1"]
     assert select_layers(resnet18_probe, "none") == []
-    assert len(select_layers(resnet18_probe, "all")) == len(resnet18_probe.layers)
+    everything = {layer.name for layer in select_layers(resnet18_probe, "all")}
+    assert everything | resnet18_probe.repeats == {layer.name for layer in resnet18_probe.layers}
+    assert "layer1" in everything and not {"layer1.1", "layer1.1.relu#2"} & everything  # one map, one name
     with pytest.raises(UserError, match="layer3"):
         select_layers(resnet18_probe, "layer33")
+
+
+def test_all_lists_each_map_once_leaving_out_identities_and_containers_that_repeat_a_child() -> None:
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Dropout(), nn.Identity(),
+                        nn.Sequential(nn.Conv2d(4, 4, 3, padding=1), nn.ReLU()), nn.AdaptiveAvgPool2d(1)).eval()
+    probe = probe_layers(net, 32)
+    # "1", "2", "3" return one tensor (eval-mode Dropout and Identity pass it on): one name, the one the
+    # default selection gives it (the last stage returning it); "4" returns its child "4.1"'s map
+    assert probe.repeats == {"1", "2", "4.1"}
+    assert [layer.name for layer in select_layers(probe, "all")] == ["0", "3", "4.0", "4", "5"]
+    assert [layer.name for layer in select_layers(probe, "1,2")] == ["1", "2"]  # still there by name
+    # not a default layer: the outermost container returning the map, else the module that made it
+    same, other = (1, 0), (2, 0)
+    assert _repeats([("a.0", same), ("a.1", same), ("a", same), ("b", other), ("c", other)], set()) == {"a.0", "a.1", "c"}
 
 
 def test_channels_last_maps_are_recognised() -> None:

@@ -101,7 +101,7 @@ class MeasureOptions:
     weights: str | dict[str, str] = _opt("DEFAULT", "DEFAULT, a weights name (IMAGENET1K_V1), none (seeded random init), auto (DEFAULT where cached or downloadable, else none with a note), or a checkpoint path. A preset or notebook may give a model -> weights mapping (models it does not name get DEFAULT).", WHAT)
     data: tuple[str, ...] | None = _opt(None, "Image folder, ImageFolder tree or file; repeat for several. Default: the built-in images.", WHAT, metavar="PATH", repeat=True)
     num_images: int | None = _opt(None, "Measure a random subset of this many images (seeded by --sample-seed).", WHAT)
-    layers: str = _opt("default", "Layers to measure: default (stage outputs and the first layer at each new stride), all, none (output only), or names and globs (layer3.*), comma-separated.", WHAT)
+    layers: str = _opt("default", "Layers to measure: default (stage outputs and the first layer at each new stride), all (each distinct map once), none (output only), or names and globs (layer3.*), comma-separated.", WHAT)
     layer_metrics: tuple[str, ...] | None = _opt(None, "Per-layer metrics to compute, comma-separated (default: all: " + ", ".join(LAYER_METRICS) + "); fewer run faster (see README, Speed).", WHAT, metavar="LIST")
     by_correctness: bool = _opt(False, "Also split top-1 agreement and consistency by whether the unshifted prediction was correct.", WHAT)
     attribution: str | None = _opt(None, "Also split the output's Lie derivative (an infinitesimal shift along --direction) into contributions of every leaf layer that add up to it: lie (Gruver et al. 2023; see README).", WHAT, choices=("lie",))

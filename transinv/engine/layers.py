@@ -173,6 +173,7 @@ class Probe:
     path_note: str | None = None  # why the main path could not be followed, when it could not
     output: object = None  # the model's output on the blank probe input (its kind is read from it)
     token_note: str | None = None  # which tokens of the token layers were dropped, when some were mapped
+    repeats: frozenset[str] = frozenset()  # layers returning the very map another one returns (see ``_repeats``)
 
 
 State = tuple[int, int]  # a tensor's identity and version: an in-place op makes a new state
@@ -504,16 +505,36 @@ def probe_layers(model: nn.Module, size: int, device: torch.device | str = "cpu"
         dropped = " or ".join(_token_names(model, extra) for extra in sorted(extras) if extra)
         token_note = "token layers mapped back to their patch grid" + (
             f", the leading {dropped} dropped" if dropped else " (no extra tokens)")
-    return Probe(layers=layers, token_layers=unmapped, path_note=note, output=output, token_note=token_note)
+    return Probe(layers=layers, token_layers=unmapped, path_note=note, output=output, token_note=token_note,
+                 repeats=_repeats([(key, state) for key, _, _, state, _ in found], default))
+
+
+def _repeats(outputs: list[tuple[str, State]], default: set[str]) -> frozenset[str]:
+    """The layers whose output is the very tensor another layer returned: an identity (eval-mode
+    ``Dropout``, ``Identity``) repeats its producer's map, a container its last child's. Each map
+    is kept once: under its name among the ``default`` layers, else the outermost container that
+    returns it, else the module that made it."""
+    by_state: dict[State, list[str]] = defaultdict(list)
+    for key, state in outputs:
+        by_state[state].append(key)
+    repeated: set[str] = set()
+    for keys in by_state.values():
+        maker = keys[0].split("#")[0]
+        containers = [key for key in keys if maker.startswith(key.split("#")[0] + ".")]
+        chosen = [key for key in keys if key in default]
+        kept = chosen[0] if chosen else min(containers, key=len) if containers else keys[0]
+        repeated.update(key for key in keys if key != kept)
+    return frozenset(repeated)
 
 
 def select_layers(probe: Probe, spec: str) -> list[LayerInfo]:
-    """``default``, ``all``, ``none``, or a comma list of names and glob patterns (``layer3.*``)."""
+    """``default``, ``all`` (each distinct map once: see ``_repeats``), ``none``, or a comma list of
+    names and glob patterns (``layer3.*``)."""
     spec = spec.strip()
     if spec == "none":
         return []
     if spec == "all":
-        return list(probe.layers)
+        return [layer for layer in probe.layers if layer.name not in probe.repeats]
     if spec == "default":
         return [layer for layer in probe.layers if layer.default]
     names = [layer.name for layer in probe.layers]
