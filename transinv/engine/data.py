@@ -200,7 +200,7 @@ class Batch:
 
     def pin_memory(self) -> "Batch":
         """The batch in page-locked memory (the DataLoader calls this with ``pin_memory``), so its
-        copy to a GPU runs asynchronously, beside the previous batch's passes."""
+        copy to a GPU is queued without holding the host (it runs after the previous batch's work)."""
         return Batch(self.canvases.pin_memory(), self.labels.pin_memory(), self.indices.pin_memory(), self.skipped)
 
 

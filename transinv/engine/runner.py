@@ -283,7 +283,6 @@ class Measurement:
         margins = padding_margins(model, layers, plan.size, device) if M.EQUIVARIANCE_ERROR_INTERIOR in self.layer_metrics else {}
         self.comparer = _LayerComparer(layers, plan.shifts, plan.mode == "circular", margins,
                                        device if error_maps else None, self.layer_metrics)
-        self.error_maps = self.comparer.error_maps
         # hooks stay on ``model``'s modules (their names); the passes go through the compiled wrapper
         self.forward_model = torch.compile(model) if compile else model
         # on a GPU, full batches replay captured passes; error maps are added per shift, outside a pass's
@@ -300,6 +299,11 @@ class Measurement:
         self.prediction: torch.Tensor | None = None  # the last batch's top-1 classes on the unshifted views
         self.gallery: Gallery | None = None  # the whole set's reference embeddings (output kinds with retrieval)
         self.tap: FeatureTap | None = None  # the hooks of the batch being measured
+
+    @property
+    def error_maps(self) -> ErrorMaps | None:
+        """The spatial error maps the hooks add to (``--error-maps``), else None."""
+        return self.comparer.error_maps
 
     def _forward(self, views: torch.Tensor) -> torch.Tensor:
         """One forward pass of ``views``; within a batch the hooks compare its maps, ``collect`` takes their values."""

@@ -198,7 +198,8 @@ def _variant_maps(
             k = info.feature_shift(shift)
             k = (int(k[0]), int(k[1]))
             moved = moved_reference(reference, k, circular)
-            value = float(M.equivariance_error(reference[None], shifted[None], k, circular)[0])
+            comparison = M.compare_shift(M.Reference.of(reference[None]), shifted[None], k, circular, spatial=False)
+            value = float(comparison.error[0])  # the comparison `measure` makes
         out.append(LayerMaps(info, reference, shifted, moved, error_map(reference, shifted, moved), value))
     return VariantMaps(variant, (top[0], top[1]), out)
 
