@@ -543,7 +543,7 @@ def run_batches(
             for batch in batches:
                 run.skipped.extend(batch.skipped)
                 if len(batch.indices):
-                    weights = M.bootstrap_weights(batch.indices)
+                    weights = _to_device(M.bootstrap_weights(batch.indices), measurements[0].device)
                     for measurement, state in zip(measurements, states):
                         state.begin_batch(weights)
                         measurement.measure_batch(batch, state)
@@ -560,6 +560,14 @@ def run_batches(
                     progress(len(batch.indices) + len(batch.skipped))
     except KeyboardInterrupt:
         run.partial = True
+
+
+def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``tensor`` (on the host) on ``device``; to a GPU through page-locked memory, so the copy is
+    queued behind the GPU's work instead of waiting for all of it (as a copy from pageable memory does)."""
+    if device.type != "cuda":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 class _Heap:

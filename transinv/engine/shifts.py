@@ -179,9 +179,15 @@ def parse_fill(fill: float | str | Sequence[float], mean: Sequence[float], std: 
 
 
 def _background(like: torch.Tensor, size: int, fill: Fill) -> torch.Tensor:
-    """A ``size x size`` frame with ``like``'s leading dimensions, each channel set to its fill."""
-    values = torch.as_tensor(fill, dtype=like.dtype, device=like.device).reshape(-1, 1, 1)
-    return values.expand(*like.shape[:-2], size, size).clone()
+    """A ``size x size`` frame with ``like``'s leading dimensions, each channel set to its fill
+    (filled in place: no host-to-device copy, which on a GPU would wait for its queued work)."""
+    frame = like.new_empty(*like.shape[:-2], size, size)
+    if isinstance(fill, tuple):
+        for channel, value in enumerate(fill):
+            frame[..., channel, :, :] = value
+    else:
+        frame.fill_(fill)
+    return frame
 
 
 def _place(image: torch.Tensor, size: int, top: int, left: int, fill: Fill) -> torch.Tensor:

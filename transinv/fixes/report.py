@@ -73,7 +73,7 @@ class CollapseCheck:
         """One batch: the base's and the variant's predicted classes on the unshifted views."""
         known = labels >= 0
         self.counts += torch.stack([
-            torch.tensor(len(labels)), (base == variant).sum(), known.sum(),
+            torch.full((), len(labels), device=labels.device), (base == variant).sum(), known.sum(),
             (known & (base == labels)).sum(), (known & (variant == labels)).sum(),
         ]).to(self.counts)
 
