@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import pytest
+import torch
 
-from transinv.engine.prefetch import prefetched
+from transinv.engine.prefetch import core_to_spare, prefetched
 
 
 def test_items_arrive_in_order_and_complete() -> None:
@@ -58,3 +60,46 @@ def test_closing_early_stops_the_thread() -> None:
 def test_depth_below_one_is_refused() -> None:
     with pytest.raises(ValueError):
         list(prefetched([1], depth=0))
+
+
+def test_producer_uses_one_torch_thread_and_the_consumer_keeps_its_own() -> None:
+    """The producer's ops get one intra-op thread (no second OpenMP team beside the model's); the
+    consuming thread keeps its count during the run, and the process's setting is restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        seen: list[int] = []
+
+        def produce():
+            for i in range(3):
+                seen.append(torch.get_num_threads())
+                yield i
+
+        during = [torch.get_num_threads() for _ in prefetched(produce())]
+        assert seen == [1, 1, 1]
+        assert during == [2, 2, 2]
+        assert torch.get_num_threads() == 2
+        # a thread started after the run gets the process's count again, not the producer's
+        later: list[int] = []
+        thread = threading.Thread(target=lambda: later.append(torch.get_num_threads()))
+        thread.start()
+        thread.join()
+        assert later == [2]
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_prefetch_by_default_only_where_a_core_is_free() -> None:
+    """The default ``--prefetch``: on a GPU always; on the CPU only with more usable cores than
+    torch's threads (a decoding thread on a busy core slows the model's threads more than it saves)."""
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        torch.set_num_threads(cores)
+        assert not core_to_spare(torch.device("cpu"))
+        assert core_to_spare(torch.device("cuda"))
+        if cores > 1:
+            torch.set_num_threads(cores - 1)
+            assert core_to_spare(torch.device("cpu"))
+    finally:
+        torch.set_num_threads(before)
