@@ -28,7 +28,7 @@ from .graphs import PassGraphs, PassResult
 from .layers import FeatureTap, LayerInfo, to_nchw
 from .margins import padding_margins
 from ..reports.per_image import PerImage
-from ..models.outputs import CLASSIFICATION, SEGMENTATION, output_kind
+from ..models.outputs import CLASSIFICATION, output_kind
 from .shifts import Shift, ShiftPlan, is_fractional
 
 ProgressHook = Callable[[int], None]
@@ -286,9 +286,8 @@ class Measurement:
         # hooks stay on ``model``'s modules (their names); the passes go through the compiled wrapper
         self.forward_model = torch.compile(model) if compile else model
         # on a GPU, full batches replay captured passes; error maps are added per shift, outside a pass's
-        # graph; a graph keeps its pass's outputs, which for dense segmentation maps would be one per pass
-        graphs = (cuda_graphs and device.type == "cuda" and not compile and not error_maps
-                  and self.kind is not SEGMENTATION)
+        # graph; a graph keeps its pass's outputs, which for some kinds (dense maps) would be one set per pass
+        graphs = cuda_graphs and device.type == "cuda" and not compile and not error_maps and self.kind.graphs
         self.graphs = PassGraphs(warn) if graphs else None
         self.by_correctness, self.path = by_correctness and labelled, path and len(plan.shifts) > 1
         self.seed = seed
@@ -337,6 +336,10 @@ class Measurement:
         if result.values is not None:
             state.add_rows(result.keys, result.values)
         return result.output
+
+    def release_graphs(self) -> None:
+        """Let go of the captured CUDA graphs and their memory pool (the run is done with this model)."""
+        self.graphs = None
 
     def reference_outputs(self, canvases: torch.Tensor) -> torch.Tensor:
         """The model's outputs on the reference views (shift 0) of ``canvases``, with no layer hooks."""

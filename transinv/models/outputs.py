@@ -37,6 +37,7 @@ class OutputKind:
     compare: Optional[Compare] = None
     metrics: tuple[str, ...] = ()  # the output-scope metrics ``compare`` fills
     retrieval: bool = False  # shifted outputs are also retrieved among the set's references (nn_agreement)
+    graphs: bool = True  # passes may be kept as CUDA graphs (each keeps its outputs: not for dense maps)
 
 
 def _first_tensor(output: object) -> torch.Tensor | None:
@@ -119,7 +120,7 @@ CLASSIFICATION = OutputKind("classification", "class logits (N, classes)", class
 EMBEDDING = OutputKind("embedding", "an embedding vector per image (N, D)", embeddings, compare_embeddings,
                        ("cosine_distance", "embedding_change"), retrieval=True)
 SEGMENTATION = OutputKind("segmentation", "per-pixel class scores (N, K, H, W), or a dict's 'out'", class_maps,
-                          compare_maps, ("pixel_agreement", "pixel_kl_divergence"))
+                          compare_maps, ("pixel_agreement", "pixel_kl_divergence"), graphs=False)
 
 _KINDS: dict[str, OutputKind] = {}
 
