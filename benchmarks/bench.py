@@ -1,17 +1,19 @@
 """Benchmark transinv against the bare forward pass of the same model, in one process and run.
 
-    python benchmarks/bench.py [--images 64] [--shift 0..8] [--device auto] [--out benchmarks/results.json]
+    python benchmarks/bench.py [--images 128] [--shift 0..8] [--device auto] [--out benchmarks/results.json]
 
-For each model, in interleaved rounds whose best figures are kept (a shared machine only ever
-slows a run down): the bare forward pass on the same images (already decoded and on the device,
-inference mode, same threads, warm-up excluded) in images/s; ``measure`` with output metrics only
-and with the default per-layer metrics, in shifted images/s (every forward pass counted, the
-reference included) in the steady state of a long run and over the whole ``--images`` run (setup
-included), and the ratio of each to the bare pass; peak memory (RSS, and CUDA peak where used) of a fresh process
-measuring 64 and 256 images, so a reader can check that memory does not grow with the image count;
-the cost of ``--attribution lie`` on resnet18 (the default run with and without it, the extra
-seconds per image over its leaf layers, in bare forward passes per layer); and the start-up time of
-the light commands (help, presets, a bad flag) beside ``import torch``.
+For each model, in rounds: the bare forward pass on one batch of the images (already decoded and
+on the device, inference mode, same threads, warm-up excluded) in images/s, timed before the first
+row and after every row; ``measure`` with output metrics only, with the default per-layer
+metrics and the other rows, in shifted views/s (every forward pass counted, the reference
+included) in the steady state (timed within the run, from the end of its second batch) and over
+the whole ``--images`` run (setup included). Each row's ratio is to the mean of the two bare passes
+timed around it, so a shared machine's slow minutes slow both; each figure is the median of the
+rounds. Then the peak memory (RSS, and CUDA peak where used) of a fresh process measuring 64 and
+256 images, so a reader can check that memory does not grow with the image count; the cost of
+``--attribution lie`` on resnet18 (the default run with and without it, the extra seconds per
+image over its leaf layers, in bare forward passes per layer); and the start-up time of the light
+commands (help, presets, a bad flag) beside ``import torch``.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Sequence
+from statistics import median
+from typing import Callable
 
 import torch
 import torchvision
@@ -50,37 +53,29 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _best(rounds: Sequence[tuple[float, float | None]]) -> tuple[float, float | None]:
-    """The best whole-run and steady rates of several rounds (a shared machine only slows a run down)."""
-    steady = [s for _, s in rounds if s is not None]
-    return max(w for w, _ in rounds), max(steady) if steady else None
-
-
-def bare_forward(model: torch.nn.Module, images: torch.Tensor, device: torch.device, repeats: int, batch: int) -> float:
-    """Images per second of the model alone (eager, as a user runs it) on already-decoded 224-px
-    images in batches of ``batch``, already on the device (warm-up excluded).
-
-    The images are run ``repeats`` times, as many forward passes as ``measure`` makes, so both
-    figures average over the same amount of work.
-    """
+def bare_forward(model: torch.nn.Module, images: torch.Tensor, device: torch.device, passes: int,
+                 min_seconds: float = 1.0) -> float:
+    """Images per second of the model alone (eager, as a user runs it) on one batch of
+    already-decoded 224-px images, already on the device (warm-up excluded): ``passes`` forward
+    passes (as many as ``measure`` makes per image batch), repeated for at least ``min_seconds``."""
     images = images.to(device)  # on the device already: the model's own time, no copies
     with torch.inference_mode():
-        model(images[:batch])
+        model(images)
         _sync(device)
-        start = time.perf_counter()
-        for _ in range(repeats):
-            for i in range(0, len(images), batch):
-                model(images[i : i + batch])
+        done, start = 0, time.perf_counter()
+        while done < passes or time.perf_counter() - start < min_seconds:
+            model(images)
+            done += 1
         _sync(device)
-    return repeats * len(images) / (time.perf_counter() - start)
+    return done * len(images) / (time.perf_counter() - start)
 
 
 def row_settings(args: argparse.Namespace) -> dict[str, dict]:
     """The measured rows: name -> ``measure`` keywords over the common settings.
 
     output and layers are the default run (``--workers`` as given, prefetch on). On a GPU, the same
-    two without CUDA graphs; on the CPU, prefetch off and the other worker counts of 0/1/2 (prefetch
-    is for ``--workers 0`` only). Then the default run without each costly per-layer metric, and
+    two without CUDA graphs; on the CPU, both without the background prefetch, and the default run
+    with the other worker counts of 0/1/2 (prefetch is for ``--workers 0`` only). Then the default run without each costly per-layer metric, and
     with ``equivariance_error`` and ``pooled_invariance_error`` only (``--layer-metrics``), so each
     metric's cost shows; ``--compile`` when asked; and every ``--extra-rows`` entry
     (``{"row": name, ...measure keywords}``, layers default unless given).
@@ -90,6 +85,7 @@ def row_settings(args: argparse.Namespace) -> dict[str, dict]:
         rows["output, no CUDA graphs"] = dict(layers="none", cuda_graphs=False)
         rows["layers, no CUDA graphs"] = dict(layers="default", cuda_graphs=False)
     else:
+        rows["output, no prefetch"] = dict(layers="none", workers=0, prefetch=False)
         rows["layers, no prefetch"] = dict(layers="default", workers=0, prefetch=False)
         for workers in (0, 1, 2):
             if workers != args.workers:  # the layers row already has --workers
@@ -111,10 +107,11 @@ def row_settings(args: argparse.Namespace) -> dict[str, dict]:
 
 
 def timed_measure(model: torch.nn.Module, settings: dict, args: argparse.Namespace) -> tuple[float, float | None]:
-    """Shifted views per second through ``transinv.measure`` (decoding included; warm-up excluded):
-    over a whole run of ``--images`` images, and in the steady state, the marginal rate between a
-    run of two batches and the whole run (what a long run approaches: setup, the probe, the first
-    batches and, on a GPU, the capture of CUDA graphs left out); None with fewer than four batches.
+    """Shifted views per second through ``transinv.measure`` (decoding included): over the whole
+    run of ``--images`` images (setup included), and in the steady state, from the end of the
+    second batch to the end of the last, timed within the same run (setup, the layer probe, the
+    first batches and, on a GPU, the capture of CUDA graphs left out; the GPU is drained at both
+    ends of that window); None with fewer than four batches.
 
     Only the shift grid's views are counted: the extra passes of a metric such as ``consistency``
     show as its cost, a lower rate.
@@ -122,19 +119,27 @@ def timed_measure(model: torch.nn.Module, settings: dict, args: argparse.Namespa
     common = {**dict(data=args.data, shift=args.shift, size=SIZE, resize=256, batch_size=args.batch_size,
                      device=args.device, workers=args.workers, warn=lambda _: None), **settings}
     device = resolve_device(args.device)
-
-    def seconds(images: int) -> float:
-        _sync(device)
-        start = time.perf_counter()
-        transinv.measure(model, num_images=images, **common)
-        _sync(device)
-        return time.perf_counter() - start
-
-    seconds(args.batch_size)  # warm-up: allocator, kernels, probe
     views = len(make_shifts(parse_shift_values(args.shift), "x"))
-    short, full = 2 * args.batch_size, seconds(args.images)
-    steady = (args.images - short) * views / (full - seconds(short)) if args.images >= 2 * short else None
-    return args.images * views / full, steady
+    batches = -(-args.images // args.batch_size)
+    stamps: list[tuple[float, int]] = []  # (time, images) at the end of each batch
+
+    def progress(total: int, done: int) -> Callable[[int], None]:
+        def advance(images: int) -> None:
+            if len(stamps) + 1 in (2, batches):  # the window's ends: wait for the GPU there only
+                _sync(device)
+            stamps.append((time.perf_counter(), images))
+        return advance
+
+    transinv.measure(model, num_images=args.batch_size, **common)  # warm-up: allocator, kernels
+    stamps.clear()
+    _sync(device)
+    start = time.perf_counter()
+    transinv.measure(model, num_images=args.images, progress=progress, **common)
+    _sync(device)
+    whole = args.images * views / (time.perf_counter() - start)
+    if len(stamps) < 4:
+        return whole, None
+    return whole, sum(n for _, n in stamps[2:]) * views / (stamps[-1][0] - stamps[1][0])
 
 
 LIE_MODEL = "resnet18"
@@ -216,14 +221,14 @@ def machine(device: torch.device) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--images", type=int, default=128, help="images per run (four batches at least for a steady state)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch and views per forward pass")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated torchvision names")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder of ImageNet validation images")
     parser.add_argument("--shift", default="0..8")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved timing rounds; the best of each is kept")
+    parser.add_argument("--rounds", type=int, default=2, help="timing rounds; each figure is the median of its rounds")
     parser.add_argument("--memory-images", default="64,256", help="image counts of the peak-memory runs ('' for none)")
     parser.add_argument("--startup-repeats", type=int, default=3, help="runs of each light command (0: skip)")
     parser.add_argument("--compile", action="store_true", help="add rows with --compile (minutes to compile on a CPU)")
@@ -244,7 +249,7 @@ def main() -> None:
     items = select_images(find_images(args.data), args.images, 0)
     pre = load_model("resnet18", "none").preprocess
     memory_counts = [n for n in args.memory_images.split(",") if n]
-    decoded = torch.stack([load_canvas(item.path, pre, SIZE) for item in items])
+    decoded = torch.stack([load_canvas(item.path, pre, SIZE) for item in items[:args.batch_size]])
     results: list[dict] = []
     report = {
         "machine": machine(device),
@@ -261,13 +266,18 @@ def main() -> None:
         model = load_model(name, "none").module.to(device)
         views = len(make_shifts(parse_shift_values(args.shift), "x"))
         settings = row_settings(args)
-        rounds = [[(bare_forward(model, decoded, device, views, args.batch_size), None)]
-                  + [timed_measure(model, s, args) for s in settings.values()]
-                  for _ in range(args.rounds)]
-        bare, *rates = (_best(column) for column in zip(*rounds))  # best of interleaved rounds
-        bare = bare[0]
-        rows = {row: {"views_per_s": steady or whole, "ratio": (steady or whole) / bare, "run_views_per_s": whole,
-                      "run_ratio": whole / bare} for row, (whole, steady) in zip(settings, rates)}
+        bares, runs = [bare_forward(model, decoded, device, views)], {row: [] for row in settings}
+        for _ in range(args.rounds):  # each row timed between two bare passes: its ratio is to theirs
+            for row, keywords in settings.items():
+                whole, steady = timed_measure(model, keywords, args)
+                bares.append(bare_forward(model, decoded, device, views))
+                bare_now = (bares[-2] + bares[-1]) / 2
+                runs[row].append({"views_per_s": steady or whole, "ratio": (steady or whole) / bare_now,
+                                  "run_views_per_s": whole, "run_ratio": whole / bare_now, "bare_images_per_s": bare_now,
+                                  "steady_state": steady is not None})
+        bare = median(bares)
+        rows = {row: {**{k: median(r[k] for r in rounds) for k in ("views_per_s", "ratio", "run_views_per_s", "run_ratio")},
+                      "rounds": rounds} for row, rounds in runs.items()}
         memory = {n: peak_memory(name, int(n), args) for n in memory_counts}
         results.append({
             "model": name, "bare_images_per_s": bare,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -56,12 +57,17 @@ def main() -> int:
     for label, model, extra in (("resnet18, every layer", "resnet18", dict(layers="all", shift="0..5")),
                                 ("mobilenet_v3_small, fractional shifts", "mobilenet_v3_small", dict(shift="0..2:0.5", mode="circular", subpixel="fourier")),
                                 ("resnet18 bf16 channels-last", "resnet18", dict(shift="0..3", precision="bf16", channels_last=True)),
-                                ("resnet18 as an embedding", "resnet18", dict(shift="0..3", task="embedding"))):
+                                ("resnet18 as an embedding", "resnet18", dict(shift="0..3", task="embedding")),
+                                ("resnet18 embedded on a black frame", "resnet18", dict(shift="0..3", mode="embed"))):
         eager = transinv.measure(model, device="cuda", cuda_graphs=False, **extra, **graphs).rows.set_index(keys)
         replayed = transinv.measure(model, device="cuda", **extra, **graphs).rows.set_index(keys)
         diff = (eager["value"] - replayed["value"].reindex(eager.index)).abs().max()
         same = eager.index.equals(replayed.index) and diff <= 1e-9 and (eager["n"] == replayed["n"]).all()
         check(f"CUDA graphs give the eager numbers: {label}", same, f"{len(eager)} rows, max |difference| {diff:.2e}")
+    for label, extra in (("output metrics", dict(layers="none")), ("default per-layer", {})):
+        syncs = host_syncs(dict(graphs, num_images=24, **extra))
+        check(f"no host sync after the second batch: {label}", not syncs,
+              "none" if not syncs else f"{sum(syncs.values())} at " + "; ".join(f"{k} x{n}" for k, n in syncs.items()))
     notes: list[str] = []
     synced = transinv.measure(HostSync(), device="cuda", shift="0..3", layers="all", **dict(graphs, warn=notes.append))
     plain = transinv.measure(HostSync(), device="cuda", shift="0..3", layers="all", cuda_graphs=False,
@@ -71,6 +77,34 @@ def main() -> int:
     check("a model that reads a value back falls back to eager passes", fell_back and diff <= 1e-9,
           f"note {'given' if fell_back else 'missing'}, max |difference| {diff:.2e}")
     return 1 if failures else 0
+
+
+def host_syncs(keywords: dict) -> dict[str, int]:
+    """The synchronising CUDA calls (``torch.cuda.set_sync_debug_mode``) a resnet18 run makes from
+    the end of its second batch to the end of its last, by the Python line that made them: a
+    sync there stops the host from queueing the next batch while the GPU works."""
+    found: dict[str, int] = {}
+    batches = -(-keywords["num_images"] // keywords["batch_size"])
+    seen = 0
+
+    def progress(total: int, done: int):
+        def advance(images: int) -> None:
+            nonlocal seen
+            seen += 1
+            torch.cuda.set_sync_debug_mode("warn" if 2 <= seen < batches else "default")
+        return advance
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            transinv.measure("resnet18", device="cuda", shift="0..3", progress=progress, **keywords)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    for warning in caught:
+        if "synchroniz" in str(warning.message):
+            where = f"{Path(warning.filename).name}:{warning.lineno}"  # the Python line that called the op
+            found[where] = found.get(where, 0) + 1
+    return found
 
 
 class HostSync(torch.nn.Module):

@@ -1,0 +1,31 @@
+"""`make bench` runs end to end on a few images and writes what the README reads from it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from transinv.engine.data import builtin_images_dir
+
+BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
+
+
+@pytest.mark.slow
+def test_bench_writes_paired_ratios_and_a_steady_state(tmp_path: Path) -> None:
+    out = tmp_path / "results.json"
+    subprocess.run([sys.executable, str(BENCH), "--models", "mobilenet_v3_small", "--data", str(builtin_images_dir()),
+                    "--images", "8", "--batch-size", "2", "--shift", "0..2", "--rounds", "2", "--no-lie",
+                    "--no-metric-rows", "--startup-repeats", "0", "--memory-images", "", "--out", str(out)],
+                   check=True, capture_output=True, text=True, timeout=600)
+    report = json.loads(out.read_text())
+    (result,) = report["results"]
+    assert result["bare_images_per_s"] > 0 and {"output", "layers"} <= set(result["rows"])
+    for row in result["rows"].values():
+        assert len(row["rounds"]) == 2  # every round kept; the figure is their median
+        for timed in row["rounds"]:  # four batches: a steady state, as a ratio to the bare passes around it
+            assert timed["steady_state"] and timed["views_per_s"] > 0 and timed["ratio"] == pytest.approx(timed["views_per_s"] / timed["bare_images_per_s"])
+        assert min(r["ratio"] for r in row["rounds"]) <= row["ratio"] <= max(r["ratio"] for r in row["rounds"])
