@@ -6,10 +6,10 @@ For each model, in rounds: the bare forward pass on one batch of the images (alr
 on the device, inference mode, same threads, warm-up excluded) in images/s, timed before the first
 row and after every row; ``measure`` with output metrics only, with the default per-layer
 metrics and the other rows, in shifted views/s (every forward pass counted, the reference
-included) in the steady state (timed within the run, from the end of its second batch) and over
-the whole ``--images`` run (setup included). Each row's ratio is to the mean of the two bare passes
-timed around it, so a shared machine's slow minutes slow both; each figure is the median of the
-rounds. Then the peak memory (RSS, and CUDA peak where used) of a fresh process measuring 64 and
+included) in the steady state (the marginal rate between a run of two batches and the whole run)
+and over the whole ``--images`` run (setup included). Each row's ratio is to the mean of the two
+bare passes timed around it, so a shared machine's slow minutes slow both; each figure is the
+median of the rounds. Then the peak memory (RSS, and CUDA peak where used) of a fresh process measuring 64 and
 256 images, so a reader can check that memory does not grow with the image count; the cost of
 ``--attribution lie`` on resnet18 (the default run with and without it, the extra seconds per
 image over its leaf layers, in bare forward passes per layer); and the start-up time of the light
@@ -27,7 +27,6 @@ import sys
 import time
 from pathlib import Path
 from statistics import median
-from typing import Callable
 
 import torch
 import torchvision
@@ -108,10 +107,11 @@ def row_settings(args: argparse.Namespace) -> dict[str, dict]:
 
 def timed_measure(model: torch.nn.Module, settings: dict, args: argparse.Namespace) -> tuple[float, float | None]:
     """Shifted views per second through ``transinv.measure`` (decoding included): over the whole
-    run of ``--images`` images (setup included), and in the steady state, from the end of the
-    second batch to the end of the last, timed within the same run (setup, the layer probe, the
-    first batches and, on a GPU, the capture of CUDA graphs left out; the GPU is drained at both
-    ends of that window); None with fewer than four batches.
+    run of ``--images`` images (setup included), and in the steady state, the marginal rate between
+    a run of two batches and the whole run (what a long run approaches: setup, the layer probe, the
+    first batches and, on a GPU, the capture of CUDA graphs left out); None with fewer than four
+    batches. Both runs start with nothing decoded ahead and end with everything measured, so
+    decoding ahead (prefetch, workers) cannot move work out of the difference.
 
     Only the shift grid's views are counted: the extra passes of a metric such as ``consistency``
     show as its cost, a lower rate.
@@ -120,26 +120,20 @@ def timed_measure(model: torch.nn.Module, settings: dict, args: argparse.Namespa
                      device=args.device, workers=args.workers, warn=lambda _: None), **settings}
     device = resolve_device(args.device)
     views = len(make_shifts(parse_shift_values(args.shift), "x"))
-    batches = -(-args.images // args.batch_size)
-    stamps: list[tuple[float, int]] = []  # (time, images) at the end of each batch
 
-    def progress(total: int, done: int) -> Callable[[int], None]:
-        def advance(images: int) -> None:
-            if len(stamps) + 1 in (2, batches):  # the window's ends: wait for the GPU there only
-                _sync(device)
-            stamps.append((time.perf_counter(), images))
-        return advance
+    def seconds(images: int) -> float:
+        _sync(device)
+        start = time.perf_counter()
+        transinv.measure(model, num_images=images, **common)
+        _sync(device)
+        return time.perf_counter() - start
 
-    transinv.measure(model, num_images=args.batch_size, **common)  # warm-up: allocator, kernels
-    stamps.clear()
-    _sync(device)
-    start = time.perf_counter()
-    transinv.measure(model, num_images=args.images, progress=progress, **common)
-    _sync(device)
-    whole = args.images * views / (time.perf_counter() - start)
-    if len(stamps) < 4:
-        return whole, None
-    return whole, sum(n for _, n in stamps[2:]) * views / (stamps[-1][0] - stamps[1][0])
+    seconds(args.batch_size)  # warm-up: allocator, kernels
+    short = 2 * args.batch_size
+    full = seconds(args.images)
+    if args.images < 2 * short:
+        return args.images * views / full, None
+    return args.images * views / full, (args.images - short) * views / (full - seconds(short))
 
 
 LIE_MODEL = "resnet18"
@@ -221,7 +215,8 @@ def machine(device: torch.device) -> dict[str, object]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=128, help="images per run (four batches at least for a steady state)")
+    parser.add_argument("--images", type=int, default=128, help="images per run (four batches at least for a steady state; "
+                                                                  "at most the folder's)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch and views per forward pass")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated torchvision names")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder of ImageNet validation images")
@@ -247,6 +242,7 @@ def main() -> None:
         sys.exit(f"benchmark images not found at {args.data}")
     device = resolve_device(args.device)
     items = select_images(find_images(args.data), args.images, 0)
+    args.images = len(items)  # a smaller folder: every figure counts the images it has
     pre = load_model("resnet18", "none").preprocess
     memory_counts = [n for n in args.memory_images.split(",") if n]
     decoded = torch.stack([load_canvas(item.path, pre, SIZE) for item in items[:args.batch_size]])
@@ -303,7 +299,7 @@ def main() -> None:
                         for m in r["peak_memory"].values()))
     Console().print(table)
     detail = Table(title="every row: shifted views/s in the steady state (ratio to the bare forward pass), and the ratio "
-                         "over the whole run, setup included (best of interleaved rounds)")
+                         "over the whole run, setup included (median of rounds)")
     detail.add_column("row")
     for r in results:
         detail.add_column(r["model"], justify="right")

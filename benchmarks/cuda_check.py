@@ -58,13 +58,15 @@ def main() -> int:
                                 ("mobilenet_v3_small, fractional shifts", "mobilenet_v3_small", dict(shift="0..2:0.5", mode="circular", subpixel="fourier")),
                                 ("resnet18 bf16 channels-last", "resnet18", dict(shift="0..3", precision="bf16", channels_last=True)),
                                 ("resnet18 as an embedding", "resnet18", dict(shift="0..3", task="embedding")),
-                                ("resnet18 embedded on a black frame", "resnet18", dict(shift="0..3", mode="embed"))):
+                                ("resnet18 embedded on a black frame", "resnet18",
+                                 dict(shift="0..3", mode="embed", embed_size=48, fill="black"))):
         eager = transinv.measure(model, device="cuda", cuda_graphs=False, **extra, **graphs).rows.set_index(keys)
         replayed = transinv.measure(model, device="cuda", **extra, **graphs).rows.set_index(keys)
         diff = (eager["value"] - replayed["value"].reindex(eager.index)).abs().max()
         same = eager.index.equals(replayed.index) and diff <= 1e-9 and (eager["n"] == replayed["n"]).all()
         check(f"CUDA graphs give the eager numbers: {label}", same, f"{len(eager)} rows, max |difference| {diff:.2e}")
-    for label, extra in (("output metrics", dict(layers="none")), ("default per-layer", {})):
+    for label, extra in (("output metrics", dict(layers="none")), ("default per-layer", {}),
+                         ("padded views on a black fill", dict(mode="pad", fill="black"))):
         syncs = host_syncs(dict(graphs, num_images=24, **extra))
         check(f"no host sync after the second batch: {label}", not syncs,
               "none" if not syncs else f"{sum(syncs.values())} at " + "; ".join(f"{k} x{n}" for k, n in syncs.items()))

@@ -18,6 +18,8 @@ import torch
 
 T = TypeVar("T")
 _DONE = object()
+# the thread count is per thread only under OpenMP (torch's native pool would be resized for all)
+_OPENMP = "parallel backend: OpenMP" in torch.__config__.parallel_info()
 
 
 class _Failed:
@@ -50,8 +52,8 @@ def prefetched(items: Iterable[T], depth: int = 1) -> Iterator[T]:
         return False
 
     def produce() -> None:
-        # per thread for OpenMP; torch also records it for threads started later, restored below
-        torch.set_num_threads(1)
+        if openmp:  # per thread for OpenMP; torch also records it for threads started later: restored below
+            torch.set_num_threads(1)
         try:
             for item in items:
                 if not put(item):
@@ -61,7 +63,7 @@ def prefetched(items: Iterable[T], depth: int = 1) -> Iterator[T]:
             return
         put(_DONE)
 
-    threads = torch.get_num_threads()
+    openmp, threads = _OPENMP, torch.get_num_threads()
     thread = threading.Thread(target=produce, name="transinv-prefetch", daemon=True)
     thread.start()
     try:
@@ -75,4 +77,5 @@ def prefetched(items: Iterable[T], depth: int = 1) -> Iterator[T]:
     finally:
         stop.set()
         thread.join(timeout=5)
-        torch.set_num_threads(threads)
+        if openmp:
+            torch.set_num_threads(threads)

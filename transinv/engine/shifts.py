@@ -183,6 +183,8 @@ def _background(like: torch.Tensor, size: int, fill: Fill) -> torch.Tensor:
     (filled in place: no host-to-device copy, which on a GPU would wait for its queued work)."""
     frame = like.new_empty(*like.shape[:-2], size, size)
     if isinstance(fill, tuple):
+        if len(fill) != frame.shape[-3]:
+            raise UserError(f"--fill gives {len(fill)} channel values for images of {frame.shape[-3]} channels")
         for channel, value in enumerate(fill):
             frame[..., channel, :, :] = value
     else:
