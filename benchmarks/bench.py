@@ -37,6 +37,7 @@ import transinv
 from transinv.metric_registry import LAYER_METRICS
 from transinv.engine.attribution import leaf_calls
 from transinv.engine.data import find_images, load_canvas, select_images
+from transinv.engine.prefetch import core_to_spare
 from transinv.models import load_model
 from transinv.engine.runner import resolve_device
 from transinv.engine.shifts import make_shifts, parse_shift_values
@@ -72,9 +73,10 @@ def bare_forward(model: torch.nn.Module, images: torch.Tensor, device: torch.dev
 def row_settings(args: argparse.Namespace) -> dict[str, dict]:
     """The measured rows: name -> ``measure`` keywords over the common settings.
 
-    output and layers are the default run (``--workers`` as given, prefetch on). On a GPU, the same
-    two without CUDA graphs; on the CPU, both without the background prefetch, and the default run
-    with the other worker counts of 0/1/2 (prefetch is for ``--workers 0`` only). Then the default run without each costly per-layer metric, and
+    output and layers are the default run (``--workers`` as given, the default prefetch). On a GPU,
+    the same two without CUDA graphs; on the CPU, both with the background prefetch turned the
+    other way from this machine's default, and the default run with the other worker counts of
+    0/1/2 (prefetch is for ``--workers 0`` only). Then the default run without each costly per-layer metric, and
     with ``equivariance_error`` and ``pooled_invariance_error`` only (``--layer-metrics``), so each
     metric's cost shows; ``--compile`` when asked; and every ``--extra-rows`` entry
     (``{"row": name, ...measure keywords}``, layers default unless given).
@@ -84,8 +86,9 @@ def row_settings(args: argparse.Namespace) -> dict[str, dict]:
         rows["output, no CUDA graphs"] = dict(layers="none", cuda_graphs=False)
         rows["layers, no CUDA graphs"] = dict(layers="default", cuda_graphs=False)
     else:
-        rows["output, no prefetch"] = dict(layers="none", workers=0, prefetch=False)
-        rows["layers, no prefetch"] = dict(layers="default", workers=0, prefetch=False)
+        other = not core_to_spare(resolve_device(args.device))  # the prefetch this machine does not use by default
+        for row, layers in (("output", "none"), ("layers", "default")):
+            rows[f"{row}, {'' if other else 'no '}prefetch"] = dict(layers=layers, workers=0, prefetch=other)
         for workers in (0, 1, 2):
             if workers != args.workers:  # the layers row already has --workers
                 rows[f"layers, workers {workers}"] = dict(layers="default", workers=workers)

@@ -73,12 +73,16 @@ def test_json_and_output_file(cli_run, tmp_path: Path, few_images: Path) -> None
 
 
 def test_yes_no_options_turn_off_with_their_no_flag(cli_run, few_images: Path) -> None:
-    """An option on by default (--prefetch, --cuda-graphs) has a --no- flag; the settings record it."""
+    """An option on by default (--cuda-graphs) has a --no- flag; one decided by the machine by
+    default (--prefetch: None) takes either flag; the settings record what was asked."""
     common = ["example:circular_gap", "--weights", "none", "--data", str(few_images), "--size", "32", "--resize", "40",
               "--shift", "0..1", "--layers", "none", "--format", "json"]
     code, out, err = cli_run("measure", *common)
     assert code == 0, err
-    assert (json.loads(out)["settings"]["prefetch"], json.loads(out)["settings"]["cuda_graphs"]) == (True, True)
+    assert (json.loads(out)["settings"]["prefetch"], json.loads(out)["settings"]["cuda_graphs"]) == (None, True)
+    code, out, err = cli_run("measure", *common, "--prefetch")
+    assert code == 0, err
+    assert json.loads(out)["settings"]["prefetch"] is True
     code, out, err = cli_run("measure", *common, "--no-prefetch", "--no-cuda-graphs")
     assert code == 0, err
     assert (json.loads(out)["settings"]["prefetch"], json.loads(out)["settings"]["cuda_graphs"]) == (False, False)

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 
 import pytest
 import torch
 
-from transinv.engine.prefetch import prefetched
+from transinv.engine.prefetch import core_to_spare, prefetched
 
 
 def test_items_arrive_in_order_and_complete() -> None:
@@ -87,3 +88,18 @@ def test_producer_uses_one_torch_thread_and_the_consumer_keeps_its_own() -> None
     finally:
         torch.set_num_threads(before)
 
+
+def test_prefetch_by_default_only_where_a_core_is_free() -> None:
+    """The default ``--prefetch``: on a GPU always; on the CPU only with more usable cores than
+    torch's threads (a decoding thread on a busy core slows the model's threads more than it saves)."""
+    before = torch.get_num_threads()
+    cores = len(os.sched_getaffinity(0))
+    try:
+        torch.set_num_threads(cores)
+        assert not core_to_spare(torch.device("cpu"))
+        assert core_to_spare(torch.device("cuda"))
+        if cores > 1:
+            torch.set_num_threads(cores - 1)
+            assert core_to_spare(torch.device("cpu"))
+    finally:
+        torch.set_num_threads(before)

@@ -30,7 +30,7 @@ from .engine.layers import LayerInfo, Probe, probe_layers, select_layers
 from .options import MeasureOptions, option_names
 from .models.outputs import detect
 from .plan import Group, Job, ModelSpec, Plan, make_plan, prepare_model
-from .engine.prefetch import prefetched
+from .engine.prefetch import core_to_spare, prefetched
 from .progress import ConsoleProgress, ProgressStart
 from .reports.results import Result, born_at, born_at_lie, interval_warnings, job_records, make_rows
 from .engine.runner import Measurement, RunState, make_loader, resolve_device, run_batches
@@ -170,9 +170,11 @@ def prepare_jobs(plan: Plan, options: MeasureOptions, device: torch.device, warn
     return out
 
 
-def _batches(loader: DataLoader, options: MeasureOptions) -> closing[Iterator[Batch]]:
-    """The loader's batches, decoded ahead in a background thread unless workers decode them."""
-    return closing(prefetched(loader) if options.prefetch and not options.workers else (b for b in loader))
+def _batches(loader: DataLoader, options: MeasureOptions, device: torch.device) -> closing[Iterator[Batch]]:
+    """The loader's batches, decoded ahead in a background thread (``--prefetch``, by default where
+    a core is free for it) unless workers decode them."""
+    ahead = options.prefetch if options.prefetch is not None else core_to_spare(device)
+    return closing(prefetched(loader) if ahead and not options.workers else (b for b in loader))
 
 
 def _build_galleries(measured: list[Measured], loader: DataLoader, options: MeasureOptions,
@@ -184,7 +186,7 @@ def _build_galleries(measured: list[Measured], loader: DataLoader, options: Meas
         return
     ids: list[torch.Tensor] = [torch.zeros(0, dtype=torch.long)]
     outputs: list[list[torch.Tensor]] = [[] for _ in retrieving]
-    with torch.inference_mode(), _batches(loader, options) as batches:
+    with torch.inference_mode(), _batches(loader, options, retrieving[0].device) as batches:
         for batch in batches:
             if len(batch.indices):
                 ids.append(batch.indices)
@@ -215,11 +217,11 @@ def run_plan(plan: Plan, groups: list[list[Measured]], options: MeasureOptions, 
             for pair in pairs:
                 pair.add(batch)
 
-        with _batches(loader, options) as batches:
+        with _batches(loader, options, measured[0].measurement.device) as batches:
             run_batches([m.measurement for m in measured], [m.state for m in measured], batches, group_run, advance,
                         after_batch)
         for m in measured:  # the group is done: its CUDA graphs' memory goes back before the next group's
-            m.measurement.release_graphs()
+            m.measurement.graphs = None
         run.images, run.skipped = group_run.images, group_run.skipped
         run.partial = run.partial or group_run.partial
         if run.partial:

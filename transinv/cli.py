@@ -142,7 +142,7 @@ def _option_parameter(f: Field) -> inspect.Parameter:
     if meta["repeat"]:
         annotation: Any = Optional[list[scalar]]
     elif scalar is bool:
-        annotation = bool
+        annotation = Optional[bool] if f.default is None else bool
     else:
         annotation = Optional[scalar] if f.default is None else scalar
     default = f.default

@@ -136,7 +136,7 @@ class MeasureOptions:
     # how to run
     batch_size: int = _opt(32, "Images per batch, and views per forward pass.", RUN)
     workers: int = _opt(0, "DataLoader worker processes decoding images.", RUN)
-    prefetch: bool = _opt(True, "With --workers 0, decode the next batch in a background thread while the model runs.", RUN)
+    prefetch: bool | None = _opt(None, "With --workers 0, decode the next batch in a background thread while the model runs (default: where a CPU core is free for it, on a GPU or with more cores than torch's threads).", RUN)
     device: str = _opt("cpu", "auto, cpu, cuda, cuda:N or mps.", RUN)
     precision: str = _opt("fp32", "Autocast precision (see README for the error floor).", RUN, choices=PRECISIONS)
     channels_last: bool = _opt(False, "Run model and views in channels-last memory format.", RUN)
