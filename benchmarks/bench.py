@@ -53,6 +53,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def shifted_views(args: argparse.Namespace) -> int:
+    """Views per image of the bench's shifts (the reference included): the forward passes per batch."""
+    return len(make_shifts(parse_shift_values(args.shift), "x"))
+
+
 def bare_forward(model: torch.nn.Module, images: torch.Tensor, device: torch.device, passes: int,
                  min_seconds: float = 1.0) -> float:
     """Images per second of the model alone (eager, as a user runs it) on one batch of
@@ -122,7 +127,7 @@ def timed_measure(model: torch.nn.Module, settings: dict, args: argparse.Namespa
     common = {**dict(data=args.data, shift=args.shift, size=SIZE, resize=256, batch_size=args.batch_size,
                      device=args.device, workers=args.workers, warn=lambda _: None), **settings}
     device = resolve_device(args.device)
-    views = len(make_shifts(parse_shift_values(args.shift), "x"))
+    views = shifted_views(args)
 
     def seconds(images: int) -> float:
         _sync(device)
@@ -147,7 +152,7 @@ def lie_cost(model: torch.nn.Module, bare: float, per_layer: float, args: argpar
     image it adds, per attributed leaf layer, in units of one bare forward pass of an image."""
     whole, steady = timed_measure(model, {"layers": "default", "attribution": "lie"}, args)
     with_lie = steady or whole
-    views = len(make_shifts(parse_shift_values(args.shift), "x"))
+    views = shifted_views(args)
     extra = views / with_lie - views / per_layer  # seconds per image
     layers = len(leaf_calls(model, SIZE, next(model.parameters()).device))
     return {"lie_views_per_s": with_lie, "lie_layers": layers, "lie_extra_s_per_image": extra,
@@ -261,10 +266,9 @@ def main() -> None:
         "startup_s": {},
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    views, settings = shifted_views(args), row_settings(args)
     for name in args.models.split(","):
         model = load_model(name, "none").module.to(device)
-        views = len(make_shifts(parse_shift_values(args.shift), "x"))
-        settings = row_settings(args)
         bares, runs = [bare_forward(model, decoded, device, views)], {row: [] for row in settings}
         for _ in range(args.rounds):  # each row timed between two bare passes: its ratio is to theirs
             for row, keywords in settings.items():

@@ -5,9 +5,9 @@ overlaps decoding with the forward pass at no extra process or copy. At most ``d
 wait decoded, so memory stays flat whatever the number of images. The thread runs its torch ops
 (resizing, normalising) on one intra-op thread: left to itself it starts a second OpenMP team as
 large as the model's, and on a machine without spare cores the two teams stall each other. Even on
-one thread, where every core runs the model, the decoding thread costs the model more than it
-saves (measured on 2 cores: mobilenet_v3_small 0.70 of the bare pass with it, 0.81 decoding in
-line), so by default it runs only where a core is free for it (``core_to_spare``).
+one thread, where every core runs the model, the decoding thread takes a core from it (on 2 cores
+mobilenet_v3_small measured no faster with it; see the README's Speed section), so by default it
+runs only where a core is free for it (``core_to_spare``).
 """
 
 from __future__ import annotations
@@ -64,7 +64,7 @@ def prefetched(items: Iterable[T], depth: int = 1) -> Iterator[T]:
         return False
 
     def produce() -> None:
-        if openmp:  # per thread for OpenMP; torch also records it for threads started later: restored below
+        if _OPENMP:  # per thread for OpenMP; torch also records it for threads started later: restored below
             torch.set_num_threads(1)
         try:
             for item in items:
@@ -75,7 +75,7 @@ def prefetched(items: Iterable[T], depth: int = 1) -> Iterator[T]:
             return
         put(_DONE)
 
-    openmp, threads = _OPENMP, torch.get_num_threads()
+    threads = torch.get_num_threads()
     thread = threading.Thread(target=produce, name="transinv-prefetch", daemon=True)
     thread.start()
     try:
@@ -89,5 +89,5 @@ def prefetched(items: Iterable[T], depth: int = 1) -> Iterator[T]:
     finally:
         stop.set()
         thread.join(timeout=5)
-        if openmp:
+        if _OPENMP:
             torch.set_num_threads(threads)
