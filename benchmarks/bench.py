@@ -78,7 +78,8 @@ def bare_forward(model: torch.nn.Module, images: torch.Tensor, device: torch.dev
 def row_settings(args: argparse.Namespace) -> dict[str, dict]:
     """The measured rows: name -> ``measure`` keywords over the common settings.
 
-    output and layers are the default run (``--workers`` as given, the default prefetch). On a GPU,
+    output and layers are the default run (``--workers`` as given, the default prefetch), then the
+    latter with ``--compile-metrics`` (compiled in the warm-up run, as a long run would). On a GPU,
     the same two without CUDA graphs; on the CPU, both with the background prefetch turned the
     other way from this machine's default, and the default run with the other worker counts of
     0/1/2 (prefetch is for ``--workers 0`` only). Then the default run without each costly per-layer metric, and
@@ -86,7 +87,8 @@ def row_settings(args: argparse.Namespace) -> dict[str, dict]:
     metric's cost shows; ``--compile`` when asked; and every ``--extra-rows`` entry
     (``{"row": name, ...measure keywords}``, layers default unless given).
     """
-    rows = {"output": dict(layers="none"), "layers": dict(layers="default")}
+    rows = {"output": dict(layers="none"), "layers": dict(layers="default"),
+            "layers, compiled metrics": dict(layers="default", compile_metrics=True)}
     if resolve_device(args.device).type == "cuda":
         rows["output, no CUDA graphs"] = dict(layers="none", cuda_graphs=False)
         rows["layers, no CUDA graphs"] = dict(layers="default", cuda_graphs=False)

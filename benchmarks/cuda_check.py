@@ -59,14 +59,23 @@ def main() -> int:
                                 ("resnet18 bf16 channels-last", "resnet18", dict(shift="0..3", precision="bf16", channels_last=True)),
                                 ("resnet18 as an embedding", "resnet18", dict(shift="0..3", task="embedding")),
                                 ("resnet18 embedded on a black frame", "resnet18",
-                                 dict(shift="0..3", mode="embed", embed_size=48, fill="black"))):
+                                 dict(shift="0..3", mode="embed", embed_size=48, fill="black")),
+                                ("resnet18, compiled comparisons", "resnet18",
+                                 dict(layers="all", shift="0..5", compile_metrics=True))):
         eager = transinv.measure(model, device="cuda", cuda_graphs=False, **extra, **graphs).rows.set_index(keys)
         replayed = transinv.measure(model, device="cuda", **extra, **graphs).rows.set_index(keys)
         diff = (eager["value"] - replayed["value"].reindex(eager.index)).abs().max()
         same = eager.index.equals(replayed.index) and diff <= 1e-9 and (eager["n"] == replayed["n"]).all()
         check(f"CUDA graphs give the eager numbers: {label}", same, f"{len(eager)} rows, max |difference| {diff:.2e}")
+    eager = transinv.measure("resnet18", device="cuda", shift="0..5", layers="all", **graphs).rows.set_index(keys)
+    fused = transinv.measure("resnet18", device="cuda", shift="0..5", layers="all", compile_metrics=True,
+                             **graphs).rows.set_index(keys)
+    relative = ((eager["value"] - fused["value"].reindex(eager.index)).abs() / eager["value"].abs().clip(lower=1e-6)).max()
+    check("compiled comparisons give the eager numbers (float32 rounding)", relative <= 1e-5,
+          f"{len(eager)} rows, max relative difference {relative:.2e}")
     for label, extra in (("output metrics", dict(layers="none")), ("default per-layer", {}),
-                         ("padded views on a black fill", dict(mode="pad", fill="black"))):
+                         ("padded views on a black fill", dict(mode="pad", fill="black")),
+                         ("compiled comparisons", dict(compile_metrics=True))):
         syncs = host_syncs(dict(graphs, num_images=24, **extra))
         check(f"no host sync after the second batch: {label}", not syncs,
               "none" if not syncs else f"{sum(syncs.values())} at " + "; ".join(f"{k} x{n}" for k, n in syncs.items()))

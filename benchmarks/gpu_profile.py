@@ -1,5 +1,6 @@
 """Where a GPU run's time goes: wall time against the time the GPU spends in kernels, and the
-kernels that take it, for the default per-layer run with and without CUDA graphs.
+kernels that take it, for the default per-layer run with and without CUDA graphs, and with
+``--compile-metrics``.
 
     python benchmarks/gpu_profile.py [--data FOLDER] [--images 160] [--shift 0..16] [--out FILE]
 
@@ -67,7 +68,8 @@ def main() -> None:
             torch.cuda.synchronize()
             bare = time.perf_counter() - start
         for label, settings in (("output", dict(layers="none")), ("layers", dict(layers="default")),
-                                ("layers, no CUDA graphs", dict(layers="default", cuda_graphs=False))):
+                                ("layers, no CUDA graphs", dict(layers="default", cuda_graphs=False)),
+                                ("layers, compiled metrics", dict(layers="default", compile_metrics=True))):
             run = profiled(model, args, **settings)
             run["bare_forward_s"] = bare
             report["runs"][f"{name}: {label}"] = run

@@ -11,9 +11,9 @@ OUT=${OUT:-benchmarks/gpu-out}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv | tee "$OUT/gpu.txt"
 python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__)" | tee -a "$OUT/gpu.txt"
-timeout 100 python3 benchmarks/cuda_check.py --data "$DATA" 2>&1 | tee "$OUT/cuda_check.txt"
+timeout 160 python3 benchmarks/cuda_check.py --data "$DATA" 2>&1 | tee "$OUT/cuda_check.txt"
 common=(--device cuda --shift 0..16 --workers 8 --rounds 1)
-timeout 170 python3 benchmarks/bench.py "${common[@]}" --images 500 --data "$DATA" --startup-repeats 1 \
+timeout 230 python3 benchmarks/bench.py "${common[@]}" --images 500 --data "$DATA" --startup-repeats 1 \
     --out "$OUT/results-b32.json" 2>&1 | tee "$OUT/bench-b32.txt"
 # batch 128 needs more batches than 500 images make to reach a steady state: every image three times (links)
 many=/tmp/bench-x3; mkdir -p "$many"

@@ -150,8 +150,10 @@ def test_compile_gives_the_numbers_of_eager(few_images: Path) -> None:
     """torch.compile (inductor, a C++ compiler on the CPU) fuses ops: numbers agree to rounding."""
     small = dict(data=str(few_images), size=32, resize=48, shift="0..2", layers="default", warn=lambda _: None)
     eager = transinv.measure(_Tiny(), **small).rows
-    compiled = transinv.measure(_Tiny(), compile=True, **small).rows
     keys = ["layer", "shift_x", "shift_y", "metric"]
-    eager, compiled = eager.sort_values(keys).reset_index(drop=True), compiled.sort_values(keys).reset_index(drop=True)
-    pd.testing.assert_frame_equal(eager[keys + ["n"]], compiled[keys + ["n"]])
-    assert ((eager["value"] - compiled["value"]).abs() <= 1e-5).all()
+    eager = eager.sort_values(keys).reset_index(drop=True)
+    for both in (False, True):  # the model compiled; and its comparisons too (--compile-metrics, compiled apart)
+        compiled = transinv.measure(_Tiny(), compile=True, compile_metrics=both, **small).rows
+        compiled = compiled.sort_values(keys).reset_index(drop=True)
+        pd.testing.assert_frame_equal(eager[keys + ["n"]], compiled[keys + ["n"]])
+        assert ((eager["value"] - compiled["value"]).abs() <= 1e-5).all()

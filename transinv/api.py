@@ -160,6 +160,7 @@ def prepare_jobs(plan: Plan, options: MeasureOptions, device: torch.device, warn
                 per_image=options.per_image is not None,
                 error_maps=options.error_maps is not None,
                 compile=options.compile,
+                compile_metrics=options.compile_metrics,
                 cuda_graphs=options.cuda_graphs,
                 layer_metrics=options.layer_metrics,
                 warn=warn,

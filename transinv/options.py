@@ -141,6 +141,7 @@ class MeasureOptions:
     precision: str = _opt("fp32", "Autocast precision (see README for the error floor).", RUN, choices=PRECISIONS)
     channels_last: bool = _opt(False, "Run model and views in channels-last memory format.", RUN)
     compile: bool = _opt(False, "torch.compile the model before measuring (slow to start, most on the CPU; see README).", RUN)
+    compile_metrics: bool = _opt(False, "torch.compile each layer's comparison into fused kernels that read each map once or twice (faster per-layer runs after seconds of compiling; the same definitions to float32 rounding; see README).", RUN)
     cuda_graphs: bool = _opt(True, "On a GPU, capture each full batch's forward passes (the model and the layer comparisons) as CUDA graphs and replay them: one launch per pass, the same numbers (see README).", RUN)
 
     def __post_init__(self) -> None:

@@ -130,11 +130,14 @@ class FeatureTap:
     """Forward hooks on chosen layers that hand each output to a callback, keyed by call.
 
     Used as a context manager so the hooks never outlive a run; ``reset()`` before every forward
-    pass restarts the per-module call counters.
+    pass restarts the per-module call counters. ``untraced``: for a model run through
+    ``torch.compile``, the hooks are left out of its graphs (run eagerly, with a graph break),
+    so the comparisons are not traced and recompiled per layer (``--compile-metrics`` compiles them apart).
     """
 
-    def __init__(self, model: nn.Module, names: list[str] | None, callback: FeatureCallback) -> None:
-        self.model, self.callback = model, callback
+    def __init__(self, model: nn.Module, names: list[str] | None, callback: FeatureCallback,
+                 untraced: bool = False) -> None:
+        self.model, self.callback, self.untraced = model, callback, untraced
         wanted = None if names is None else {n.split("#")[0] for n in names}
         self.names = None if names is None else set(names)
         self.modules = [(n, m) for n, m in model.named_modules() if n and (wanted is None or n in wanted)]
@@ -151,7 +154,7 @@ class FeatureTap:
             if isinstance(output, torch.Tensor) and (self.names is None or key in self.names):
                 self.callback(key, output)
 
-        return hook
+        return torch.compiler.disable(hook) if self.untraced else hook
 
     def __enter__(self) -> "FeatureTap":
         self.reset()

@@ -8,10 +8,11 @@ processes. Means and intervals exist only in ``MetricState.rows``.
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
 import torch
 
@@ -106,8 +107,11 @@ class Reference:
     spectrum_axes: tuple[int, ...] | None = None
 
     @classmethod
-    def of(cls, maps: torch.Tensor, spectrum_axes: tuple[int, ...] | None = None) -> "Reference":
-        pooled = maps.mean(dim=(-2, -1)).double()
+    def of(cls, maps: torch.Tensor, spectrum_axes: tuple[int, ...] | None = None, fused: bool = False) -> "Reference":
+        """``fused``: the channel means by the compiled kernel the passes use (``compare_pass``), so
+        shift 0 compares equal terms and gives exactly 0."""
+        pooled = (fused_kernels()[1](maps.flatten(-2)[None], maps.flatten(-2), False, True)[1][0] if fused
+                  else maps.mean(dim=(-2, -1)).double())
         energy = maps.pow(2).sum(dim=1).double()
         spectrum = torch.fft.rfftn(maps, dim=spectrum_axes) if spectrum_axes else None
         return cls(maps, energy, pooled, _denominator(_per_image_norm(pooled)),
@@ -298,19 +302,12 @@ def _group_errors(
     """Per shift of ``group`` and image, ``||f(T_d x) - T_k f(x)|| / ||T_k f(x)||`` on each mask
     ``(S, N, M)``, and (``spatial``) the error maps ``(S, h, w)``; ``stack``: the group's shifted
     maps ``(S, N, C, h * w)``. Every shift of the group in the same few operations."""
-    n, c, h, w = reference.maps.shape
-    if group.resampled:
-        spectrum = (reference.spectrum if reference.spectrum_axes == group.axes
-                    else torch.fft.rfftn(reference.maps, dim=group.axes))
-        sizes = [(h, w)[axis] for axis in group.axes]
-        moved = torch.fft.irfftn(spectrum * group.phases[:, None, None], s=sizes, dim=group.axes).flatten(-2)
-        energy = torch.bmm(_channel_energy(moved), group.masks)
-    else:  # every roll at once; the reference energy on the rolled masks is one product
+    h, w = reference.maps.shape[-2:]
+    moved, energy = _group_energy(reference, group)
+    if moved is None:  # every roll at once
         moved = _rolled(reference.maps, group)
-        energy = (reference.energy.flatten(1) @ group.sources).unflatten(1, (len(group.positions), -1)).transpose(0, 1)
     diff = torch.sub(stack, moved, out=moved)  # moved is a fresh copy: no second map-sized buffer
-    # NaN where the reference has no energy on the region (a positive energy is a normal float64)
-    errors = torch.where(energy > 0, torch.bmm(_channel_energy(diff), group.masks) / energy, math.nan).sqrt()
+    errors = _masked_errors(_channel_energy(diff), group.masks, energy)
     if not spatial:
         return errors, None
     error_sum = diff.abs().mean(dim=2).sum(dim=1).double().masked_fill(group.outside, float("nan"))
@@ -324,6 +321,79 @@ def _channel_energy(maps: torch.Tensor) -> torch.Tensor:
     if maps.is_cuda:
         return torch.linalg.vector_norm(maps, dim=2).double().square()
     return (maps * maps).sum(dim=2).double()
+
+
+def _masked_errors(diff_energy: torch.Tensor, masks: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+    """``(S, N, M)``: the difference's energy ``(S, N, P)`` summed on each mask ``(S, P, M)``, over the
+    reference's ``energy`` there, square-rooted; NaN where the reference has no energy on the region
+    (a positive energy is a normal float64)."""
+    return torch.where(energy > 0, torch.bmm(diff_energy, masks) / energy, math.nan).sqrt()
+
+
+def _group_energy(reference: Reference, group: ShiftGroup,
+                  energy: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The reference moved by each shift of ``group``, ``(S, N, C, h * w)``: Fourier-shifted (a fresh
+    tensor), or None for whole shifts (rolled by the caller: block copies or, compiled, a gather); and
+    (``energy``; else None) the reference's energy on each shift's masks ``(S, N, M)`` (whole shifts: one product)."""
+    h, w = reference.maps.shape[-2:]
+    if not group.resampled:
+        on_masks = reference.energy.flatten(1) @ group.sources
+        return None, on_masks.unflatten(1, (len(group.positions), -1)).transpose(0, 1)
+    spectrum = (reference.spectrum if reference.spectrum_axes == group.axes
+                else torch.fft.rfftn(reference.maps, dim=group.axes))
+    sizes = [(h, w)[axis] for axis in group.axes]
+    moved = torch.fft.irfftn(spectrum * group.phases[:, None, None], s=sizes, dim=group.axes).flatten(-2)
+    return moved, torch.bmm(_channel_energy(moved), group.masks) if energy else None
+
+
+def _fused_errors(stack: torch.Tensor, reference: torch.Tensor, index: torch.Tensor | None, moved: torch.Tensor | None,
+                  masks: torch.Tensor, energy: torch.Tensor | None) -> torch.Tensor:
+    """``_group_errors`` without the spatial maps, written to be compiled: the reference ``(N, C, P)``
+    gathered by ``index`` (or ``moved``, resampled) is subtracted from ``stack`` ``(S, N, C, P)`` and
+    summed in squares over channels in one kernel that reads each map once, with no map-sized
+    temporary; ``energy`` None: the moved maps' own energy on the masks, in the same kernel."""
+    if moved is None:
+        moved = reference[..., index].unflatten(-1, (-1, reference.shape[-1])).permute(2, 0, 1, 3)
+    if energy is None:
+        energy = torch.bmm((moved * moved).sum(dim=2).double(), masks)
+    diff = stack - moved
+    return _masked_errors((diff * diff).sum(dim=2).double(), masks, energy)
+
+
+def _fused_moments(stack: torch.Tensor, reference: torch.Tensor, inplace: bool,
+                   pooled: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Written to be compiled: per shift and image of ``stack`` ``(S, N, C, P)``, the squared distance to
+    ``reference`` ``(N, C, P)`` at the same positions (float32 over channels, then float64), and
+    the channel means ``(S, N, C)``; each if asked for."""
+    change = ((stack - reference) ** 2).sum(dim=2).double().sum(dim=-1) if inplace else None
+    means = stack.mean(dim=-1).double() if pooled else None
+    return change, means
+
+
+@functools.cache
+def fused_kernels() -> tuple[Callable, Callable]:
+    """``_fused_errors`` and ``_fused_moments`` through ``torch.compile`` (inductor: Triton kernels on a
+    GPU, C++ on the CPU), made once per process; compiled on first use for any map size (dynamic
+    shapes), once per branch taken (whole or resampled shifts, which moments) and size-1 axis: more
+    than torch's default limit of 8 compiles per function in a varied run, so theirs is raised."""
+    import torch._dynamo  # imported on first use only: it is slow to import
+
+    limit = torch._dynamo.config.patch(recompile_limit=64)
+    return limit(torch.compile(_fused_errors, dynamic=True)), limit(torch.compile(_fused_moments, dynamic=True))
+
+
+def check_fused_kernels(device: torch.device) -> None:
+    """Run both fused kernels once on ``device`` before any map is measured, on a pass shaped as
+    most are (one shift, distinct sizes of 2 or more elsewhere, inference tensors), so what this
+    compiles serves the run: raises torch.compile's error (``torch._dynamo.exc.TorchDynamoException``)
+    where it cannot compile (no C++ compiler for the CPU, no Triton for the GPU)."""
+    errors_of, moments_of = fused_kernels()
+    with torch.inference_mode():
+        stack = torch.ones(1, 4, 5, 7, device=device)
+        errors_of(stack, stack[0], torch.arange(7, device=device), None,
+                  torch.ones(1, 7, 2, dtype=torch.float64, device=device),
+                  torch.ones(1, 4, 2, dtype=torch.float64, device=device))
+        moments_of(stack, stack[0], True, True)
 
 
 def _rolled(maps: torch.Tensor, group: ShiftGroup) -> torch.Tensor:
@@ -352,17 +422,32 @@ class PassComparison:
 
 def compare_pass(
     reference: Reference, maps: torch.Tensor, groups: Sequence[ShiftGroup], spatial: bool = False,
-    inplace: bool = True, pooled: bool = True,
+    inplace: bool = True, pooled: bool = True, fused: bool = False,
 ) -> PassComparison:
     """Every per-layer metric of a pass ``maps`` ``(S * N, C, h, w)`` (shift-major) in a few
     operations whatever ``S``: the equivariance errors of each group of ``pass_geometry``, the
-    in-place change and the pooled invariance error (each if asked for); nothing read back to the host."""
+    in-place change and the pooled invariance error (each if asked for); nothing read back to the host.
+
+    ``fused``: the map-sized work in compiled kernels (``fused_kernels``; the reference made with
+    ``fused`` too, the groups' whole shifts as an index gather, no spatial maps): the same
+    definitions, summed in another order (float32 rounding).
+    """
     n, c, h, w = reference.maps.shape
     stack = maps.reshape(-1, n, c, h * w)
-    out = [_group_errors(reference, stack[group.select], group, spatial) for group in groups]
-    change = (torch.linalg.vector_norm(stack - reference.maps.flatten(-2), dim=(-2, -1)).double() / reference.norm
-              if inplace else None)
-    pooled_error = pooled_invariance_error(reference, maps).reshape(len(stack), n) if pooled else None
+    ref = reference.maps.flatten(-2)
+    if fused:
+        errors_of, moments_of = fused_kernels()
+        out = []
+        for group in groups:
+            moved, energy = _group_energy(reference, group, energy=False)
+            out.append((errors_of(stack[group.select], ref, group.index, moved, group.masks, energy), None))
+        change, means = moments_of(stack, ref, inplace, pooled)
+    else:
+        out = [_group_errors(reference, stack[group.select], group, spatial) for group in groups]
+        change = _channel_energy(stack - ref).sum(dim=-1) if inplace else None
+        means = maps.mean(dim=(-2, -1)).double().unflatten(0, (-1, n)) if pooled else None  # as Reference.of
+    change = change.sqrt() / reference.norm if inplace else None
+    pooled_error = torch.linalg.vector_norm(means - reference.pooled, dim=-1) / reference.pooled_norm if pooled else None
     return PassComparison(tuple(e for e, _ in out), tuple(m for _, m in out), change, pooled_error)
 
 

@@ -120,6 +120,20 @@ def worst_case_sets(shifts: Sequence[Shift]) -> list[tuple[str, str, list[Shift]
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _compiles(device: torch.device, warn: Callable[[str], None]) -> bool:
+    """Whether torch.compile works here (``M.check_fused_kernels``); if not, one note that the
+    comparisons run eagerly (the same definitions)."""
+    from torch._dynamo.exc import TorchDynamoException  # imported only for this option: it is slow to import
+
+    try:
+        M.check_fused_kernels(device)
+    except TorchDynamoException as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        warn(f"--compile-metrics: torch.compile failed ({reason}); the layers are compared without it")
+        return False
+    return True
+
+
 class _LayerComparer:
     """The tap callback: keeps reference maps, or compares the maps of a pass of shifted views.
 
@@ -128,9 +142,11 @@ class _LayerComparer:
 
     def __init__(self, layers: list[LayerInfo], shifts: Sequence[Shift], circular: bool,
                  margins: dict[str, tuple[int, int]] | None = None, error_maps: torch.device | None = None,
-                 metrics: Collection[str] = LAYER_METRICS) -> None:
+                 metrics: Collection[str] = LAYER_METRICS, fused: bool = False) -> None:
         """``error_maps``: the device to keep spatial error maps on (None: none kept), one per
-        layer and shift that a chosen equivariance metric compares."""
+        layer and shift that a chosen equivariance metric compares. ``fused``: compare in compiled
+        kernels (``M.compare_pass``; they make no error maps)."""
+        self.fused = fused
         self.layers = {layer.name: layer for layer in layers}
         self.metrics = frozenset(metrics)
         self.resampled: dict[str, tuple[int, ...]] = {}  # layers compared at fractional feature shifts: their Fourier axes
@@ -157,7 +173,8 @@ class _LayerComparer:
         if reduced:
             feature = feature.float()  # reduced-precision maps are compared in float32 (a copy)
         if not self.shifts:  # keep a copy: in-place ops later in the forward pass may change it
-            self.reference[name] = M.Reference.of(feature if reduced else feature.clone(), self.resampled.get(name))
+            self.reference[name] = M.Reference.of(feature if reduced else feature.clone(), self.resampled.get(name),
+                                                  self.fused)
             return
         self.compare(layer, self.reference[name], feature, tuple(self.shifts))
 
@@ -168,7 +185,7 @@ class _LayerComparer:
         if plan is None:
             plan = self._plans[(layer.name, shifts)] = self._plan(layer, shifts, reference)
         spatial = self.error_maps is not None and not layer.fixed
-        out = M.compare_pass(reference, feature, plan.groups, spatial, plan.inplace, plan.pooled)
+        out = M.compare_pass(reference, feature, plan.groups, spatial, plan.inplace, plan.pooled, self.fused)
         values = [e[..., 0] for e, kept in zip(out.errors, plan.errors) if kept]
         values += [e[..., 1] for e, g in zip(out.errors, plan.groups) if plan.interior and not g.resampled]
         self.pending.append((plan.keys, values + [v for v in (out.inplace, out.pooled) if v is not None]))
@@ -214,7 +231,7 @@ class _LayerComparer:
         ks = [self.compared_shift(layer, shift) for shift in shifts]
         h, w = reference.maps.shape[-2:]
         groups = M.pass_geometry(h, w, ks, self.circular, margin, reference.maps.dtype, reference.maps.device,
-                                 axes=self.resampled.get(layer.name))
+                                 gather=True if self.fused else None, axes=self.resampled.get(layer.name))
         errors = tuple((M.EQUIVARIANCE_ERROR_RESAMPLED if g.resampled else M.EQUIVARIANCE_ERROR) in chosen for g in groups)
         keys = [(layer.name, shifts[i], M.EQUIVARIANCE_ERROR_RESAMPLED if g.resampled else M.EQUIVARIANCE_ERROR)
                 for g, kept in zip(groups, errors) if kept for i in g.positions]
@@ -267,6 +284,7 @@ class Measurement:
         error_maps: bool = False,
         task: str = CLASSIFICATION.name,
         compile: bool = False,
+        compile_metrics: bool = False,
         cuda_graphs: bool = True,
         warn: Callable[[str], None] = lambda _: None,
         layer_metrics: Sequence[str] | None = None,
@@ -281,10 +299,12 @@ class Measurement:
             self.model.to(memory_format=torch.channels_last)
         self.layer_metrics = tuple(layer_metrics or LAYER_METRICS)
         margins = padding_margins(model, layers, plan.size, device) if M.EQUIVARIANCE_ERROR_INTERIOR in self.layer_metrics else {}
+        fused = compile_metrics and bool(layers) and not error_maps and _compiles(device, warn)
         self.comparer = _LayerComparer(layers, plan.shifts, plan.mode == "circular", margins,
-                                       device if error_maps else None, self.layer_metrics)
+                                       device if error_maps else None, self.layer_metrics, fused)
         # hooks stay on ``model``'s modules (their names); the passes go through the compiled wrapper
         self.forward_model = torch.compile(model) if compile else model
+        self.compiled = compile
         # on a GPU, full batches replay captured passes; error maps are added per shift, outside a pass's
         # graph; a graph keeps its pass's outputs, which for some kinds (dense maps) would be one set per pass
         graphs = cuda_graphs and device.type == "cuda" and not compile and not error_maps and self.kind.graphs
@@ -355,7 +375,7 @@ class Measurement:
         """All shifts of one image batch into ``state``; hooks and reference maps last only the batch."""
         if self.per_image is not None:
             self.per_image.begin_batch()
-        with FeatureTap(self.model, [layer.name for layer in self.layers], self.comparer) as self.tap:
+        with FeatureTap(self.model, [layer.name for layer in self.layers], self.comparer, self.compiled) as self.tap:
             try:
                 self._measure_batch(batch, state)
             finally:
