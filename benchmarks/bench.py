@@ -115,6 +115,13 @@ def row_settings(args: argparse.Namespace) -> dict[str, dict]:
     return rows
 
 
+def _fallback_note(note: str) -> None:
+    """Print the notes that say a row did not run what its name says (a compiler or CUDA graphs
+    fell back to eager); drop the rest (interval warnings of short runs)."""
+    if note.startswith("--compile-metrics") or "CUDA graphs off" in note:
+        print(f"note: {note}", file=sys.stderr)
+
+
 def timed_measure(model: torch.nn.Module, settings: dict, args: argparse.Namespace) -> tuple[float, float | None]:
     """Shifted views per second through ``transinv.measure`` (decoding included): over the whole
     run of ``--images`` images (setup included), and in the steady state, the marginal rate between
@@ -127,7 +134,7 @@ def timed_measure(model: torch.nn.Module, settings: dict, args: argparse.Namespa
     show as its cost, a lower rate.
     """
     common = {**dict(data=args.data, shift=args.shift, size=SIZE, resize=256, batch_size=args.batch_size,
-                     device=args.device, workers=args.workers, warn=lambda _: None), **settings}
+                     device=args.device, workers=args.workers, warn=_fallback_note), **settings}
     device = resolve_device(args.device)
     views = shifted_views(args)
 

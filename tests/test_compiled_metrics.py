@@ -12,21 +12,51 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 
 import transinv
 from transinv.engine import metrics as M
 
 pytestmark = pytest.mark.slow
-SMALL = dict(size=32, resize=48, weights="none", seed=0, warn=lambda _: None)
+SMALL = dict(size=32, resize=48, weights="none", seed=0)
 KEYS = ["layer", "shift_x", "shift_y", "metric"]
+
+
+def compiled(model: str, **kwargs: object) -> pd.DataFrame:
+    """The rows of a run with --compile-metrics, checked to have compiled (no fallback note)."""
+    notes: list[str] = []
+    rows = transinv.measure(model, compile_metrics=True, warn=notes.append, **kwargs).rows
+    assert not [note for note in notes if note.startswith("--compile-metrics")], notes
+    return rows
 
 
 def _both(model: str, **kwargs: object) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The rows of an eager and a compiled-comparison run, in the same order."""
-    eager = transinv.measure(model, **SMALL, **kwargs).rows.sort_values(KEYS).reset_index(drop=True)
-    fused = transinv.measure(model, compile_metrics=True, **SMALL, **kwargs).rows.sort_values(KEYS).reset_index(drop=True)
+    eager = transinv.measure(model, warn=lambda _: None, **SMALL, **kwargs).rows.sort_values(KEYS).reset_index(drop=True)
+    fused = compiled(model, **SMALL, **kwargs).sort_values(KEYS).reset_index(drop=True)
     pd.testing.assert_frame_equal(eager[KEYS + ["n"]], fused[KEYS + ["n"]])
     return eager, fused
+
+
+@pytest.mark.parametrize("circular", [False, True])
+def test_a_compiled_pass_gives_the_eager_numbers(circular: bool) -> None:
+    """Whole and fractional shifts, not consecutive, one not compared, a zero reference (NaN), with
+    and without interior margins: the compiled pass's numbers are the eager pass's, to float32 rounding."""
+    torch.manual_seed(3)
+    shifts = [(2, -1), (0.5, 0.0), None, (-3, 0), (1.5, -0.5), (0, 0)]
+    maps, shifted = torch.randn(4, 5, 9, 8), torch.randn(len(shifts) * 4, 5, 9, 8)
+    maps[1] = 0
+    shifted[-4:] = maps  # the last shift, (0, 0), sees the reference's own maps
+    for margin in ((1, 1), None):
+        groups = M.pass_geometry(9, 8, shifts, circular, margin, torch.float32, "cpu", gather=True)
+        eager = M.compare_pass(M.Reference.of(maps), shifted, groups)
+        fused = M.compare_pass(M.Reference.of(maps, fused=True), shifted, groups, fused=True)
+        for a, b in zip((*eager.errors, eager.inplace, eager.pooled), (*fused.errors, fused.inplace, fused.pooled)):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, equal_nan=True)
+        assert fused.inplace[:, 1].isnan().all() and fused.errors[0][:, 1].isnan().all()  # the zero reference
+        assert (fused.errors[0][-1].nan_to_num() == 0).all() and (fused.pooled[-1].nan_to_num() == 0).all()  # bit for bit
+    with pytest.raises(ValueError, match="no error maps"):
+        M.compare_pass(M.Reference.of(maps, fused=True), shifted, groups, spatial=True, fused=True)
 
 
 def test_compiled_comparisons_keep_the_exact_answers(few_images: Path) -> None:
@@ -60,9 +90,9 @@ def test_compiled_comparisons_give_the_eager_numbers(few_images: Path, mode: str
 
 def test_compiled_comparisons_of_fewer_metrics_are_those_of_all(few_images: Path) -> None:
     """--layer-metrics with --compile-metrics: the rows kept are those of the full compiled run."""
-    common = dict(data=str(few_images), shift="0..2", layers="default", compile_metrics=True, **SMALL)
-    full = transinv.measure("resnet18", **common).rows.set_index(KEYS)["value"]
-    some = transinv.measure("resnet18", layer_metrics="equivariance_error,inplace_change", **common).rows
+    common = dict(data=str(few_images), shift="0..2", layers="default", **SMALL)
+    full = compiled("resnet18", **common).set_index(KEYS)["value"]
+    some = compiled("resnet18", layer_metrics="equivariance_error,inplace_change", **common)
     some = some[some["layer"] != M.OUTPUT_LAYER].set_index(KEYS)["value"]
     assert len(some) and set(some.index.get_level_values("metric")) == {M.EQUIVARIANCE_ERROR, M.INPLACE_CHANGE}
     pd.testing.assert_series_equal(some, full.loc[some.index], rtol=1e-6, atol=1e-9)

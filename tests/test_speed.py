@@ -153,7 +153,19 @@ def test_compile_gives_the_numbers_of_eager(few_images: Path) -> None:
     keys = ["layer", "shift_x", "shift_y", "metric"]
     eager = eager.sort_values(keys).reset_index(drop=True)
     for both in (False, True):  # the model compiled; and its comparisons too (--compile-metrics, compiled apart)
-        compiled = transinv.measure(_Tiny(), compile=True, compile_metrics=both, **small).rows
+        notes: list[str] = []
+        compiled = transinv.measure(_Tiny(), compile=True, compile_metrics=both, **dict(small, warn=notes.append)).rows
+        assert not [note for note in notes if note.startswith("--compile-metrics")], notes
         compiled = compiled.sort_values(keys).reset_index(drop=True)
         pd.testing.assert_frame_equal(eager[keys + ["n"]], compiled[keys + ["n"]])
         assert ((eager["value"] - compiled["value"]).abs() <= 1e-5).all()
+
+
+def test_compiled_comparisons_give_way_to_error_maps(few_images: Path, tmp_path: Path) -> None:
+    """--compile-metrics with --error-maps: one note, and the eager comparison's numbers (no compiling)."""
+    notes: list[str] = []
+    small = dict(data=str(few_images), size=32, resize=48, shift="0..2", weights="none", error_maps=str(tmp_path / "e.npz"))
+    both = transinv.measure("resnet18", compile_metrics=True, warn=notes.append, **small).rows
+    eager = transinv.measure("resnet18", warn=lambda _: None, **small).rows
+    assert any(note.startswith("--compile-metrics: not with --error-maps") for note in notes)
+    pd.testing.assert_frame_equal(both, eager)

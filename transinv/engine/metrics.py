@@ -12,7 +12,7 @@ import functools
 import math
 from dataclasses import dataclass
 from statistics import NormalDist
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, NamedTuple, Sequence
 
 import torch
 
@@ -108,10 +108,8 @@ class Reference:
 
     @classmethod
     def of(cls, maps: torch.Tensor, spectrum_axes: tuple[int, ...] | None = None, fused: bool = False) -> "Reference":
-        """``fused``: the channel means by the compiled kernel the passes use (``compare_pass``), so
-        shift 0 compares equal terms and gives exactly 0."""
-        pooled = (fused_kernels()[1](maps.flatten(-2)[None], maps.flatten(-2), False, True)[1][0] if fused
-                  else maps.mean(dim=(-2, -1)).double())
+        """``fused``: the channel means as ``compare_pass(fused=True)`` takes them (``_channel_means``)."""
+        pooled = _channel_means(maps, fused)
         energy = maps.pow(2).sum(dim=1).double()
         spectrum = torch.fft.rfftn(maps, dim=spectrum_axes) if spectrum_axes else None
         return cls(maps, energy, pooled, _denominator(_per_image_norm(pooled)),
@@ -169,7 +167,8 @@ def inplace_change(reference: torch.Tensor | Reference, shifted: torch.Tensor) -
     ref = _reference(reference)
     if shifted.shape != ref.maps.shape:
         return torch.full((shifted.shape[0],), float("nan"), dtype=torch.float64, device=shifted.device)
-    return _per_image_norm(shifted - ref.maps) / ref.norm
+    squares = ((shifted - ref.maps) ** 2).sum(dim=1).double()  # over channels in float32, positions in float64
+    return squares.sum(dim=(-2, -1)).sqrt() / ref.norm
 
 
 def _axis_masks(n: int, k: float, circular: bool, margin: int, resampled: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -303,7 +302,7 @@ def _group_errors(
     ``(S, N, M)``, and (``spatial``) the error maps ``(S, h, w)``; ``stack``: the group's shifted
     maps ``(S, N, C, h * w)``. Every shift of the group in the same few operations."""
     h, w = reference.maps.shape[-2:]
-    moved, energy = _group_energy(reference, group)
+    moved, energy = _moved_reference(reference, group)
     if moved is None:  # every roll at once
         moved = _rolled(reference.maps, group)
     diff = torch.sub(stack, moved, out=moved)  # moved is a fresh copy: no second map-sized buffer
@@ -330,8 +329,8 @@ def _masked_errors(diff_energy: torch.Tensor, masks: torch.Tensor, energy: torch
     return torch.where(energy > 0, torch.bmm(diff_energy, masks) / energy, math.nan).sqrt()
 
 
-def _group_energy(reference: Reference, group: ShiftGroup,
-                  energy: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _moved_reference(reference: Reference, group: ShiftGroup,
+                     energy: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """The reference moved by each shift of ``group``, ``(S, N, C, h * w)``: Fourier-shifted (a fresh
     tensor), or None for whole shifts (rolled by the caller: block copies or, compiled, a gather); and
     (``energy``; else None) the reference's energy on each shift's masks ``(S, N, M)`` (whole shifts: one product)."""
@@ -360,40 +359,63 @@ def _fused_errors(stack: torch.Tensor, reference: torch.Tensor, index: torch.Ten
     return _masked_errors((diff * diff).sum(dim=2).double(), masks, energy)
 
 
-def _fused_moments(stack: torch.Tensor, reference: torch.Tensor, inplace: bool,
-                   pooled: bool) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+def _fused_change(stack: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
     """Written to be compiled: per shift and image of ``stack`` ``(S, N, C, P)``, the squared distance to
-    ``reference`` ``(N, C, P)`` at the same positions (float32 over channels, then float64), and
-    the channel means ``(S, N, C)``; each if asked for."""
-    change = ((stack - reference) ** 2).sum(dim=2).double().sum(dim=-1) if inplace else None
-    means = stack.mean(dim=-1).double() if pooled else None
-    return change, means
+    ``reference`` ``(N, C, P)`` at the same positions (over channels in float32, then in float64)."""
+    return ((stack - reference) ** 2).sum(dim=2).double().sum(dim=-1)
+
+
+def _fused_means(stack: torch.Tensor) -> torch.Tensor:
+    """Written to be compiled: the channel means ``(S, N, C)`` of ``stack`` ``(S, N, C, P)``, in float64."""
+    return stack.mean(dim=-1).double()
+
+
+def _channel_means(maps: torch.Tensor, fused: bool) -> torch.Tensor:
+    """The channel means of ``maps`` ``(S * N, C, h, w)`` in float64, computed alike for the reference and
+    every pass (the reference's pass is one shift, the same call), so shift 0 gives 0 bit for bit:
+    eager, or with the compiled kernel of ``fused_kernels``."""
+    if fused:
+        return fused_kernels().means(maps.flatten(-2)[None])[0]
+    return maps.mean(dim=(-2, -1)).double()
+
+
+class FusedKernels(NamedTuple):
+    """The compiled comparison kernels (``fused_kernels``)."""
+
+    errors: Callable[..., torch.Tensor]
+    change: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    means: Callable[[torch.Tensor], torch.Tensor]
 
 
 @functools.cache
-def fused_kernels() -> tuple[Callable, Callable]:
-    """``_fused_errors`` and ``_fused_moments`` through ``torch.compile`` (inductor: Triton kernels on a
-    GPU, C++ on the CPU), made once per process; compiled on first use for any map size (dynamic
-    shapes), once per branch taken (whole or resampled shifts, which moments) and size-1 axis: more
-    than torch's default limit of 8 compiles per function in a varied run, so theirs is raised."""
+def fused_kernels() -> FusedKernels:
+    """``_fused_errors``, ``_fused_change`` and ``_fused_means`` through ``torch.compile`` (inductor:
+    Triton kernels on a GPU, C++ on the CPU), made once per process; compiled on first use for any
+    map size (dynamic shapes), once per branch taken (whole or resampled shifts) and size-1 axis:
+    more than torch's default limit of 8 compiles per function in a varied run, so theirs is raised."""
     import torch._dynamo  # imported on first use only: it is slow to import
 
-    limit = torch._dynamo.config.patch(recompile_limit=64)
-    return limit(torch.compile(_fused_errors, dynamic=True)), limit(torch.compile(_fused_moments, dynamic=True))
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
+    limit = config.patch(**{name: 64})
+    return FusedKernels(*(limit(torch.compile(kernel, dynamic=True))
+                          for kernel in (_fused_errors, _fused_change, _fused_means)))
 
 
 def check_fused_kernels(device: torch.device) -> None:
-    """Run both fused kernels once on ``device`` before any map is measured, on a pass shaped as
-    most are (one shift, distinct sizes of 2 or more elsewhere, inference tensors), so what this
-    compiles serves the run: raises torch.compile's error (``torch._dynamo.exc.TorchDynamoException``)
-    where it cannot compile (no C++ compiler for the CPU, no Triton for the GPU)."""
-    errors_of, moments_of = fused_kernels()
+    """Run every fused kernel and branch once on ``device`` before any map is measured, on passes
+    shaped as most are (one shift, distinct sizes of 2 or more elsewhere, inference tensors), so
+    what this compiles serves the run: raises where torch.compile cannot compile (no C++ compiler
+    for the CPU, no Triton for the GPU)."""
+    kernels = fused_kernels()
     with torch.inference_mode():
         stack = torch.ones(1, 4, 5, 7, device=device)
-        errors_of(stack, stack[0], torch.arange(7, device=device), None,
-                  torch.ones(1, 7, 2, dtype=torch.float64, device=device),
-                  torch.ones(1, 4, 2, dtype=torch.float64, device=device))
-        moments_of(stack, stack[0], True, True)
+        masks = torch.ones(1, 7, 2, dtype=torch.float64, device=device)
+        kernels.errors(stack, stack[0], torch.arange(7, device=device), None, masks,
+                       torch.ones(1, 4, 2, dtype=torch.float64, device=device))
+        kernels.errors(stack, stack[0], None, stack, masks, None)
+        kernels.change(stack, stack[0])
+        kernels.means(stack)
 
 
 def _rolled(maps: torch.Tensor, group: ShiftGroup) -> torch.Tensor:
@@ -436,18 +458,20 @@ def compare_pass(
     stack = maps.reshape(-1, n, c, h * w)
     ref = reference.maps.flatten(-2)
     if fused:
-        errors_of, moments_of = fused_kernels()
+        if spatial or any(not g.resampled and g.index is None for g in groups):
+            raise ValueError("fused comparisons make no error maps and gather whole shifts (pass_geometry(gather=True))")
+        kernels = fused_kernels()
         out = []
         for group in groups:
-            moved, energy = _group_energy(reference, group, energy=False)
-            out.append((errors_of(stack[group.select], ref, group.index, moved, group.masks, energy), None))
-        change, means = moments_of(stack, ref, inplace, pooled)
+            moved, energy = _moved_reference(reference, group, energy=False)
+            out.append((kernels.errors(stack[group.select], ref, group.index, moved, group.masks, energy), None))
+        change = kernels.change(stack, ref) if inplace else None
     else:
         out = [_group_errors(reference, stack[group.select], group, spatial) for group in groups]
         change = _channel_energy(stack - ref).sum(dim=-1) if inplace else None
-        means = maps.mean(dim=(-2, -1)).double().unflatten(0, (-1, n)) if pooled else None  # as Reference.of
     change = change.sqrt() / reference.norm if inplace else None
-    pooled_error = torch.linalg.vector_norm(means - reference.pooled, dim=-1) / reference.pooled_norm if pooled else None
+    pooled_error = (torch.linalg.vector_norm(_channel_means(maps, fused).unflatten(0, (-1, n)) - reference.pooled, dim=-1)
+                    / reference.pooled_norm if pooled else None)
     return PassComparison(tuple(e for e, _ in out), tuple(m for _, m in out), change, pooled_error)
 
 

@@ -123,11 +123,9 @@ PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float
 def _compiles(device: torch.device, warn: Callable[[str], None]) -> bool:
     """Whether torch.compile works here (``M.check_fused_kernels``); if not, one note that the
     comparisons run eagerly (the same definitions)."""
-    from torch._dynamo.exc import TorchDynamoException  # imported only for this option: it is slow to import
-
     try:
         M.check_fused_kernels(device)
-    except TorchDynamoException as exc:
+    except Exception as exc:  # whatever stops the compiler (missing, broken, too old) means: compare eagerly
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         warn(f"--compile-metrics: torch.compile failed ({reason}); the layers are compared without it")
         return False
@@ -231,7 +229,7 @@ class _LayerComparer:
         ks = [self.compared_shift(layer, shift) for shift in shifts]
         h, w = reference.maps.shape[-2:]
         groups = M.pass_geometry(h, w, ks, self.circular, margin, reference.maps.dtype, reference.maps.device,
-                                 gather=True if self.fused else None, axes=self.resampled.get(layer.name))
+                                 gather=self.fused or None, axes=self.resampled.get(layer.name))
         errors = tuple((M.EQUIVARIANCE_ERROR_RESAMPLED if g.resampled else M.EQUIVARIANCE_ERROR) in chosen for g in groups)
         keys = [(layer.name, shifts[i], M.EQUIVARIANCE_ERROR_RESAMPLED if g.resampled else M.EQUIVARIANCE_ERROR)
                 for g, kept in zip(groups, errors) if kept for i in g.positions]
@@ -299,6 +297,9 @@ class Measurement:
             self.model.to(memory_format=torch.channels_last)
         self.layer_metrics = tuple(layer_metrics or LAYER_METRICS)
         margins = padding_margins(model, layers, plan.size, device) if M.EQUIVARIANCE_ERROR_INTERIOR in self.layer_metrics else {}
+        if compile_metrics and error_maps:
+            warn("--compile-metrics: not with --error-maps (the compiled kernels make no error maps); "
+                 "the layers are compared without it")
         fused = compile_metrics and bool(layers) and not error_maps and _compiles(device, warn)
         self.comparer = _LayerComparer(layers, plan.shifts, plan.mode == "circular", margins,
                                        device if error_maps else None, self.layer_metrics, fused)
