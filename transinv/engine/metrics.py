@@ -409,11 +409,11 @@ def check_fused_kernels(device: torch.device) -> None:
     for the CPU, no Triton for the GPU)."""
     kernels = fused_kernels()
     with torch.inference_mode():
-        stack = torch.ones(1, 4, 5, 7, device=device)
+        stack, moved = torch.ones(1, 4, 5, 7, device=device), torch.ones(1, 4, 5, 7, device=device)
         masks = torch.ones(1, 7, 2, dtype=torch.float64, device=device)
-        kernels.errors(stack, stack[0], torch.arange(7, device=device), None, masks,
-                       torch.ones(1, 4, 2, dtype=torch.float64, device=device))
-        kernels.errors(stack, stack[0], None, stack, masks, None)
+        energy = torch.ones(4, 1, 2, dtype=torch.float64, device=device).transpose(0, 1)  # as _moved_reference's
+        kernels.errors(stack, stack[0], torch.arange(7, device=device), None, masks, energy)
+        kernels.errors(stack, stack[0], None, moved, masks, None)
         kernels.change(stack, stack[0])
         kernels.means(stack)
 
