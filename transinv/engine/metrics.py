@@ -348,7 +348,7 @@ def _moved_reference(reference: Reference, group: ShiftGroup,
 def _fused_errors(stack: torch.Tensor, reference: torch.Tensor, index: torch.Tensor | None, moved: torch.Tensor | None,
                   masks: torch.Tensor, energy: torch.Tensor | None) -> torch.Tensor:
     """``_group_errors`` without the spatial maps, written to be compiled: the reference ``(N, C, P)``
-    gathered by ``index`` (or ``moved``, resampled) is subtracted from ``stack`` ``(S, N, C, P)`` and
+    gathered by ``index`` (or ``moved``: rolled or resampled) is subtracted from ``stack`` ``(S, N, C, P)`` and
     summed in squares over channels in one kernel that reads each map once, with no map-sized
     temporary; ``energy`` None: the moved maps' own energy on the masks, in the same kernel."""
     if moved is None:
@@ -451,19 +451,22 @@ def compare_pass(
     in-place change and the pooled invariance error (each if asked for); nothing read back to the host.
 
     ``fused``: the map-sized work in compiled kernels (``fused_kernels``; the reference made with
-    ``fused`` too, the groups' whole shifts as an index gather, no spatial maps): the same
-    definitions, summed in another order (float32 rounding).
+    ``fused`` too, no spatial maps): the same definitions, summed in another order (float32
+    rounding). Whole shifts with a gather index (a GPU's) are gathered inside the kernel; rolled by
+    block copies first otherwise (on the CPU a gather is scalar loads: 12x slower, measured).
     """
     n, c, h, w = reference.maps.shape
     stack = maps.reshape(-1, n, c, h * w)
     ref = reference.maps.flatten(-2)
     if fused:
-        if spatial or any(not g.resampled and g.index is None for g in groups):
-            raise ValueError("fused comparisons make no error maps and gather whole shifts (pass_geometry(gather=True))")
+        if spatial:
+            raise ValueError("fused comparisons make no error maps")
         kernels = fused_kernels()
         out = []
         for group in groups:
             moved, energy = _moved_reference(reference, group, energy=False)
+            if moved is None and group.index is None:  # rolled by block copies (the CPU's way): the kernel reads them
+                moved = _rolled(reference.maps, group)
             out.append((kernels.errors(stack[group.select], ref, group.index, moved, group.masks, energy), None))
         change = kernels.change(stack, ref) if inplace else None
     else:

@@ -229,7 +229,7 @@ class _LayerComparer:
         ks = [self.compared_shift(layer, shift) for shift in shifts]
         h, w = reference.maps.shape[-2:]
         groups = M.pass_geometry(h, w, ks, self.circular, margin, reference.maps.dtype, reference.maps.device,
-                                 gather=self.fused or None, axes=self.resampled.get(layer.name))
+                                 axes=self.resampled.get(layer.name))
         errors = tuple((M.EQUIVARIANCE_ERROR_RESAMPLED if g.resampled else M.EQUIVARIANCE_ERROR) in chosen for g in groups)
         keys = [(layer.name, shifts[i], M.EQUIVARIANCE_ERROR_RESAMPLED if g.resampled else M.EQUIVARIANCE_ERROR)
                 for g, kept in zip(groups, errors) if kept for i in g.positions]
