@@ -352,7 +352,7 @@ def _fused_errors(stack: torch.Tensor, reference: torch.Tensor, index: torch.Ten
     summed in squares over channels in one kernel that reads each map once, with no map-sized
     temporary; ``energy`` None: the moved maps' own energy on the masks, in the same kernel."""
     if moved is None:
-        moved = reference[..., index].unflatten(-1, (-1, reference.shape[-1])).permute(2, 0, 1, 3)
+        moved = _gathered(reference, index)
     if energy is None:
         energy = torch.bmm((moved * moved).sum(dim=2).double(), masks)
     diff = stack - moved
@@ -418,12 +418,17 @@ def check_fused_kernels(device: torch.device) -> None:
         kernels.means(stack)
 
 
+def _gathered(maps: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """``(S, N, C, P)``: the flat maps ``(N, C, P)`` read at ``index`` ``(S * P,)``, each shift's positions."""
+    return maps[..., index].unflatten(-1, (-1, maps.shape[-1])).permute(2, 0, 1, 3)
+
+
 def _rolled(maps: torch.Tensor, group: ShiftGroup) -> torch.Tensor:
     """``(S, N, C, h * w)``: the maps ``(N, C, h, w)`` rolled by each whole shift of ``group``: one
     index gather (one launch) or four block copies per shift (see ``pass_geometry``)."""
     n, c, h, w = maps.shape
     if group.index is not None:
-        return maps.flatten(-2)[..., group.index].unflatten(-1, (-1, h * w)).permute(2, 0, 1, 3)
+        return _gathered(maps.flatten(-2), group.index)
     out = maps.new_empty(len(group.rolls), n, c, h, w)
     for target, (ky, kx) in zip(out, group.rolls):
         for rows, source_rows in ((slice(ky, h), slice(0, h - ky)), (slice(0, ky), slice(h - ky, h))):
