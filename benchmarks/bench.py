@@ -112,6 +112,11 @@ def row_settings(args: argparse.Namespace) -> dict[str, dict]:
         extra = dict(extra)
         name = str(extra.pop("row"))
         rows[name] = {"layers": "default", **extra}
+    if args.rows:
+        wanted = [row.strip() for row in args.rows.split(";") if row.strip()]
+        if unknown := [row for row in wanted if row not in rows]:
+            sys.exit(f"--rows: no row named {', '.join(unknown)} (rows: {'; '.join(rows)})")
+        rows = {row: rows[row] for row in wanted}
     return rows
 
 
@@ -178,7 +183,8 @@ def lie_cost(model: torch.nn.Module, bare: float, per_layer: float, args: argpar
 def peak_memory(name: str, images: int, args: argparse.Namespace) -> dict[str, float]:
     """Peak RSS (MiB) and CUDA peak (MiB) of a fresh process measuring ``images`` images."""
     cmd = [sys.executable, __file__, "--child", name, "--images", str(images), "--shift", args.shift, "--data", args.data,
-           "--device", args.device, "--workers", str(args.workers), "--batch-size", str(args.batch_size)]
+           "--device", args.device, "--workers", str(args.workers), "--batch-size", str(args.batch_size),
+           "--threads", str(args.threads)]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -247,6 +253,11 @@ def main() -> None:
     parser.add_argument("--shift", default="0..8")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch's intra-op threads for the whole bench (0: torch's default); fewer than the "
+                             "cores leaves a core free, as on a larger machine (the default prefetch turns on)")
+    parser.add_argument("--rows", default="", help="semicolon-separated row names to time, e.g. 'output; output, "
+                                                     "no prefetch' (default: every row)")
     parser.add_argument("--rounds", type=int, default=2, help="timing rounds; each figure is the median of its rounds")
     parser.add_argument("--memory-images", default="64,256", help="image counts of the peak-memory runs ('' for none)")
     parser.add_argument("--startup-repeats", type=int, default=3, help="runs of each light command (0: skip)")
@@ -260,6 +271,8 @@ def main() -> None:
                         help="skip the rows that price each per-layer metric")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.child:
         return child(args)
     if not Path(args.data).is_dir():
@@ -300,10 +313,11 @@ def main() -> None:
         memory = {n: peak_memory(name, int(n), args) for n in memory_counts}
         results.append({
             "model": name, "bare_images_per_s": bare,
-            "output_views_per_s": rows["output"]["views_per_s"], "output_ratio": rows["output"]["ratio"],
-            "layers_views_per_s": rows["layers"]["views_per_s"], "layers_ratio": rows["layers"]["ratio"],
+            **{f"{row}_{key}": rows[row][key] for row in ("output", "layers") if row in rows
+               for key in ("views_per_s", "ratio")},
             "rows": rows, "peak_memory": memory,
-            **(lie_cost(model, bare, rows["layers"]["views_per_s"], args) if name == LIE_MODEL and not args.no_lie else {}),
+            **(lie_cost(model, bare, rows["layers"]["views_per_s"], args)
+               if name == LIE_MODEL and not args.no_lie and "layers" in rows else {}),
         })
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")  # each model's figures as soon as they exist
         print(f"{name}: bare {bare:.1f} img/s; " + "; ".join(f"{row} {v['views_per_s']:.1f} ({v['ratio']:.2f})"
@@ -316,8 +330,9 @@ def main() -> None:
             f"peak RSS {n} img (MiB)" for n in memory_counts)):
         table.add_column(column, justify="right")
     for r in results:
-        table.add_row(r["model"], f"{r['bare_images_per_s']:.1f}", f"{r['output_views_per_s']:.1f}",
-                      f"{r['output_ratio']:.2f}", f"{r['layers_views_per_s']:.1f}", f"{r['layers_ratio']:.2f}",
+        figures = [f"{r[f'{row}_{key}']:{spec}}" if f"{row}_{key}" in r else "" for row in ("output", "layers")
+                   for key, spec in (("views_per_s", ".1f"), ("ratio", ".2f"))]
+        table.add_row(r["model"], f"{r['bare_images_per_s']:.1f}", *figures,
                       *(f"{m['rss_peak_mib']:.0f}" + (f" (cuda {m['cuda_mib']:.0f})" if m["cuda_mib"] else "")
                         for m in r["peak_memory"].values()))
     Console().print(table)

@@ -11,7 +11,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 import transinv
-from transinv.engine.data import Preprocess, builtin_images_dir, find_images, load_canvas, select_images
+from transinv.engine.data import Preprocess, _decode_rgb, builtin_images_dir, find_images, load_canvas, select_images
 from transinv.errors import UserError
 
 PRE = Preprocess(resize=40, size=32, mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25))
@@ -30,6 +30,44 @@ def test_every_image_mode_becomes_a_normalised_rgb_canvas(tmp_path: Path, mode: 
     canvas = load_canvas(_save(tmp_path / f"x{suffix}", mode), PRE, 36)
     assert canvas.shape == (3, 36, 36) and canvas.dtype == torch.float32
     assert canvas.abs().max() <= 2.0 + 1e-6  # (v - 0.5) / 0.25 with v in [0, 1]
+
+
+def _pillow_rgb(path: Path) -> torch.Tensor:
+    with Image.open(path) as opened:
+        return TF.pil_to_tensor(opened.convert("RGB"))
+
+
+def test_decoding_gives_pillows_pixels_for_photos_grey_cmyk_and_png(tmp_path: Path) -> None:
+    """RGB and grey JPEGs go through torchvision's decoder, the rest through Pillow: every one
+    gives exactly the pixels Pillow's ``convert("RGB")`` gives (so no figure moves with the decoder)."""
+    photos = sorted(builtin_images_dir().glob("*.jpg")) + sorted(Path(__file__).parent.joinpath("data").glob("*.JPEG"))
+    grey = tmp_path / "grey.jpg"
+    Image.open(photos[0]).convert("L").save(grey, quality=90)
+    cmyk = tmp_path / "cmyk.jpg"
+    Image.open(photos[0]).convert("CMYK").save(cmyk)
+    png = tmp_path / "photo.png"
+    Image.open(photos[1]).save(png)
+    for path in photos + [grey, cmyk, png]:
+        assert torch.equal(_decode_rgb(path), _pillow_rgb(path)), path.name
+
+
+def test_a_jpeg_torchvision_refuses_gets_pillows_verdict(tmp_path: Path) -> None:
+    """Truncated or damaged files: the same pixels or the same error as Pillow alone (Pillow
+    decodes some damaged files that torchvision's decoder refuses; it decides, as it always did)."""
+
+    def outcome(decode, path: Path) -> object:
+        try:
+            return decode(path).tolist()
+        except OSError as error:
+            return str(error)
+
+    data = (Path(__file__).parent / "data" / "n02123045_tabby.JPEG").read_bytes()
+    cases = {"truncated": data[: len(data) // 2], "damaged": data[:2000] + b"x" * 5000}
+    for name, content in cases.items():
+        (tmp_path / f"{name}.jpg").write_bytes(content)
+        assert outcome(_decode_rgb, tmp_path / f"{name}.jpg") == outcome(_pillow_rgb, tmp_path / f"{name}.jpg"), name
+    with pytest.raises(OSError, match="truncated"):
+        _decode_rgb(tmp_path / "truncated.jpg")
 
 
 def test_imagenet_names_give_labels_in_torchvision_order(tmp_path: Path) -> None:
