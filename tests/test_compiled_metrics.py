@@ -5,6 +5,7 @@ Compiling takes seconds per kernel on the CPU (a C++ compiler, as CI has), so th
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -23,11 +24,13 @@ KEYS = ["layer", "shift_x", "shift_y", "metric"]
 
 
 def compiled(model: str, **kwargs: object) -> pd.DataFrame:
-    """The rows of a run with --compile-metrics, checked to have compiled (no fallback note)."""
+    """The rows of a run with --compile-metrics, checked to have compiled (no fallback note, and the
+    settings say so)."""
     notes: list[str] = []
-    rows = transinv.measure(model, compile_metrics=True, warn=notes.append, **kwargs).rows
+    result = transinv.measure(model, compile_metrics=True, warn=notes.append, **kwargs)
     assert not [note for note in notes if note.startswith("--compile-metrics")], notes
-    return rows
+    assert result.settings["metrics_compiled"] is True
+    return result.rows
 
 
 def _both(model: str, **kwargs: object) -> tuple[pd.DataFrame, pd.DataFrame]:
@@ -99,13 +102,16 @@ def test_compiled_comparisons_of_fewer_metrics_are_those_of_all(few_images: Path
 
 
 def test_without_a_compiler_the_comparisons_run_eagerly_with_a_note(few_images: Path, tmp_path: Path) -> None:
-    """No working C++ compiler (and an empty inductor cache): one note on stderr, the eager numbers."""
+    """No working C++ compiler (and an empty inductor cache): one note on stderr, the eager numbers,
+    and a result file that says the comparisons were not compiled."""
     args = ["measure", "resnet18", "--weights", "none", "--data", str(few_images), "--size", "32",
-            "--resize", "48", "--shift", "0..2", "-f", "csv"]
+            "--resize", "48", "--shift", "0..2", "-f", "json"]
     env = {**os.environ, "CXX": str(tmp_path / "no-compiler"), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "cache")}
     run = [sys.executable, "-m", "transinv"]
     fused = subprocess.run([*run, *args, "--compile-metrics"], capture_output=True, text=True, env=env, timeout=600)
     eager = subprocess.run([*run, *args], capture_output=True, text=True, timeout=600)
     assert fused.returncode == 0, fused.stderr
     assert "--compile-metrics: torch.compile failed" in fused.stderr and "Traceback" not in fused.stderr
-    assert fused.stdout == eager.stdout
+    fused_doc, eager_doc = json.loads(fused.stdout), json.loads(eager.stdout)
+    assert fused_doc["rows"] == eager_doc["rows"]
+    assert fused_doc["settings"]["compile_metrics"] is True and fused_doc["settings"]["metrics_compiled"] is False
