@@ -32,41 +32,19 @@ def test_every_image_mode_becomes_a_normalised_rgb_canvas(tmp_path: Path, mode: 
     assert canvas.abs().max() <= 2.0 + 1e-6  # (v - 0.5) / 0.25 with v in [0, 1]
 
 
-def _pillow_rgb(path: Path) -> torch.Tensor:
-    with Image.open(path) as opened:
-        return TF.pil_to_tensor(opened.convert("RGB"))
-
-
-def test_decoding_gives_pillows_pixels_for_photos_grey_cmyk_and_png(tmp_path: Path) -> None:
-    """RGB and grey JPEGs go through torchvision's decoder, the rest through Pillow: every one
-    gives exactly the pixels Pillow's ``convert("RGB")`` gives (so no figure moves with the decoder)."""
-    photos = sorted(builtin_images_dir().glob("*.jpg")) + sorted(Path(__file__).parent.joinpath("data").glob("*.JPEG"))
-    grey = tmp_path / "grey.jpg"
-    Image.open(photos[0]).convert("L").save(grey, quality=90)
-    cmyk = tmp_path / "cmyk.jpg"
-    Image.open(photos[0]).convert("CMYK").save(cmyk)
-    png = tmp_path / "photo.png"
-    Image.open(photos[1]).save(png)
-    for path in photos + [grey, cmyk, png]:
-        assert torch.equal(_decode_rgb(path), _pillow_rgb(path)), path.name
-
-
-def test_a_jpeg_torchvision_refuses_gets_pillows_verdict(tmp_path: Path) -> None:
-    """Truncated or damaged files: the same pixels or the same error as Pillow alone (Pillow
-    decodes some damaged files that torchvision's decoder refuses; it decides, as it always did)."""
-
-    def outcome(decode, path: Path) -> object:
-        try:
-            return decode(path).tolist()
-        except OSError as error:
-            return str(error)
-
-    data = (Path(__file__).parent / "data" / "n02123045_tabby.JPEG").read_bytes()
-    cases = {"truncated": data[: len(data) // 2], "damaged": data[:2000] + b"x" * 5000}
-    for name, content in cases.items():
-        (tmp_path / f"{name}.jpg").write_bytes(content)
-        assert outcome(_decode_rgb, tmp_path / f"{name}.jpg") == outcome(_pillow_rgb, tmp_path / f"{name}.jpg"), name
-    with pytest.raises(OSError, match="truncated"):
+def test_decoding_gives_pillows_rgb_conversion_for_every_mode(tmp_path: Path) -> None:
+    """RGB files skip Pillow's ``convert("RGB")`` copy; every mode still gives exactly the pixels
+    that conversion gives (photos, grey, CMYK, palette, alpha), and a truncated file is refused."""
+    photo = builtin_images_dir() / "chelsea.jpg"
+    with Image.open(photo) as source:
+        for mode, suffix in (("RGB", ".jpg"), ("L", ".jpg"), ("CMYK", ".jpg"), ("P", ".png"), ("RGBA", ".png")):
+            source.convert(mode).save(tmp_path / f"{mode}{suffix}")
+    for path in [photo, *sorted(tmp_path.iterdir())]:
+        with Image.open(path) as opened:
+            expected = TF.pil_to_tensor(opened.convert("RGB"))
+        assert torch.equal(_decode_rgb(path), expected), path.name
+    (tmp_path / "truncated.jpg").write_bytes(photo.read_bytes()[:2000])
+    with pytest.raises(OSError):
         _decode_rgb(tmp_path / "truncated.jpg")
 
 
