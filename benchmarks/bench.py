@@ -113,7 +113,9 @@ def row_settings(args: argparse.Namespace) -> dict[str, dict]:
         name = str(extra.pop("row"))
         rows[name] = {"layers": "default", **extra}
     if args.rows:
-        wanted = [row.strip() for row in args.rows.split(";") if row.strip()]
+        wanted = list(dict.fromkeys(row.strip() for row in args.rows.split(";") if row.strip()))
+        if not wanted:
+            sys.exit(f"--rows: name at least one row (rows: {'; '.join(rows)})")
         if unknown := [row for row in wanted if row not in rows]:
             sys.exit(f"--rows: no row named {', '.join(unknown)} (rows: {'; '.join(rows)})")
         rows = {row: rows[row] for row in wanted}
@@ -317,7 +319,7 @@ def main() -> None:
                for key in ("views_per_s", "ratio")},
             "rows": rows, "peak_memory": memory,
             **(lie_cost(model, bare, rows["layers"]["views_per_s"], args)
-               if name == LIE_MODEL and not args.no_lie and "layers" in rows else {}),
+               if name == LIE_MODEL and not args.no_lie and "layers" in rows else {}),  # its cost is over that row
         })
         Path(args.out).write_text(json.dumps(report, indent=2) + "\n")  # each model's figures as soon as they exist
         print(f"{name}: bare {bare:.1f} img/s; " + "; ".join(f"{row} {v['views_per_s']:.1f} ({v['ratio']:.2f})"

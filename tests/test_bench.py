@@ -37,7 +37,8 @@ def test_bench_times_the_chosen_rows_at_the_chosen_thread_count(tmp_path: Path) 
     """``--threads 1`` leaves a core free (the prefetch's default flips, and the row set with it);
     ``--rows`` times only the rows named; an unknown row name is refused with the list."""
     out = tmp_path / "results.json"
-    flipped = "output, no prefetch" if len(os.sched_getaffinity(0)) > 1 else "output, prefetch"  # one core: none free
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    flipped = "output, no prefetch" if cores > 1 else "output, prefetch"  # on one core none is free
     common = [sys.executable, str(BENCH), "--models", "mobilenet_v3_small", "--data", str(builtin_images_dir()),
               "--images", "8", "--batch-size", "2", "--shift", "0..1", "--rounds", "1", "--no-lie", "--no-metric-rows",
               "--startup-repeats", "0", "--memory-images", "", "--threads", "1", "--out", str(out)]
@@ -50,3 +51,5 @@ def test_bench_times_the_chosen_rows_at_the_chosen_thread_count(tmp_path: Path) 
     assert list(result["rows"]) == ["output", flipped] and "layers_ratio" not in result
     refused = subprocess.run(common + ["--rows", "output; sideways"], capture_output=True, text=True, timeout=600)
     assert refused.returncode != 0 and "no row named sideways" in refused.stderr
+    empty = subprocess.run(common + ["--rows", " ; "], capture_output=True, text=True, timeout=600)
+    assert empty.returncode != 0 and "name at least one row" in empty.stderr

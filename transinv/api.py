@@ -309,7 +309,8 @@ def measure(
         summary["born_at_lie"] = born_at_lie(rows)
     summary["interval_warnings"] = interval_warnings(records, warn if context.is_main else None)
     replicates = np.concatenate([m.state.replicate_means().numpy() for m in states])
-    compiled = any(m.measurement.comparer.fused for m in states)
+    comparing = [m.measurement for m in states if m.measurement.layers]  # those that compare layers at all
+    compiled = bool(comparing) and all(measurement.comparer.fused for measurement in comparing)
     return Result(rows=rows, settings=_settings(plan, opts, specs, device, context, compiled), summary=summary,
                   replicates=replicates)
 
@@ -317,7 +318,8 @@ def measure(
 def _settings(plan: Plan, options: MeasureOptions, specs: list[ModelSpec], device: torch.device,
               context: distributed.Context, metrics_compiled: bool) -> dict[str, Any]:
     """Everything that decided the numbers, as recorded in result files; ``metrics_compiled``: whether
-    layers were compared in the compiled kernels (``compile_metrics`` asks; this says what ran)."""
+    every measured model's layers were compared in the compiled kernels (``compile_metrics`` asks;
+    this says what ran)."""
     return {
         "models": [spec if isinstance(spec, str) else type(spec).__name__ for spec in specs],
         "labels": list(dict.fromkeys(job.label for job in plan.jobs)),
