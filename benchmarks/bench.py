@@ -245,6 +245,13 @@ def machine(device: torch.device) -> dict[str, object]:
     return info
 
 
+def _threads(text: str) -> int:
+    """``--threads``: 0 (torch's default) or a positive count, refused in one line otherwise."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected 0 or a positive whole number, got {text!r}")
+    return int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=128, help="images per run (four batches at least for a steady state; "
@@ -255,7 +262,7 @@ def main() -> None:
     parser.add_argument("--shift", default="0..8")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=0,
+    parser.add_argument("--threads", type=_threads, default=0,
                         help="torch's intra-op threads for the whole bench (0: torch's default); fewer than the "
                              "cores leaves a core free, as on a larger machine (the default prefetch turns on)")
     parser.add_argument("--rows", default="", help="semicolon-separated row names to time, e.g. 'output; output, "

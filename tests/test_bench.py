@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from transinv.engine.data import builtin_images_dir
+from transinv.engine.prefetch import usable_cores
 
 BENCH = Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py"
 
@@ -37,8 +37,7 @@ def test_bench_times_the_chosen_rows_at_the_chosen_thread_count(tmp_path: Path) 
     """``--threads 1`` leaves a core free (the prefetch's default flips, and the row set with it);
     ``--rows`` times only the rows named; an unknown row name is refused with the list."""
     out = tmp_path / "results.json"
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    flipped = "output, no prefetch" if cores > 1 else "output, prefetch"  # on one core none is free
+    flipped = "output, no prefetch" if usable_cores() > 1 else "output, prefetch"  # on one core none is free
     common = [sys.executable, str(BENCH), "--models", "mobilenet_v3_small", "--data", str(builtin_images_dir()),
               "--images", "8", "--batch-size", "2", "--shift", "0..1", "--rounds", "1", "--no-lie", "--no-metric-rows",
               "--startup-repeats", "0", "--memory-images", "", "--threads", "1", "--out", str(out)]
@@ -53,3 +52,5 @@ def test_bench_times_the_chosen_rows_at_the_chosen_thread_count(tmp_path: Path) 
     assert refused.returncode != 0 and "no row named sideways" in refused.stderr
     empty = subprocess.run(common + ["--rows", " ; "], capture_output=True, text=True, timeout=600)
     assert empty.returncode != 0 and "name at least one row" in empty.stderr
+    negative = subprocess.run(common + ["--threads", "-1"], capture_output=True, text=True, timeout=600)
+    assert negative.returncode != 0 and "Traceback" not in negative.stderr and "--threads" in negative.stderr

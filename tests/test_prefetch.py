@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 
 import pytest
 import torch
 
-from transinv.engine.prefetch import core_to_spare, prefetched
+from transinv.engine.prefetch import core_to_spare, prefetched, usable_cores
 
 
 def test_items_arrive_in_order_and_complete() -> None:
@@ -93,7 +92,7 @@ def test_prefetch_by_default_only_where_a_core_is_free() -> None:
     """The default ``--prefetch``: on a GPU always; on the CPU only with more usable cores than
     torch's threads (a decoding thread on a busy core slows the model's threads more than it saves)."""
     before = torch.get_num_threads()
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     try:
         torch.set_num_threads(cores)
         assert not core_to_spare(torch.device("cpu"))

@@ -37,8 +37,12 @@ def core_to_spare(device: torch.device) -> bool:
     or with more usable cores than torch's intra-op threads (the default ``--prefetch``)."""
     if device.type != "cpu":
         return True
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return cores > torch.get_num_threads()
+    return usable_cores() > torch.get_num_threads()
+
+
+def usable_cores() -> int:
+    """The CPU cores this process may run on (its affinity where the OS tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def prefetched(items: Iterable[T], depth: int = 1) -> Iterator[T]:
