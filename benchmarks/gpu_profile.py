@@ -1,17 +1,21 @@
-"""Where a GPU run's time goes: wall time against the time the GPU spends in kernels, and the
-kernels that take it, for the default per-layer run with and without CUDA graphs, and with
-``--compile-metrics``.
+"""Where a GPU run's time goes: wall time against the time the GPU spends in kernels, the
+kernels that take it, and the host's Python time by function (cProfile), for the output metrics
+and the default per-layer run with and without CUDA graphs, and with ``--compile-metrics``.
 
     python benchmarks/gpu_profile.py [--data FOLDER] [--images 160] [--shift 0..16] [--out FILE]
 
 A run whose kernel time is close to its wall time is bound by the GPU's arithmetic; one far
-below it is bound by the host (Python, kernel launches, decoding). Writes JSON to ``--out``.
+below it is bound by the host (Python, kernel launches, decoding), and the host profile says
+which. Writes JSON to ``--out`` and the host profiles as text beside it (``.txt``).
 """
 
 from __future__ import annotations
 
 import argparse
+import cProfile
+import io
 import json
+import pstats
 import time
 from pathlib import Path
 
@@ -26,12 +30,26 @@ from transinv.models import load_model
 DEFAULT_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "imagenet-sample"
 
 
+RUNS = {"output": dict(layers="none"), "output, no CUDA graphs": dict(layers="none", cuda_graphs=False),
+        "layers": dict(layers="default"), "layers, no CUDA graphs": dict(layers="default", cuda_graphs=False),
+        "layers, compiled metrics": dict(layers="default", compile_metrics=True)}
+
+
 def profiled(model: torch.nn.Module, args: argparse.Namespace, **settings: object) -> dict[str, object]:
-    """Wall and kernel seconds of one measurement (after a warm-up one), and its ten costliest kernels."""
+    """Wall and kernel seconds of one measurement (after a warm-up one), its ten costliest
+    kernels, and the host's costliest functions in a third run under cProfile (``host``, text)."""
     common = dict(data=args.data, shift=args.shift, size=224, resize=256, batch_size=args.batch_size, device="cuda",
                   workers=args.workers, warn=lambda _: None, **settings)
-    transinv.measure(model, num_images=args.batch_size, **common)
+    transinv.measure(model, num_images=args.images if settings.get("compile_metrics") else args.batch_size, **common)
     torch.cuda.synchronize()
+    host = cProfile.Profile()
+    start = time.perf_counter()
+    host.runcall(transinv.measure, model, num_images=args.images, **common)
+    torch.cuda.synchronize()
+    host_wall = time.perf_counter() - start
+    text = io.StringIO()
+    pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(25)
+    pstats.Stats(host, stream=text).sort_stats("cumulative").print_stats("transinv", 25)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         start = time.perf_counter()
         transinv.measure(model, num_images=args.images, **common)
@@ -41,7 +59,8 @@ def profiled(model: torch.nn.Module, args: argparse.Namespace, **settings: objec
     busy = sum(e.self_device_time_total for e in kernels) / 1e6
     top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:10]
     return {"settings": {k: v for k, v in settings.items()}, "wall_s": wall, "kernel_s": busy, "busy": busy / wall,
-            "top_kernels": {e.key[:90]: e.self_device_time_total / 1e6 for e in top}}
+            "top_kernels": {e.key[:90]: e.self_device_time_total / 1e6 for e in top},
+            "host_wall_s": host_wall, "host": text.getvalue()}
 
 
 def main() -> None:
@@ -51,11 +70,17 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--shift", default="0..16")
     parser.add_argument("--workers", type=int, default=8)
+    parser.add_argument("--models", default="resnet18,mobilenet_v3_small", help="comma-separated torchvision names")
+    parser.add_argument("--runs", default="", help=f"semicolon-separated runs to profile (default: all of {'; '.join(RUNS)})")
     parser.add_argument("--out", default="gpu_profile.json")
     args = parser.parse_args()
+    wanted = [r.strip() for r in args.runs.split(";") if r.strip()] or list(RUNS)
+    if unknown := [r for r in wanted if r not in RUNS]:
+        parser.error(f"--runs: no run named {', '.join(unknown)} (runs: {'; '.join(RUNS)})")
+    runs = {label: RUNS[label] for label in wanted}
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "images": args.images,
               "shift": args.shift, "batch_size": args.batch_size, "runs": {}}
-    for name in ("resnet18", "mobilenet_v3_small"):
+    for name in args.models.split(","):
         model = load_model(name, "none").module.cuda()
         with torch.inference_mode():  # the bare forward passes of the same number of views, for scale
             views = torch.randn(args.batch_size, 3, 224, 224, device="cuda")
@@ -67,17 +92,18 @@ def main() -> None:
                 model(views)
             torch.cuda.synchronize()
             bare = time.perf_counter() - start
-        for label, settings in (("output", dict(layers="none")), ("layers", dict(layers="default")),
-                                ("layers, no CUDA graphs", dict(layers="default", cuda_graphs=False)),
-                                ("layers, compiled metrics", dict(layers="default", compile_metrics=True))):
+        for label, settings in runs.items():
             run = profiled(model, args, **settings)
             run["bare_forward_s"] = bare
             report["runs"][f"{name}: {label}"] = run
+            with open(Path(args.out).with_suffix(".txt"), "a") as host:
+                host.write(f"=== {name}: {label} (wall {run['wall_s']:.2f} s; under cProfile {run['host_wall_s']:.2f} s)\n")
+                host.write(run.pop("host"))
             print(f"{name:>20} {label:<24} wall {run['wall_s']:.2f} s, kernels {run['kernel_s']:.2f} s "
                   f"({run['busy']:.0%} busy), bare forward {bare:.2f} s", flush=True)
             for kernel, seconds in list(run["top_kernels"].items())[:5]:
                 print(f"{'':>24}{seconds:7.3f} s  {kernel}")
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")  # each model's runs as they are done
 
 
 if __name__ == "__main__":
