@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 import warnings
 from pathlib import Path
 
@@ -110,16 +111,20 @@ def host_syncs(keywords: dict) -> dict[str, int]:
             torch.cuda.set_sync_debug_mode("warn" if 2 <= seen < batches else "default")
         return advance
 
-    with warnings.catch_warnings(record=True) as caught:
+    def record(message, category, filename, lineno, file=None, line=None) -> None:
+        if "synchroniz" in str(message):  # where: the innermost line of ours (or of any Python) on the stack
+            stack = [frame for frame in traceback.extract_stack()[:-1] if not frame.filename.endswith("warnings.py")]
+            ours = [frame for frame in stack if "/transinv/" in frame.filename] or stack
+            where = f"{Path(ours[-1].filename).name}:{ours[-1].lineno} ({Path(filename).name}:{lineno})"
+            found[where] = found.get(where, 0) + 1
+
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = record
         try:
             transinv.measure("resnet18", device="cuda", shift="0..3", progress=progress, **keywords)
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    for warning in caught:
-        if "synchroniz" in str(warning.message):
-            where = f"{Path(warning.filename).name}:{warning.lineno}"  # the Python line that called the op
-            found[where] = found.get(where, 0) + 1
     return found
 
 

@@ -1,8 +1,9 @@
-"""Where a GPU run's time goes: wall time against the time the GPU spends in kernels, the
-kernels that take it, and the host's Python time by function (cProfile), for the output metrics
-and the default per-layer run with and without CUDA graphs, and with ``--compile-metrics``.
+"""Where a GPU run's steady state goes (from the end of its second batch): wall time against the
+time the GPU spends in kernels, the kernels that take it, and the host's Python time by function
+(cProfile), for the output metrics and the default per-layer run with and without CUDA graphs,
+and with ``--compile-metrics``.
 
-    python benchmarks/gpu_profile.py [--data FOLDER] [--images 160] [--shift 0..16] [--out FILE]
+    python benchmarks/gpu_profile.py [--data FOLDER] [--images 640] [--shift 0..16] [--out FILE]
 
 A run whose kernel time is close to its wall time is bound by the GPU's arithmetic; one far
 below it is bound by the host (Python, kernel launches, decoding), and the host profile says
@@ -18,6 +19,7 @@ import json
 import pstats
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.autograd import DeviceType
@@ -36,37 +38,56 @@ RUNS = {"output": dict(layers="none"), "output, no CUDA graphs": dict(layers="no
 
 
 def profiled(model: torch.nn.Module, args: argparse.Namespace, **settings: object) -> dict[str, object]:
-    """Wall and kernel seconds of one measurement (after a warm-up one), its ten costliest
-    kernels, and the host's costliest functions in a third run under cProfile (``host``, text)."""
+    """Where the steady state of a measurement goes, from the end of its second batch to its end
+    (after a warm-up run): wall and kernel seconds and the ten costliest kernels in one run, and
+    the host's costliest functions (cProfile, ``host`` as text) in another."""
     common = dict(data=args.data, shift=args.shift, size=224, resize=256, batch_size=args.batch_size, device="cuda",
                   workers=args.workers, warn=lambda _: None, **settings)
     transinv.measure(model, num_images=args.images if settings.get("compile_metrics") else args.batch_size, **common)
     torch.cuda.synchronize()
+
+    def window(start: Callable[[], None], stop: Callable[[], None]) -> float:
+        """Seconds of a run's window (it starts after the second batch, the GPU drained), run between
+        ``start`` and ``stop``."""
+        began: list[float] = []
+
+        def progress(total: int, done: int) -> Callable[[int], None]:
+            batches = 0
+
+            def advance(images: int) -> None:
+                nonlocal batches
+                batches += 1
+                if batches == 2:
+                    torch.cuda.synchronize()
+                    start()
+                    began.append(time.perf_counter())
+            return advance
+
+        transinv.measure(model, num_images=args.images, progress=progress, **common)
+        torch.cuda.synchronize()
+        stop()
+        return time.perf_counter() - began[0]
+
+    kernels = profile(activities=[ProfilerActivity.CUDA])
+    wall = window(kernels.start, kernels.stop)
+    on_gpu = [e for e in kernels.key_averages() if e.device_type == DeviceType.CUDA]
+    busy = sum(e.self_device_time_total for e in on_gpu) / 1e6
+    top = sorted(on_gpu, key=lambda e: e.self_device_time_total, reverse=True)[:10]
     host = cProfile.Profile()
-    start = time.perf_counter()
-    host.runcall(transinv.measure, model, num_images=args.images, **common)
-    torch.cuda.synchronize()
-    host_wall = time.perf_counter() - start
+    host_wall = window(host.enable, host.disable)
     text = io.StringIO()
     pstats.Stats(host, stream=text).sort_stats("tottime").print_stats(25)
     pstats.Stats(host, stream=text).sort_stats("cumulative").print_stats("transinv", 25)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        start = time.perf_counter()
-        transinv.measure(model, num_images=args.images, **common)
-        torch.cuda.synchronize()
-        wall = time.perf_counter() - start
-    kernels = [e for e in prof.key_averages() if e.device_type == DeviceType.CUDA]
-    busy = sum(e.self_device_time_total for e in kernels) / 1e6
-    top = sorted(kernels, key=lambda e: e.self_device_time_total, reverse=True)[:10]
-    return {"settings": {k: v for k, v in settings.items()}, "wall_s": wall, "kernel_s": busy, "busy": busy / wall,
-            "top_kernels": {e.key[:90]: e.self_device_time_total / 1e6 for e in top},
+    views = (args.images - 2 * args.batch_size) * len(make_shifts(parse_shift_values(args.shift), "x"))
+    return {"settings": {k: v for k, v in settings.items()}, "window_views": views, "wall_s": wall, "kernel_s": busy,
+            "busy": busy / wall, "top_kernels": {e.key[:90]: e.self_device_time_total / 1e6 for e in top},
             "host_wall_s": host_wall, "host": text.getvalue()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(DEFAULT_DATA))
-    parser.add_argument("--images", type=int, default=160)
+    parser.add_argument("--images", type=int, default=640)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--shift", default="0..16")
     parser.add_argument("--workers", type=int, default=8)
@@ -82,12 +103,12 @@ def main() -> None:
               "shift": args.shift, "batch_size": args.batch_size, "runs": {}}
     for name in args.models.split(","):
         model = load_model(name, "none").module.cuda()
-        with torch.inference_mode():  # the bare forward passes of the same number of views, for scale
+        with torch.inference_mode():  # the bare forward passes of the window's number of views, for scale
             views = torch.randn(args.batch_size, 3, 224, 224, device="cuda")
             model(views)
             torch.cuda.synchronize()
             start = time.perf_counter()
-            passes = args.images * len(make_shifts(parse_shift_values(args.shift), "x")) // args.batch_size
+            passes = (args.images - 2 * args.batch_size) * len(make_shifts(parse_shift_values(args.shift), "x")) // args.batch_size
             for _ in range(passes):
                 model(views)
             torch.cuda.synchronize()

@@ -406,13 +406,16 @@ def check_fused_kernels(device: torch.device) -> None:
     """Run every fused kernel and branch once on ``device`` before any map is measured, on passes
     shaped as most are (one shift, distinct sizes of 2 or more elsewhere, inference tensors), so
     what this compiles serves the run: raises where torch.compile cannot compile (no C++ compiler
-    for the CPU, no Triton for the GPU)."""
+    for the CPU, no Triton for the GPU). On a GPU the probe is map-sized: inductor sizes a
+    dynamic-shape reduction's blocks from the shapes it first compiles for, and blocks sized for a
+    tiny probe read large maps several times slower than their bandwidth allows (H200, measured)."""
     kernels = fused_kernels()
+    n, c, p = (32, 64, 64 * 64) if device.type == "cuda" else (4, 5, 7)
     with torch.inference_mode():
-        stack, moved = torch.ones(1, 4, 5, 7, device=device), torch.ones(1, 4, 5, 7, device=device)
-        masks = torch.ones(1, 7, 2, dtype=torch.float64, device=device)
-        energy = torch.ones(4, 1, 2, dtype=torch.float64, device=device).transpose(0, 1)  # as _moved_reference's
-        kernels.errors(stack, stack[0], torch.arange(7, device=device), None, masks, energy)
+        stack, moved = torch.ones(1, n, c, p, device=device), torch.ones(1, n, c, p, device=device)
+        masks = torch.ones(1, p, 2, dtype=torch.float64, device=device)
+        energy = torch.ones(n, 1, 2, dtype=torch.float64, device=device).transpose(0, 1)  # as _moved_reference's
+        kernels.errors(stack, stack[0], torch.arange(p, device=device), None, masks, energy)
         kernels.errors(stack, stack[0], None, moved, masks, None)
         kernels.change(stack, stack[0])
         kernels.means(stack)

@@ -319,6 +319,7 @@ class Measurement:
         self.prediction: torch.Tensor | None = None  # the last batch's top-1 classes on the unshifted views
         self.gallery: Gallery | None = None  # the whole set's reference embeddings (output kinds with retrieval)
         self.tap: FeatureTap | None = None  # the hooks of the batch being measured
+        self._copy_stream: torch.cuda.Stream | None = None  # a GPU's copies of canvases (``_upload``)
 
     @property
     def error_maps(self) -> ErrorMaps | None:
@@ -385,8 +386,21 @@ class Measurement:
         if self.per_image is not None:
             self.per_image.end_batch(batch.indices)
 
+    def _upload(self, canvases: torch.Tensor) -> torch.Tensor:
+        """The batch's canvases on the device. To a GPU they are copied on a stream of their own, so
+        the copy overlaps the passes still queued for the batch before; this batch's work waits for it."""
+        if self.device.type != "cuda":
+            return canvases.to(self.device, non_blocking=True)
+        if self._copy_stream is None:
+            self._copy_stream = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(self._copy_stream):
+            uploaded = canvases.to(self.device, non_blocking=True)
+        torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
+        uploaded.record_stream(torch.cuda.current_stream(self.device))  # freed only once the passes read it
+        return uploaded
+
     def _measure_batch(self, batch: Batch, state: M.MetricState) -> None:
-        canvases = batch.canvases.to(self.device, non_blocking=True)
+        canvases = self._upload(batch.canvases)
         if self.graphs is not None:
             canvases = self.graphs.stage(canvases)
         labels = batch.labels.to(self.device, non_blocking=True)

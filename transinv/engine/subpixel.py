@@ -28,13 +28,20 @@ def _wavenumbers(n: int, full: bool, device: torch.device) -> torch.Tensor:
     return k if full else k[: n // 2 + 1].abs()  # fftfreq lists n//2 as -n//2 for even n
 
 
+def _at_nyquist(n: int, values: torch.Tensor, value: complex) -> torch.Tensor:
+    """``values`` of one axis with the Nyquist bin (``n // 2``, even ``n`` only) set to ``value``,
+    written on the device (an item assignment would copy a host scalar: a stream sync, and refused
+    inside a CUDA graph capture)."""
+    if n % 2:
+        return values
+    nyquist = torch.arange(len(values), device=values.device) == n // 2
+    return torch.where(nyquist, values.new_full((), value), values)
+
+
 def _phase(n: int, d: float, full: bool, device: torch.device) -> torch.Tensor:
     """The phase factors ``exp(-2πi k d / n)`` of one axis, the Nyquist bin made real (see ``fourier_shift``)."""
     angle = -2.0 * math.pi * d * _wavenumbers(n, full, device) / n
-    factor = torch.polar(torch.ones_like(angle), angle)
-    if n % 2 == 0:
-        factor[n // 2] = math.cos(math.pi * d)
-    return factor
+    return _at_nyquist(n, torch.polar(torch.ones_like(angle), angle), math.cos(math.pi * d))
 
 
 def fourier_shift(x: torch.Tensor, dx: float, dy: float) -> torch.Tensor:
@@ -92,10 +99,7 @@ def fourier_shift_derivative(x: torch.Tensor, vx: float, vy: float) -> torch.Ten
     work = x if x.dtype in (torch.float32, torch.float64) else x.float()
 
     def rate(n: int, full: bool) -> torch.Tensor:
-        r = -2.0 * math.pi * _wavenumbers(n, full, x.device) / n
-        if n % 2 == 0:
-            r[n // 2] = 0.0
-        return r
+        return _at_nyquist(n, -2.0 * math.pi * _wavenumbers(n, full, x.device) / n, 0.0)
 
     factor = 1j * (vy * rate(height, True)[:, None] + vx * rate(width, False)[None, :])
     spectrum = torch.fft.rfft2(work)
