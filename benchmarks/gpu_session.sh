@@ -10,7 +10,7 @@ set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
 DATA=${DATA:-../shared/data/imagenet-sample}
 OUT=${OUT:-benchmarks/gpu-out}
-STEPS=${STEPS:-check kernels b32 b128 profile profile128}
+STEPS=${STEPS:-check b32 b128 kernels profile profile128}
 mkdir -p "$OUT"
 exec > >(tee -a "$OUT/log.txt") 2>&1
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv
@@ -24,7 +24,7 @@ for step in $STEPS; do
     SECONDS=0
     case $step in
     check) timeout 100 python3 benchmarks/cuda_check.py --data "$DATA" ;;
-    kernels) timeout 90 python3 benchmarks/fused_kernels.py --out "$OUT/fused_kernels.json" ;;
+    kernels) timeout 80 python3 benchmarks/fused_kernels.py --out "$OUT/fused_kernels.json" ;;
     b32) timeout 150 python3 benchmarks/bench.py "${common[@]}" --images 500 --data "$DATA" \
              --rows "output; layers; layers, compiled metrics; layers, equivariance_error + pooled only" \
              --out "$OUT/results-b32.json" ;;
@@ -32,7 +32,7 @@ for step in $STEPS; do
               --rows "output; layers; layers, compiled metrics" --out "$OUT/results-b128.json" ;;
     profile) timeout 90 python3 benchmarks/gpu_profile.py --data "$DATA" --images 500 --models resnet18 \
                  --runs "output; layers; layers, compiled metrics" --out "$OUT/profile.json" 2>&1 | quiet ;;
-    profile128) timeout 60 python3 benchmarks/gpu_profile.py --data "$many" --images 1500 --batch-size 128 \
+    profile128) timeout 50 python3 benchmarks/gpu_profile.py --data "$many" --images 1500 --batch-size 128 \
                     --models resnet18 --runs "output" --out "$OUT/profile-b128.json" 2>&1 | quiet ;;
     *) echo "unknown step $step (steps: check kernels b32 b128 profile profile128)"; exit 2 ;;
     esac

@@ -59,12 +59,14 @@ class ReferenceLogits:
 
 
 def compare_outputs(reference: torch.Tensor | ReferenceLogits, shifted: torch.Tensor) -> OutputComparison:
-    """top-1 agreement, KL(p(x) || p(T_d x)) in nats, and the change of p at the reference class."""
+    """top-1 agreement, KL(p(x) || p(T_d x)) in nats, and the change of p at the reference class,
+    per image; ``shifted`` ``(..., N, classes)`` may stack several shifts ahead of the images
+    (compared in the same few kernels as one)."""
     ref = reference if isinstance(reference, ReferenceLogits) else ReferenceLogits.of(reference)
-    log_q = torch.log_softmax(shifted.double(), dim=1)
-    prediction = shifted.argmax(dim=1)
-    kl = (ref.p * (ref.log_p - log_q)).sum(dim=1).clamp_min(0.0)
-    prob_change = (log_q.gather(1, ref.index).exp() - ref.p_top).abs()[:, 0]
+    log_q = torch.log_softmax(shifted.double(), dim=-1)
+    prediction = shifted.argmax(dim=-1)
+    kl = (ref.p * (ref.log_p - log_q)).sum(dim=-1).clamp_min(0.0)
+    prob_change = (log_q.gather(-1, ref.index.expand(*log_q.shape[:-1], 1)).exp() - ref.p_top).abs()[..., 0]
     return OutputComparison((prediction == ref.index[:, 0]).double(), kl, prob_change, prediction)
 
 

@@ -413,21 +413,17 @@ class Measurement:
             return
         self.prediction = reference.argmax(dim=1)
         ref_correct = self.prediction == labels
-        ref_logits = M.ReferenceLogits.of(reference)  # the reference's softmax terms, once per batch
-        predictions = {(0, 0): self._add_outputs(state, (0, 0), ref_logits, reference, reference, labels, ref_correct)}
-        path = {(0, 0): reference}  # logits, kept only for the path metrics
+        shifts, logits = [M.REFERENCE], [reference]
         for group in self._passes(len(labels)):
-            logits = self._pass(state, canvases, group)
-            for shift, shifted in zip(group, logits.chunk(len(group))):
-                predictions[shift] = self._add_outputs(state, shift, ref_logits, reference, shifted, labels,
-                                                       ref_correct)
-                if self.path:
-                    path[shift] = shifted
+            shifts += group
+            logits.append(self._pass(state, canvases, group))
         comparer.shifts = None  # random views (pairs, worst of k) are compared at the output only
+        stacked = torch.cat(logits).unflatten(0, (len(shifts), -1))  # (shifts, images, classes)
+        predictions = dict(zip(shifts, self._add_outputs(state, shifts, reference, stacked, labels, ref_correct)))
         if len(predictions) > 1:
             self._add_worst_cases(state, predictions, labels)
         if self.path:
-            self._add_path(state, path)
+            self._add_path(state, dict(zip(shifts, stacked)))
         if self.plan.pair_offsets is not None:
             self._add_consistency(state, canvases, batch.indices, labels, ref_correct)
         if self.plan.random_shifts:
@@ -517,8 +513,9 @@ class Measurement:
         classes = self._classes(canvases, jobs).reshape(*pairs.shape[:2], 2)
         consistent = (classes[..., 0] == classes[..., 1]).double().mean(dim=1)
         state.add((M.OUTPUT_LAYER, None, M.CONSISTENCY), consistent)
-        self._add_by_correctness(state, None, (M.CONSISTENCY_IF_CORRECT, M.CONSISTENCY_IF_WRONG),
-                                 consistent, labels, ref_correct)
+        for metric, values in self._by_correctness((M.CONSISTENCY_IF_CORRECT, M.CONSISTENCY_IF_WRONG), consistent,
+                                                   labels, ref_correct):
+            state.add((M.OUTPUT_LAYER, None, metric), values)
 
     def _add_random_worst_case(
         self, state: M.MetricState, canvases: torch.Tensor, indices: torch.Tensor,
@@ -535,34 +532,36 @@ class Measurement:
             state.add((M.OUTPUT_LAYER, None, M.RANDOM_WORST_CASE_ACCURACY), _where_known(labels, correct))
 
     def _add_outputs(
-        self, state: M.MetricState, shift: Shift, ref_logits: M.ReferenceLogits, reference: torch.Tensor,
-        shifted: torch.Tensor, labels: torch.Tensor, ref_correct: torch.Tensor,
+        self, state: M.MetricState, shifts: list[Shift], reference: torch.Tensor, shifted: torch.Tensor,
+        labels: torch.Tensor, ref_correct: torch.Tensor,
     ) -> torch.Tensor:
-        """Add one shift's output metrics; return the shifted view's predicted classes
-        (``reference``: the unshifted logits, ``ref_logits`` their softmax terms)."""
-        out = M.compare_outputs(ref_logits, shifted)
-        state.add((M.OUTPUT_LAYER, shift, M.TOP1_AGREEMENT), out.agreement)
-        state.add((M.OUTPUT_LAYER, shift, M.KL_DIVERGENCE), out.kl)
-        state.add((M.OUTPUT_LAYER, shift, M.PROB_CHANGE), out.prob_change)
+        """Add the output metrics of every shift of a batch at once (``shifted``: their logits
+        ``(shifts, images, classes)``; ``reference``: the unshifted logits), in a few kernels and
+        one copy into the state whatever the number of shifts; return the predicted classes
+        ``(shifts, images)``."""
+        out = M.compare_outputs(M.ReferenceLogits.of(reference), shifted)
+        values = [(M.TOP1_AGREEMENT, out.agreement), (M.KL_DIVERGENCE, out.kl), (M.PROB_CHANGE, out.prob_change)]
         if self.labelled:
-            state.add((M.OUTPUT_LAYER, shift, M.ACCURACY), _where_known(labels, out.prediction == labels))
-        self._add_by_correctness(state, shift, (M.TOP1_AGREEMENT_IF_CORRECT, M.TOP1_AGREEMENT_IF_WRONG),
-                                 out.agreement, labels, ref_correct)
+            values.append((M.ACCURACY, _where_known(labels, out.prediction == labels)))
+        values += self._by_correctness((M.TOP1_AGREEMENT_IF_CORRECT, M.TOP1_AGREEMENT_IF_WRONG), out.agreement,
+                                       labels, ref_correct)
+        state.add_rows(tuple((M.OUTPUT_LAYER, shift, metric) for metric, _ in values for shift in shifts),
+                       torch.cat([rows for _, rows in values]))
         if self.per_image is not None:
-            self.per_image.add(shift, reference, shifted)
+            for shift, logits in zip(shifts, shifted):
+                self.per_image.add(shift, reference, logits)
         return out.prediction
 
-    def _add_by_correctness(
-        self, state: M.MetricState, shift: Shift | None, metrics: tuple[str, str], values: torch.Tensor,
-        labels: torch.Tensor, ref_correct: torch.Tensor,
-    ) -> None:
-        """With ``--by-correctness``: ``values`` again, split by whether the unshifted prediction
-        of each labelled image was right (first metric) or wrong (second)."""
+    def _by_correctness(
+        self, metrics: tuple[str, str], values: torch.Tensor, labels: torch.Tensor, ref_correct: torch.Tensor,
+    ) -> list[tuple[str, torch.Tensor]]:
+        """With ``--by-correctness``: ``values`` (per image, last axis) again, split by whether the
+        unshifted prediction of each labelled image was right (first metric) or wrong (second); else none."""
         if not self.by_correctness:
-            return
+            return []
         known = labels >= 0
-        for metric, group in zip(metrics, (known & ref_correct, known & ~ref_correct)):
-            state.add((M.OUTPUT_LAYER, shift, metric), torch.where(group, values, float("nan")))
+        return [(metric, torch.where(group, values, float("nan")))
+                for metric, group in zip(metrics, (known & ref_correct, known & ~ref_correct))]
 
 
 def run_batches(
