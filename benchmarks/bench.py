@@ -255,7 +255,7 @@ def _threads(text: str) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=128, help="images per run (four batches at least for a steady state; "
-                                                                  "at most the folder's)")
+                                                                  "at most the folder's; rounded down to whole batches)")
     parser.add_argument("--batch-size", type=int, default=32, help="images per batch and views per forward pass")
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated torchvision names")
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="folder of ImageNet validation images")
@@ -288,7 +288,9 @@ def main() -> None:
         sys.exit(f"benchmark images not found at {args.data}")
     device = resolve_device(args.device)
     items = select_images(find_images(args.data), args.images, 0)
-    args.images = len(items)  # a smaller folder: every figure counts the images it has
+    # a smaller folder: every figure counts the images it has; whole batches only, so no run ends with a
+    # smaller batch, which is measured eagerly (a shape seen once is never captured as a CUDA graph)
+    args.images = max(len(items) // args.batch_size, 1) * args.batch_size if len(items) >= args.batch_size else len(items)
     pre = load_model("resnet18", "none").preprocess
     memory_counts = [n for n in args.memory_images.split(",") if n]
     decoded = torch.stack([load_canvas(item.path, pre, SIZE) for item in items[:args.batch_size]])

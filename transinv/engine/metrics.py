@@ -377,7 +377,7 @@ def _channel_means(maps: torch.Tensor, fused: bool) -> torch.Tensor:
     every pass (the reference's pass is one shift, the same call), so shift 0 gives 0 bit for bit:
     eager, or with the compiled kernel of ``fused_kernels``."""
     if fused:
-        return fused_kernels().means(maps.flatten(-2)[None])[0]
+        return fused_kernels(_dynamic(maps.device)).means(maps.flatten(-2)[None])[0]
     return maps.mean(dim=(-2, -1)).double()
 
 
@@ -389,18 +389,28 @@ class FusedKernels(NamedTuple):
     means: Callable[[torch.Tensor], torch.Tensor]
 
 
+def _dynamic(device: torch.device) -> bool:
+    """Whether the compiled kernels serve every map size (the CPU) or each size gets its own (a GPU).
+
+    Inductor sizes a GPU reduction's blocks from the shapes it compiles for: one kernel for every
+    size, sized by the first, read resnet18's conv1 maps 1.5 to 2x slower than kernels compiled for
+    them (``benchmarks/fused_kernels.py``, H200), which pays for a compile per layer size on long
+    runs. C++ loops on the CPU do not depend on the size, and each compile there costs seconds."""
+    return device.type != "cuda"
+
+
 @functools.cache
-def fused_kernels() -> FusedKernels:
+def fused_kernels(dynamic: bool) -> FusedKernels:
     """``_fused_errors``, ``_fused_change`` and ``_fused_means`` through ``torch.compile`` (inductor:
     Triton kernels on a GPU, C++ on the CPU), made once per process; compiled on first use for any
-    map size (dynamic shapes), once per branch taken (whole or resampled shifts) and size-1 axis:
-    more than torch's default limit of 8 compiles per function in a varied run, so theirs is raised."""
+    map size (``dynamic``) or for each, once per branch taken (whole or resampled shifts) and size-1
+    axis: more than torch's default limit of 8 compiles per function in a varied run, so theirs is raised."""
     import torch._dynamo  # imported on first use only: it is slow to import
 
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"  # torch < 2.6
-    limit = config.patch(**{name: 64})
-    return FusedKernels(*(limit(torch.compile(kernel, dynamic=True))
+    limit = config.patch(**{name: 64 if dynamic else 256})
+    return FusedKernels(*(limit(torch.compile(kernel, dynamic=dynamic))
                           for kernel in (_fused_errors, _fused_change, _fused_means)))
 
 
@@ -408,16 +418,13 @@ def check_fused_kernels(device: torch.device) -> None:
     """Run every fused kernel and branch once on ``device`` before any map is measured, on passes
     shaped as most are (one shift, distinct sizes of 2 or more elsewhere, inference tensors), so
     what this compiles serves the run: raises where torch.compile cannot compile (no C++ compiler
-    for the CPU, no Triton for the GPU). On a GPU the probe is map-sized: inductor sizes a
-    dynamic-shape reduction's blocks from the shapes it first compiles for, and blocks sized for a
-    tiny probe read large maps several times slower than their bandwidth allows (H200, measured)."""
-    kernels = fused_kernels()
-    n, c, p = (32, 64, 64 * 64) if device.type == "cuda" else (4, 5, 7)
+    for the CPU, no Triton for the GPU)."""
+    kernels = fused_kernels(_dynamic(device))
     with torch.inference_mode():
-        stack, moved = torch.ones(1, n, c, p, device=device), torch.ones(1, n, c, p, device=device)
-        masks = torch.ones(1, p, 2, dtype=torch.float64, device=device)
-        energy = torch.ones(n, 1, 2, dtype=torch.float64, device=device).transpose(0, 1)  # as _moved_reference's
-        kernels.errors(stack, stack[0], torch.arange(p, device=device), None, masks, energy)
+        stack, moved = torch.ones(1, 4, 5, 7, device=device), torch.ones(1, 4, 5, 7, device=device)
+        masks = torch.ones(1, 7, 2, dtype=torch.float64, device=device)
+        energy = torch.ones(4, 1, 2, dtype=torch.float64, device=device).transpose(0, 1)  # as _moved_reference's
+        kernels.errors(stack, stack[0], torch.arange(7, device=device), None, masks, energy)
         kernels.errors(stack, stack[0], None, moved, masks, None)
         kernels.change(stack, stack[0])
         kernels.means(stack)
@@ -471,7 +478,7 @@ def compare_pass(
     if fused:
         if spatial:
             raise ValueError("fused comparisons make no error maps")
-        kernels = fused_kernels()
+        kernels = fused_kernels(_dynamic(maps.device))
         out = []
         for group in groups:
             moved, energy = _moved_reference(reference, group, energy=False)
