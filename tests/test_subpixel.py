@@ -10,8 +10,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from transinv.engine.shifts import shifted_view
-from transinv.engine.subpixel import bilinear_shift, fourier_shift
+from transinv.engine.subpixel import bilinear_shift, fourier_phases, fourier_shift, fourier_shift_derivative
 
 sizes = st.integers(min_value=1, max_value=12)
 whole = st.integers(min_value=-15, max_value=15)
@@ -96,6 +98,30 @@ def test_fourier_shift_scales_nyquist_by_cos(d: float) -> None:
     board = (-1.0) ** (torch.arange(6.0)[:, None] + torch.arange(8.0)[None, :])
     expected = board * math.cos(math.pi * d) * math.cos(math.pi * 0.5 * d)
     torch.testing.assert_close(fourier_shift(board, d, 0.5 * d), expected, atol=1e-6, rtol=0)
+
+
+class _HostValues(TorchDispatchMode):
+    """Records the ops that make a tensor from a host value (then copied to the device)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204 - torch's signature
+        if str(func).startswith(("aten.scalar_tensor", "aten.lift_fresh")):
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_phase_tables_are_made_on_the_device_alone() -> None:
+    """The Nyquist bin is set on the device: an item assignment there copies a host scalar to a GPU (a
+    stream sync per view, refused inside a CUDA graph capture). The meta device shows such a copy."""
+    meta = torch.device("meta")
+    with _HostValues() as host:
+        fourier_phases(8, 6, 0.5, 0.25, meta)
+        fourier_phases(8, 6, 0.5, 0.0, meta, axes=(-1,))
+        fourier_shift_derivative(torch.zeros(2, 8, 6, device=meta), 1.0, 0.5)
+    assert host.seen == []
 
 
 def test_half_precision_is_kept() -> None:
