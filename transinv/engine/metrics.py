@@ -393,7 +393,7 @@ def _dynamic(device: torch.device) -> bool:
     """Whether the compiled kernels serve every map size (the CPU) or each size gets its own (a GPU).
 
     Inductor sizes a GPU reduction's blocks from the shapes it compiles for: one kernel for every
-    size, sized by the first, read resnet18's conv1 maps 1.5 to 2x slower than kernels compiled for
+    size, sized by the first, read resnet18's conv1 maps 1.3 to 1.9x slower than kernels compiled for
     them (``benchmarks/fused_kernels.py``, H200), which pays for a compile per layer size on long
     runs. C++ loops on the CPU do not depend on the size, and each compile there costs seconds."""
     return device.type != "cuda"
