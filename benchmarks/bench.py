@@ -245,6 +245,16 @@ def machine(device: torch.device) -> dict[str, object]:
     return info
 
 
+def _revision() -> str | None:
+    """The checkout's commit (with ``+changes`` when its files differ from it), None outside git."""
+    def git(*words: str) -> str:
+        return subprocess.run(["git", *words], capture_output=True, text=True, cwd=ROOT, check=True).stdout.strip()
+    try:
+        return git("rev-parse", "--short", "HEAD") + ("+changes" if git("status", "--porcelain", "--untracked-files=no") else "")
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
 def _threads(text: str) -> int:
     """``--threads``: 0 (torch's default) or a positive count, refused in one line otherwise."""
     if not text.isdigit():
@@ -297,7 +307,7 @@ def main() -> None:
     results: list[dict] = []
     report = {
         "machine": machine(device),
-        "versions": {"transinv": transinv.__version__, "torch": torch.__version__,
+        "versions": {"transinv": transinv.__version__, "commit": _revision(), "torch": torch.__version__,
                      "torchvision": torchvision.__version__, "python": platform.python_version()},
         "settings": {"size": SIZE, "batch_size": args.batch_size, "images": args.images, "shift": args.shift, "rounds": args.rounds,
                      "workers": args.workers, "data": args.data, "weights": "none", "precision": "fp32",

@@ -81,6 +81,7 @@ def main() -> int:
           f"{len(eager)} rows, max relative difference {relative:.2e}")
     for label, extra in (("output metrics", dict(layers="none")), ("default per-layer", {}),
                          ("padded views on a black fill", dict(mode="pad", fill="black")),
+                         ("fractional circular shifts", dict(shift="0..2:0.5", mode="circular", subpixel="fourier")),
                          ("compiled comparisons", dict(compile_metrics=True))):
         syncs = host_syncs(dict(graphs, num_images=24, **extra))
         check(f"no host sync after the second batch: {label}", not syncs,
@@ -115,14 +116,15 @@ def host_syncs(keywords: dict) -> dict[str, int]:
         if "synchroniz" in str(message):  # where: the innermost line of ours (or of any Python) on the stack
             stack = [frame for frame in traceback.extract_stack()[:-1] if not frame.filename.endswith("warnings.py")]
             ours = [frame for frame in stack if "/transinv/" in frame.filename] or stack
-            where = f"{Path(ours[-1].filename).name}:{ours[-1].lineno} ({Path(filename).name}:{lineno})"
+            where = (f"{Path(ours[-1].filename).name}:{ours[-1].lineno} (innermost: {Path(stack[-1].filename).name}:"
+                     f"{stack[-1].lineno} in {stack[-1].name}; op called from {Path(filename).name}:{lineno})")
             found[where] = found.get(where, 0) + 1
 
     with warnings.catch_warnings():
         warnings.simplefilter("always")
         warnings.showwarning = record
         try:
-            transinv.measure("resnet18", device="cuda", shift="0..3", progress=progress, **keywords)
+            transinv.measure("resnet18", device="cuda", progress=progress, **{"shift": "0..3", **keywords})
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return found

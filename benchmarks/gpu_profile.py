@@ -99,6 +99,8 @@ def main() -> None:
     if unknown := [r for r in wanted if r not in RUNS]:
         parser.error(f"--runs: no run named {', '.join(unknown)} (runs: {'; '.join(RUNS)})")
     runs = {label: RUNS[label] for label in wanted}
+    if args.images < 3 * args.batch_size:
+        parser.error("--images: at least three batches (the profiled window starts after the second)")
     report = {"gpu": torch.cuda.get_device_name(), "torch": torch.__version__, "images": args.images,
               "shift": args.shift, "batch_size": args.batch_size, "runs": {}}
     for name in args.models.split(","):

@@ -20,6 +20,18 @@ def test_identical_outputs_agree_with_zero_divergence() -> None:
     assert out.prob_change.abs().max() < 1e-12
 
 
+def test_stacked_shifts_give_each_shifts_output_metrics_bit_for_bit() -> None:
+    """Several shifts stacked ahead of the images (how a batch's passes are compared) give what each
+    shift gives alone, to the bit."""
+    torch.manual_seed(0)
+    reference, shifted = torch.randn(6, 10), torch.randn(4, 6, 10)
+    stacked = M.compare_outputs(M.ReferenceLogits.of(reference), shifted)
+    for s, one in enumerate(shifted):
+        alone = M.compare_outputs(reference, one)
+        for field in ("agreement", "kl", "prob_change", "prediction"):
+            assert torch.equal(getattr(stacked, field)[s], getattr(alone, field)), field
+
+
 def test_output_metrics_by_hand() -> None:
     p = torch.tensor([[0.7, 0.2, 0.1]], dtype=torch.float64)
     q = torch.tensor([[0.3, 0.6, 0.1]], dtype=torch.float64)

@@ -161,6 +161,21 @@ def test_compile_gives_the_numbers_of_eager(few_images: Path) -> None:
         assert ((eager["value"] - compiled["value"]).abs() <= 1e-5).all()
 
 
+@pytest.mark.slow
+def test_a_model_compiled_again_with_other_layers_hooked_runs_their_hooks(few_images: Path) -> None:
+    """--compile on a model of a class compiled before in the process with other layers hooked (none:
+    output metrics): torch's compiled code does not guard on hooks, so it is dropped and the new
+    hooks run (the per-layer rows of eager), where the stale code left them out (a KeyError)."""
+    small = dict(data=str(few_images), size=32, resize=48, shift="0..2", warn=lambda _: None)
+    model = _Tiny()
+    transinv.measure(model, compile=True, layers="none", **small)
+    compiled = transinv.measure(model, compile=True, layers="default", **small).rows
+    eager = transinv.measure(_Tiny(), layers="default", **small).rows
+    assert (compiled["layer"] != "output").any()
+    assert compiled[["layer", "metric", "n"]].equals(eager[["layer", "metric", "n"]])
+    assert ((compiled["value"] - eager["value"]).abs() <= 1e-5).all()
+
+
 def test_compiled_comparisons_give_way_to_error_maps(few_images: Path, tmp_path: Path) -> None:
     """--compile-metrics with --error-maps: one note, and the eager comparison's numbers (no compiling)."""
     notes: list[str] = []

@@ -9,7 +9,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from transinv.engine.shifts import shifted_view
@@ -117,6 +116,9 @@ def test_phase_tables_are_made_on_the_device_alone() -> None:
     """The Nyquist bin is set on the device: an item assignment there copies a host scalar to a GPU (a
     stream sync per view, refused inside a CUDA graph capture). The meta device shows such a copy."""
     meta = torch.device("meta")
+    with _HostValues() as control:  # what the watch sees of an item assignment
+        torch.zeros(4, device=meta)[2] = 1.0
+    assert control.seen
     with _HostValues() as host:
         fourier_phases(8, 6, 0.5, 0.25, meta)
         fourier_phases(8, 6, 0.5, 0.0, meta, axes=(-1,))

@@ -392,10 +392,11 @@ class FusedKernels(NamedTuple):
 def _dynamic(device: torch.device) -> bool:
     """Whether the compiled kernels serve every map size (the CPU) or each size gets its own (a GPU).
 
-    Inductor sizes a GPU reduction's blocks from the shapes it compiles for: one kernel for every
-    size, sized by the first, read resnet18's conv1 maps 1.3 to 1.9x slower than kernels compiled for
-    them (``benchmarks/fused_kernels.py``, H200), which pays for a compile per layer size on long
-    runs. C++ loops on the CPU do not depend on the size, and each compile there costs seconds."""
+    Inductor sizes a GPU reduction's blocks from the shapes it compiles for, so one kernel for every
+    size is sized by the first it meets. On an H200, kernels compiled for resnet18's conv1 maps took
+    0.5 to 0.75 of the time of one for every size (single calls, host overhead included:
+    ``benchmarks/fused_kernels-h200.json``). The price: a compile per map size and branch, again for
+    a smaller last batch. C++ loops on the CPU do not depend on the size, and each compile costs seconds."""
     return device.type != "cuda"
 
 
@@ -417,8 +418,9 @@ def fused_kernels(dynamic: bool) -> FusedKernels:
 def check_fused_kernels(device: torch.device) -> None:
     """Run every fused kernel and branch once on ``device`` before any map is measured, on passes
     shaped as most are (one shift, distinct sizes of 2 or more elsewhere, inference tensors), so
-    what this compiles serves the run: raises where torch.compile cannot compile (no C++ compiler
-    for the CPU, no Triton for the GPU)."""
+    what this compiles serves the run on the CPU (on a GPU, where each map size gets its own
+    kernels, it only checks that compiling works): raises where torch.compile cannot compile (no C++
+    compiler for the CPU, no Triton for the GPU)."""
     kernels = fused_kernels(_dynamic(device))
     with torch.inference_mode():
         stack, moved = torch.ones(1, 4, 5, 7, device=device), torch.ones(1, 4, 5, 7, device=device)

@@ -118,6 +118,9 @@ def worst_case_sets(shifts: Sequence[Shift]) -> list[tuple[str, str, list[Shift]
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# output metrics are compared every this many passes of a batch (and at its end): a few kernels per
+# chunk instead of per pass, and memory bounded whatever the number of shifts (grids of 1,923 views)
+OUTPUT_CHUNK = 8
 
 
 def _compiles(device: torch.device, warn: Callable[[str], None]) -> bool:
@@ -304,7 +307,7 @@ class Measurement:
         self.comparer = _LayerComparer(layers, plan.shifts, plan.mode == "circular", margins,
                                        device if error_maps else None, self.layer_metrics, fused)
         # hooks stay on ``model``'s modules (their names); the passes go through the compiled wrapper
-        self.forward_model = torch.compile(model) if compile else model
+        self.forward_model = _compiled(model, [layer.name for layer in layers]) if compile else model
         self.compiled = compile
         # on a GPU, full batches replay captured passes; error maps are added per shift, outside a pass's
         # graph; a graph keeps its pass's outputs, which for some kinds (dense maps) would be one set per pass
@@ -413,17 +416,22 @@ class Measurement:
             return
         self.prediction = reference.argmax(dim=1)
         ref_correct = self.prediction == labels
-        shifts, logits = [M.REFERENCE], [reference]
-        for group in self._passes(len(labels)):
+        predictions: dict[Shift, torch.Tensor] = {}
+        path: dict[Shift, torch.Tensor] = {}  # logits, kept only for the path metrics
+        shifts, logits = [M.REFERENCE], [reference]  # compared every OUTPUT_CHUNK passes, and at the end
+        for i, group in enumerate(self._passes(len(labels)), 1):
             shifts += group
             logits.append(self._pass(state, canvases, group))
+            if i % OUTPUT_CHUNK == 0:
+                self._add_outputs(state, shifts, reference, logits, labels, ref_correct, predictions, path)
+                shifts, logits = [], []
+        if shifts:
+            self._add_outputs(state, shifts, reference, logits, labels, ref_correct, predictions, path)
         comparer.shifts = None  # random views (pairs, worst of k) are compared at the output only
-        stacked = torch.cat(logits).unflatten(0, (len(shifts), -1))  # (shifts, images, classes)
-        predictions = dict(zip(shifts, self._add_outputs(state, shifts, reference, stacked, labels, ref_correct)))
         if len(predictions) > 1:
             self._add_worst_cases(state, predictions, labels)
         if self.path:
-            self._add_path(state, dict(zip(shifts, stacked)))
+            self._add_path(state, path)
         if self.plan.pair_offsets is not None:
             self._add_consistency(state, canvases, batch.indices, labels, ref_correct)
         if self.plan.random_shifts:
@@ -532,13 +540,15 @@ class Measurement:
             state.add((M.OUTPUT_LAYER, None, M.RANDOM_WORST_CASE_ACCURACY), _where_known(labels, correct))
 
     def _add_outputs(
-        self, state: M.MetricState, shifts: list[Shift], reference: torch.Tensor, shifted: torch.Tensor,
-        labels: torch.Tensor, ref_correct: torch.Tensor,
-    ) -> torch.Tensor:
-        """Add the output metrics of every shift of a batch at once (``shifted``: their logits
-        ``(shifts, images, classes)``; ``reference``: the unshifted logits), in a few kernels and
-        one copy into the state whatever the number of shifts; return the predicted classes
-        ``(shifts, images)``."""
+        self, state: M.MetricState, shifts: list[Shift], reference: torch.Tensor, logits: list[torch.Tensor],
+        labels: torch.Tensor, ref_correct: torch.Tensor, predictions: dict[Shift, torch.Tensor],
+        path: dict[Shift, torch.Tensor],
+    ) -> None:
+        """Add the output metrics of several passes' ``shifts`` at once (``logits``: the passes'
+        outputs, shift-major; ``reference``: the unshifted logits), in a few kernels and one copy into
+        the state; their predicted classes go to ``predictions`` and, for the path metrics, their
+        logits to ``path``."""
+        shifted = torch.cat(logits).unflatten(0, (len(shifts), -1))  # (shifts, images, classes)
         out = M.compare_outputs(M.ReferenceLogits.of(reference), shifted)
         values = [(M.TOP1_AGREEMENT, out.agreement), (M.KL_DIVERGENCE, out.kl), (M.PROB_CHANGE, out.prob_change)]
         if self.labelled:
@@ -547,10 +557,12 @@ class Measurement:
                                        labels, ref_correct)
         state.add_rows(tuple((M.OUTPUT_LAYER, shift, metric) for metric, _ in values for shift in shifts),
                        torch.cat([rows for _, rows in values]))
+        predictions.update(zip(shifts, out.prediction))
+        if self.path:
+            path.update(zip(shifts, shifted))
         if self.per_image is not None:
-            for shift, logits in zip(shifts, shifted):
-                self.per_image.add(shift, reference, logits)
-        return out.prediction
+            for shift, views in zip(shifts, shifted):
+                self.per_image.add(shift, reference, views)
 
     def _by_correctness(
         self, metrics: tuple[str, str], values: torch.Tensor, labels: torch.Tensor, ref_correct: torch.Tensor,
@@ -562,6 +574,25 @@ class Measurement:
         known = labels >= 0
         return [(metric, torch.where(group, values, float("nan")))
                 for metric, group in zip(metrics, (known & ref_correct, known & ~ref_correct))]
+
+
+_HOOKED_WHEN_COMPILED: dict[type, frozenset[str]] = {}  # model class -> the layers hooked when it was last compiled
+
+
+def _compiled(model: nn.Module, hooked: list[str]) -> nn.Module:
+    """``torch.compile(model)`` for passes whose hooks sit on the ``hooked`` layers. Torch neither
+    guards compiled code on a module's hooks nor compiles per instance (the code of a class's
+    forward serves every instance shaped alike, each run's copy of the model too), so a model of the
+    same class compiled earlier in the process with other layers hooked (none, for output metrics)
+    would skip the new hooks: the compiled code is then dropped (``torch._dynamo.reset``;
+    everything recompiles on first use)."""
+    import torch._dynamo  # imported on first use only: it is slow to import
+
+    before = _HOOKED_WHEN_COMPILED.get(type(model))
+    if before is not None and before != frozenset(hooked):
+        torch._dynamo.reset()
+    _HOOKED_WHEN_COMPILED[type(model)] = frozenset(hooked)
+    return torch.compile(model)
 
 
 def run_batches(

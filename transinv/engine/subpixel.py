@@ -28,7 +28,7 @@ def _wavenumbers(n: int, full: bool, device: torch.device) -> torch.Tensor:
     return k if full else k[: n // 2 + 1].abs()  # fftfreq lists n//2 as -n//2 for even n
 
 
-def _at_nyquist(n: int, values: torch.Tensor, value: complex) -> torch.Tensor:
+def _at_nyquist(n: int, values: torch.Tensor, value: float) -> torch.Tensor:
     """``values`` of one axis with the Nyquist bin (``n // 2``, even ``n`` only) set to ``value``,
     written on the device (an item assignment would copy a host scalar: a stream sync, and refused
     inside a CUDA graph capture)."""
