@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# What one session on a lent GPU machine runs (its python3 holds torch; the package runs from the
-# checkout), in steps that fit one call (STEPS, default all): `check` the CUDA path (cuda_check.py),
-# `kernels` the compiled comparison kernels against their floor (fused_kernels.py), `b32` and `b128`
-# make bench's main rows at batch 32 and 128, `profile` and `profile128` where resnet18's steady
-# state goes (gpu_profile.py: kernels against wall time, the host's Python by function). Everything
-# printed goes to $OUT/log.txt too; results as JSON under $OUT (eight files at most come back).
+# What a GPU machine runs (its python3 holds torch; the package runs from the checkout), in steps
+# (STEPS, default all) so that a short loan of a GPU can run some: `check` the CUDA path
+# (cuda_check.py), `kernels` the compiled comparison kernels against their floor (fused_kernels.py),
+# `b32` and `b128` make bench's main rows at batch 32 and 128, `profile` and `profile128` where
+# resnet18's steady state goes (gpu_profile.py: kernels against wall time, the host's Python by
+# function). Everything printed goes to $OUT/log.txt too; results as JSON under $OUT (eight files).
 #     DATA=.benchdata/imagenet-sample OUT=/tmp/gpu STEPS="check b32" bash benchmarks/gpu_session.sh
 set -u
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
