@@ -300,7 +300,7 @@ def main() -> None:
     items = select_images(find_images(args.data), args.images, 0)
     # a smaller folder: every figure counts the images it has; whole batches only, so no run ends with a
     # smaller batch, which is measured eagerly (a shape seen once is never captured as a CUDA graph)
-    args.images = max(len(items) // args.batch_size, 1) * args.batch_size if len(items) >= args.batch_size else len(items)
+    args.images = len(items) // args.batch_size * args.batch_size if len(items) >= args.batch_size else len(items)
     pre = load_model("resnet18", "none").preprocess
     memory_counts = [n for n in args.memory_images.split(",") if n]
     decoded = torch.stack([load_canvas(item.path, pre, SIZE) for item in items[:args.batch_size]])

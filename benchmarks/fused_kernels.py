@@ -26,6 +26,7 @@ from transinv.engine import metrics as M
 SHAPES = {"conv1 (64 x 112 x 112)": (64, 112, 112), "layer1 (64 x 56 x 56)": (64, 56, 56),
           "layer2 (128 x 28 x 28)": (128, 28, 28), "layer4 (512 x 7 x 7)": (512, 7, 7)}
 KERNELS = ("errors", "change", "means")
+VARIANTS = ("eager", "dynamic-tiny", "dynamic-large", "static")
 
 
 def inputs(c: int, h: int, w: int, n: int, device: torch.device) -> dict[str, tuple]:
@@ -70,16 +71,15 @@ def timed(fn: Callable, args: tuple, device: torch.device, repeats: int) -> floa
 
 
 def variant(name: str, device: torch.device, n: int) -> dict[str, Callable]:
-    """The three kernels as ``name`` makes them (compiled afresh)."""
+    """The three kernels as ``name`` makes them (``metrics.fused_kernels``, compiled afresh)."""
     functions = {"errors": M._fused_errors, "change": M._fused_change, "means": M._fused_means}
     if name == "eager":
         return functions
     import torch._dynamo  # imported on first use only: it is slow to import
 
     torch._dynamo.reset()
-    config = torch._dynamo.config
-    limit = config.patch(**{"recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit": 64})
-    compiled = {k: limit(torch.compile(f, dynamic=name != "static")) for k, f in functions.items()}
+    M.fused_kernels.cache_clear()
+    compiled = M.fused_kernels(dynamic=name != "static")._asdict()
     if name.startswith("dynamic"):
         probe = inputs(5, 1, 7, 4, device) if name == "dynamic-tiny" else inputs(64, 64, 64, n, device)
         for kernel, fn in compiled.items():
@@ -91,10 +91,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--variants", default="eager,dynamic-tiny,dynamic-large,static")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--out", default="fused_kernels.json")
     args = parser.parse_args()
+    if unknown := [v for v in args.variants.split(",") if v not in VARIANTS]:
+        parser.error(f"--variants: no variant named {', '.join(unknown)} (variants: {','.join(VARIANTS)})")
     device = torch.device(args.device)
     report: dict[str, object] = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                                  "torch": torch.__version__, "batch_size": args.batch_size, "seconds": {}}

@@ -118,8 +118,8 @@ def worst_case_sets(shifts: Sequence[Shift]) -> list[tuple[str, str, list[Shift]
 
 
 PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# output metrics are compared every this many passes of a batch (and at its end): a few kernels per
-# chunk instead of per pass, and memory bounded whatever the number of shifts (grids of 1,923 views)
+# a batch's output metrics are compared this many passes at a time: a few kernels per chunk instead
+# of per pass, and memory bounded whatever the number of shifts (grids of 1,923 views)
 OUTPUT_CHUNK = 8
 
 
@@ -416,17 +416,21 @@ class Measurement:
             return
         self.prediction = reference.argmax(dim=1)
         ref_correct = self.prediction == labels
+        ref_logits = M.ReferenceLogits.of(reference)  # the reference's softmax terms, once per batch
         predictions: dict[Shift, torch.Tensor] = {}
         path: dict[Shift, torch.Tensor] = {}  # logits, kept only for the path metrics
-        shifts, logits = [M.REFERENCE], [reference]  # compared every OUTPUT_CHUNK passes, and at the end
-        for i, group in enumerate(self._passes(len(labels)), 1):
-            shifts += group
-            logits.append(self._pass(state, canvases, group))
-            if i % OUTPUT_CHUNK == 0:
-                self._add_outputs(state, shifts, reference, logits, labels, ref_correct, predictions, path)
-                shifts, logits = [], []
-        if shifts:
-            self._add_outputs(state, shifts, reference, logits, labels, ref_correct, predictions, path)
+        passes = self._passes(len(labels))
+        shifts, logits = [M.REFERENCE], [reference]
+        for start in range(0, max(len(passes), 1), OUTPUT_CHUNK):  # outputs compared OUTPUT_CHUNK passes at a time
+            for group in passes[start : start + OUTPUT_CHUNK]:
+                shifts += group
+                logits.append(self._pass(state, canvases, group))
+            shifted = torch.cat(logits).unflatten(0, (len(shifts), -1))  # (shifts, images, classes)
+            predictions.update(zip(shifts, self._add_outputs(state, shifts, ref_logits, reference, shifted, labels,
+                                                             ref_correct)))
+            if self.path:
+                path.update(zip(shifts, shifted))
+            shifts, logits = [], []
         comparer.shifts = None  # random views (pairs, worst of k) are compared at the output only
         if len(predictions) > 1:
             self._add_worst_cases(state, predictions, labels)
@@ -540,16 +544,13 @@ class Measurement:
             state.add((M.OUTPUT_LAYER, None, M.RANDOM_WORST_CASE_ACCURACY), _where_known(labels, correct))
 
     def _add_outputs(
-        self, state: M.MetricState, shifts: list[Shift], reference: torch.Tensor, logits: list[torch.Tensor],
-        labels: torch.Tensor, ref_correct: torch.Tensor, predictions: dict[Shift, torch.Tensor],
-        path: dict[Shift, torch.Tensor],
-    ) -> None:
-        """Add the output metrics of several passes' ``shifts`` at once (``logits``: the passes'
-        outputs, shift-major; ``reference``: the unshifted logits), in a few kernels and one copy into
-        the state; their predicted classes go to ``predictions`` and, for the path metrics, their
-        logits to ``path``."""
-        shifted = torch.cat(logits).unflatten(0, (len(shifts), -1))  # (shifts, images, classes)
-        out = M.compare_outputs(M.ReferenceLogits.of(reference), shifted)
+        self, state: M.MetricState, shifts: list[Shift], ref_logits: M.ReferenceLogits, reference: torch.Tensor,
+        shifted: torch.Tensor, labels: torch.Tensor, ref_correct: torch.Tensor,
+    ) -> torch.Tensor:
+        """Add the output metrics of several shifts at once (``shifted``: their logits ``(shifts,
+        images, classes)``; ``reference``: the unshifted logits, ``ref_logits`` their softmax terms),
+        in a few kernels and one copy into the state; return the predicted classes ``(shifts, images)``."""
+        out = M.compare_outputs(ref_logits, shifted)
         values = [(M.TOP1_AGREEMENT, out.agreement), (M.KL_DIVERGENCE, out.kl), (M.PROB_CHANGE, out.prob_change)]
         if self.labelled:
             values.append((M.ACCURACY, _where_known(labels, out.prediction == labels)))
@@ -557,12 +558,10 @@ class Measurement:
                                        labels, ref_correct)
         state.add_rows(tuple((M.OUTPUT_LAYER, shift, metric) for metric, _ in values for shift in shifts),
                        torch.cat([rows for _, rows in values]))
-        predictions.update(zip(shifts, out.prediction))
-        if self.path:
-            path.update(zip(shifts, shifted))
         if self.per_image is not None:
             for shift, views in zip(shifts, shifted):
                 self.per_image.add(shift, reference, views)
+        return out.prediction
 
     def _by_correctness(
         self, metrics: tuple[str, str], values: torch.Tensor, labels: torch.Tensor, ref_correct: torch.Tensor,
